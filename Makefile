@@ -1,0 +1,34 @@
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup run test test-all bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 goes first so pip takes the CPU wheel on disk; everything after
+# sees a satisfied `torch` requirement and never pulls a CUDA build.
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --upgrade pip
+	$(PIP) install --quiet torch==2.13.0
+	$(PIP) install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: setup
+	$(VENV)/bin/embedpipe embed --config configs/local.yaml --overwrite
+	$(VENV)/bin/embedpipe info output/sample --pairs 5
+
+test: setup
+	$(PY) -m pytest -m "not slow" tests
+
+test-all: setup
+	$(PY) -m pytest tests
+
+bench: setup
+	$(PY) jobs/benchmark.py
+
+clean:
+	rm -rf $(VENV) output

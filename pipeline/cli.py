@@ -1,0 +1,128 @@
+"""Command line: `embedpipe embed | info` (also `python -m pipeline`).
+
+Exit codes: 0 success; 2 bad usage or bad input, with one line on stderr;
+1 runtime failure, with the cause named. `--debug` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import traceback
+from typing import Any, Sequence
+
+from pipeline.errors import EmbedpipeError, UsageError
+
+PROG = "embedpipe"
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, exit 2, like every other usage error
+        raise UsageError(message)
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="embed documents into Parquet vectors")
+    p.add_argument("--input", help="file, directory, glob or s3:// URI")
+    p.add_argument("--output", help="output directory (local or s3://)")
+    p.add_argument("--config", help="YAML file of options; flags override it")
+    p.add_argument("--model", help="model directory, hub id, or all-MiniLM-L6-v2 (default)")
+    p.add_argument("--text-field")
+    p.add_argument("--id-field")
+    p.add_argument("--keep-columns", help="comma-separated input columns to copy to the output")
+    p.add_argument("--pooling", help="cls|mean|max|mean_sqrt_len_tokens|weightedmean|lasttoken, '+' to combine")
+    p.add_argument("--normalize", dest="normalize", action="store_const", const=True)
+    p.add_argument("--no-normalize", dest="normalize", action="store_const", const=False)
+    p.add_argument("--max-seq-length", type=int)
+    p.add_argument("--max-batch-tokens", type=int)
+    p.add_argument("--prompt-name")
+    p.add_argument("--prompt")
+    p.add_argument("--device", help="auto|cpu|cuda")
+    p.add_argument("--dtype", help="auto|float32|float16|bfloat16")
+    p.add_argument("--output-dtype", help="float32|float16")
+    p.add_argument("--num-encoders", type=int)
+    p.add_argument("--num-tokenizers", type=int)
+    p.add_argument("--encoder-threads", type=int)
+    p.add_argument("--rows-per-file", type=int)
+    p.add_argument("--ray-address", help="empty: local cluster; 'auto': the running cluster")
+    p.add_argument("--encoding-errors", help="strict|replace")
+    p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
+    p.add_argument("--trust-remote-code", action="store_const", const=True)
+    p.add_argument("--overwrite", action="store_const", const=True)
+    p.add_argument("--quiet", action="store_const", const=True)
+
+
+def _info_parser(sub) -> None:
+    p = sub.add_parser("info", help="print an output's manifest and a few rows")
+    p.add_argument("path")
+    p.add_argument("--rows", type=int, default=3, help="rows to show")
+    p.add_argument("--pairs", type=int, default=0, help="also show the N most similar pairs (small outputs)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog=PROG, description="Distributed batch embedding on Ray.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    _embed_parser(sub)
+    _info_parser(sub)
+    return parser
+
+
+def cmd_embed(args: argparse.Namespace) -> int:
+    from pipeline.config import build_config
+    from pipeline.runner import run_embed
+
+    options: dict[str, Any] = {
+        k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "storage_options")
+    }
+    if args.storage_options:
+        try:
+            options["storage_options"] = json.loads(args.storage_options)
+        except json.JSONDecodeError:
+            raise UsageError("--storage-options must be a JSON object") from None
+        if not isinstance(options["storage_options"], dict):
+            raise UsageError("--storage-options must be a JSON object")
+    config = build_config(args.config, **options)
+    result = run_embed(config)
+    if not config.quiet:
+        print(result.summary_line())
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from pipeline.info import show_info
+
+    show_info(args.path, rows=args.rows, pairs=args.pairs)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    parser = build_parser()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help()
+            return 2
+        return {"embed": cmd_embed, "info": cmd_info}[args.command](args)
+    except EmbedpipeError as exc:
+        if debug:
+            traceback.print_exc()
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - last line of defence: name the cause, exit 1
+        if debug:
+            traceback.print_exc()
+        first = (str(exc).strip().splitlines() or [""])[0]
+        print(f"{PROG}: error: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,177 @@
+"""Run configuration: one frozen object built from defaults <- YAML <- flags.
+
+Every stage receives the same `EmbedConfig`. Validation happens once, in
+`__post_init__`, and each error names the flag (or YAML key) to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import yaml
+
+from pipeline.errors import UsageError
+
+DEFAULT_MODEL = "all-MiniLM-L6-v2"
+POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+DEVICES = ("auto", "cpu", "cuda")
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+OUTPUT_DTYPES = ("float32", "float16")
+
+
+@dataclass(frozen=True)
+class EmbedConfig:
+    """What `embedpipe embed` does. Field docstrings double as CLI help."""
+
+    input: str
+    """File, directory, glob or s3:// URI of the documents."""
+    output: str
+    """Directory (local or s3://) that receives one Parquet file per input shard."""
+    model: str = DEFAULT_MODEL
+    """sentence-transformers directory, plain Hugging Face directory, hub id, or the default."""
+    text_field: str = "text"
+    """Column / JSON key holding the text (ignored for .txt)."""
+    id_field: str | None = None
+    """Column holding a document id; default is '<relative shard path>:<row>'."""
+    keep_columns: tuple[str, ...] = ()
+    """Input columns copied next to the vectors."""
+    pooling: str | None = None
+    """Override the model's pooling: one of POOLING_MODES or several joined by '+'."""
+    normalize: bool | None = None
+    """L2-normalise the vectors; default follows the model (its Normalize module)."""
+    max_seq_length: int | None = None
+    """Truncate to this many tokens; default is the model's max_seq_length."""
+    max_batch_tokens: int = 16384
+    """Token budget of one forward pass (rows x padded length); bounds activation memory."""
+    prompt_name: str | None = None
+    """Name of a prompt saved with the model (e.g. 'query'), as in SentenceTransformer.encode."""
+    prompt: str | None = None
+    """Literal prompt prepended to every text; wins over prompt_name."""
+    device: str = "auto"
+    """auto (cuda when the cluster has GPUs), cpu or cuda."""
+    dtype: str = "auto"
+    """Compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16."""
+    output_dtype: str = "float32"
+    """Stored vector dtype: float32 or float16."""
+    num_encoders: int | None = None
+    """Encoder replicas; default one per GPU (CUDA) or one per node (CPU)."""
+    num_tokenizers: int | None = None
+    """Tokenizer actors; default scales with the cluster's CPUs."""
+    encoder_threads: int | None = None
+    """torch threads per CPU encoder; default the CPUs of its node."""
+    rows_per_file: int = 50_000
+    """Largest number of rows in one output file; a bigger shard is written as several files."""
+    ray_address: str | None = None
+    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
+    overwrite: bool = False
+    """Embed every shard again instead of resuming."""
+    quiet: bool = False
+    """No progress bars or summary line."""
+    trust_remote_code: bool = False
+    """Allow model code shipped with the model directory to run."""
+    encoding_errors: str = "strict"
+    """How undecodable UTF-8 bytes are handled: strict (error) or replace."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """fsspec options for s3:// input and output (endpoint, credentials); never logged."""
+
+    def __post_init__(self) -> None:
+        if not self.input:
+            raise UsageError("--input is required")
+        if not self.output:
+            raise UsageError("--output is required")
+        if self.pooling is not None:
+            modes = pooling_modes(self.pooling)
+            bad = [m for m in modes if m not in POOLING_MODES]
+            if bad or not modes:
+                raise UsageError(
+                    f"--pooling {self.pooling!r}: expected one of {', '.join(POOLING_MODES)} "
+                    "or several joined by '+'"
+                )
+        _positive("--max-seq-length", self.max_seq_length)
+        _positive("--max-batch-tokens", self.max_batch_tokens)
+        _positive("--num-encoders", self.num_encoders)
+        _positive("--num-tokenizers", self.num_tokenizers)
+        _positive("--encoder-threads", self.encoder_threads)
+        _positive("--rows-per-file", self.rows_per_file)
+        _choice("--device", self.device, DEVICES)
+        _choice("--dtype", self.dtype, DTYPES)
+        _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
+        _choice("--encoding-errors", self.encoding_errors, ("strict", "replace"))
+        if self.device == "cpu" and self.dtype in ("float16",):
+            raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
+        reserved = {"id", "embedding"} & set(self.keep_columns)
+        if reserved:
+            raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data, without storage options (they may hold secrets)."""
+        data = dataclasses.asdict(self)
+        data.pop("storage_options")
+        data["keep_columns"] = list(self.keep_columns)
+        return data
+
+
+def pooling_modes(pooling: str) -> tuple[str, ...]:
+    return tuple(p.strip() for p in pooling.replace(",", "+").split("+") if p.strip())
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+
+
+def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
+
+
+_FIELDS = {f.name: f for f in fields(EmbedConfig)}
+
+
+def load_yaml(path: str) -> dict[str, Any]:
+    """Read a YAML config file; an unknown key is an error naming it."""
+    if not os.path.isfile(path):
+        raise UsageError(f"--config {path}: no such file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as exc:
+        raise UsageError(f"--config {path}: not valid YAML ({exc.__class__.__name__})") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"--config {path}: expected a mapping of option: value")
+    section = data.get("embed", data) if isinstance(data.get("embed"), dict) else data
+    out: dict[str, Any] = {}
+    for key, value in section.items():
+        name = str(key).replace("-", "_")
+        if name not in _FIELDS:
+            raise UsageError(f"--config {path}: unknown key {key!r}")
+        out[name] = value
+    return out
+
+
+def build_config(config_file: str | None = None, **overrides: Any) -> EmbedConfig:
+    """Defaults <- YAML file <- explicit overrides (None means 'not given')."""
+    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = set(values) - set(_FIELDS)
+    if unknown:
+        raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
+    if isinstance(values.get("keep_columns"), str):
+        values["keep_columns"] = tuple(c.strip() for c in values["keep_columns"].split(",") if c.strip())
+    elif values.get("keep_columns") is not None:
+        values["keep_columns"] = tuple(values["keep_columns"])
+    for key in ("input", "output"):
+        if key not in values:
+            raise UsageError(f"--{key} is required (as a flag or in --config)")
+    for key in ("input", "output", "model"):
+        if key in values:
+            values[key] = str(values[key])
+    try:
+        return EmbedConfig(**values)
+    except TypeError as exc:
+        raise UsageError(str(exc)) from None

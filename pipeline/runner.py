@@ -1,0 +1,414 @@
+"""Builds and runs the Ray Data chain for `embedpipe embed`.
+
+    read shards -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors) -> commit_block (tasks)
+
+Resources are decided here, from the cluster's, never inside a stage. The
+driver only sees one small summary row per file written; it merges chunks
+that Ray split across blocks, then writes `_manifest.json` last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from pipeline.config import EmbedConfig
+from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
+from pipeline.model import ModelInfo, describe_model, load_model
+from pipeline.sink import MANIFEST, PIECES_DIR, SinkSpec, commit_block, merge_pieces, read_file_stats
+from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
+from pipeline.storage import get_fs, is_local, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
+COMMIT_CPUS = 0.25
+ENCODE_BATCH_ROWS = 2048  # rows handed to an encoder per call; it micro-batches by tokens inside
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Actor pools and their reservations for one run."""
+
+    device: str
+    num_tokenizers: int
+    tokenizer_cpus: float
+    num_encoders: int
+    encoder_cpus: float
+    encoder_gpus: float
+    encoder_threads: int | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class RunResult:
+    output: str
+    documents: int
+    embedded: int
+    invalid: int
+    truncated: int
+    tokens: int
+    seconds: float
+    files_written: int
+    files_skipped: int
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def docs_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (
+            f"embedded {self.embedded:,} documents ({self.tokens:,} tokens, {self.truncated:,} truncated, "
+            f"{self.invalid:,} empty skipped, {self.files_skipped} file(s) already done) in "
+            f"{self.seconds:.1f}s: {self.docs_per_second:,.0f} docs/s -> {self.output}"
+        )
+
+
+def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int) -> Plan:
+    """Pool sizes and reservations that fit the cluster, leaving room for read/write tasks.
+
+    A chain whose actors reserve so many CPUs that read and commit tasks
+    cannot be scheduled hangs without an error, so the plan always keeps
+    READ_CPUS + COMMIT_CPUS free and refuses what cannot fit.
+    """
+    cpus = float(resources.get("CPU", 0))
+    gpus = float(resources.get("GPU", 0))
+    nodes = max(1, nodes)
+    device = config.device
+    if device == "auto":
+        device = "cuda" if gpus >= 1 else "cpu"
+    if device == "cuda" and gpus < 1:
+        raise UsageError("--device cuda: the Ray cluster has no GPUs")
+    if cpus < 1:
+        raise UsageError(f"the Ray cluster has {cpus:g} CPUs; embedpipe needs at least 1")
+    headroom = READ_CPUS + COMMIT_CPUS
+    if device == "cuda":
+        encoders = config.num_encoders or int(gpus)
+        if encoders > gpus:
+            raise UsageError(f"--num-encoders {encoders}: the cluster has only {gpus:g} GPUs")
+        tokenizers = config.num_tokenizers or max(1, min(2 * encoders, int(cpus - encoders - headroom)))
+        tok_cpus, enc_cpus, threads = 1.0, 1.0, None
+    else:
+        encoders = config.num_encoders or nodes
+        tokenizers = config.num_tokenizers or nodes
+        tok_cpus = 0.5
+        enc_cpus = min(max(1.0, cpus / nodes - tok_cpus - headroom), (cpus - tokenizers * tok_cpus - headroom) / encoders)
+        threads = config.encoder_threads or max(1, round(cpus / nodes / math.ceil(encoders / nodes)))
+    needed = encoders * enc_cpus + tokenizers * tok_cpus + headroom
+    if enc_cpus < 0.1 or needed > cpus + 1e-9:
+        raise UsageError(
+            f"{encoders} encoder(s) and {tokenizers} tokenizer(s) do not fit the cluster's {cpus:g} CPUs; "
+            "lower --num-encoders or --num-tokenizers"
+        )
+    return Plan(device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), 1.0 if device == "cuda" else 0.0, threads)
+
+
+@contextlib.contextmanager
+def ray_session(config: EmbedConfig) -> Iterator[None]:
+    """Join the cluster the user named, reuse one already initialised, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": not config.quiet}
+    if config.ray_address:
+        kwargs["address"] = config.ray_address
+    else:
+        kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
+    if config.quiet:
+        kwargs["logging_level"] = logging.WARNING
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def prepare_output(config: EmbedConfig):
+    """Create the output directory; refuse a file or an unwritable place up front."""
+    try:
+        fs, root = get_fs(config.output, config.storage_options)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"--output {config.output}: {exc}") from None
+    root = root.rstrip("/") or root
+    try:
+        if fs.isfile(root):
+            raise InputError(f"--output {config.output}: is a file, expected a directory")
+        if is_local(fs):
+            os.makedirs(root, exist_ok=True)
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise InputError(f"--output {config.output}: not writable")
+        else:
+            fs.mkdirs(root, exist_ok=True)
+    except InputError:
+        raise
+    except (OSError, PermissionError) as exc:
+        raise InputError(f"--output {config.output}: {str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}") from None
+    return fs, root
+
+
+def committed_files(fs, root: str) -> dict[str, str]:
+    """Final output files already in `root`: {name: path}."""
+    try:
+        entries = fs.ls(root, detail=False)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for path in entries:
+        name = posixpath.basename(path.rstrip("/"))
+        if name.endswith(".parquet") and not name.startswith(("_", ".")):
+            out[name] = path
+    return out
+
+
+COMPAT_KEYS = ("fingerprint", "pooling", "normalize", "max_seq_length", "prompt")
+
+
+def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig) -> None:
+    """A resume must not mix vectors of different models or settings in one output."""
+    if not previous:
+        return
+    old = previous.get("model", {})
+    for key in COMPAT_KEYS:
+        if key in old and old[key] != getattr(info, key):
+            raise UsageError(
+                f"--output {config.output} holds vectors made with {key}={old[key]!r}, this run has "
+                f"{getattr(info, key)!r}; use another output or --overwrite"
+            )
+    for key in ("rows_per_file", "output_dtype", "text_field", "id_field"):
+        old_value = previous.get("config", {}).get(key)
+        if old_value is not None and old_value != getattr(config, key):
+            raise UsageError(
+                f"--output {config.output} was written with {key}={old_value!r}, this run has "
+                f"{getattr(config, key)!r}; use another output or --overwrite"
+            )
+
+
+def read_manifest(fs, root: str) -> dict | None:
+    path = posixpath.join(root, MANIFEST)
+    try:
+        with fs.open(path, "r") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return None
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        log.warning("ignoring unreadable %s", path)
+        return None
+
+
+def run_embed(config: EmbedConfig) -> RunResult:
+    """Embed `config.input` into `config.output`; resume unless `config.overwrite`."""
+    started = time.time()
+    shards = discover_shards(config.input, config.storage_options)
+    info = describe_model(load_model(config, weights=False), config)
+    fs, root = prepare_output(config)
+    if not config.overwrite:
+        check_compatible(read_manifest(fs, root), info, config)
+    existing = committed_files(fs, root)
+    committed = frozenset() if config.overwrite else frozenset(existing)
+    if fs.exists(posixpath.join(root, PIECES_DIR)):
+        fs.rm(posixpath.join(root, PIECES_DIR), recursive=True)  # leftovers of a killed run
+    todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
+    sink = SinkSpec(config.output, config.text_field, config.keep_columns, config.output_dtype, config.storage_options)
+
+    written: dict[str, dict] = {}
+    plan = None
+    if todo:
+        with ray_session(config):
+            plan = _plan_from_cluster(config)
+            written = _execute(config, plan, todo, committed, sink)
+
+    stats = dict(written)
+    shard_keys = {s.key for s in shards}
+    for name, path in committed_files(fs, root).items():
+        if name in stats:
+            continue
+        file_stats = read_file_stats(fs, path)
+        if file_stats is None or file_stats.get("shard") not in shard_keys:
+            continue
+        if config.overwrite:  # a stale file of an earlier run: the new output replaces it
+            fs.rm(path)
+            continue
+        stats[name] = file_stats
+    finished = time.time()
+    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, root)
+    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    totals = manifest["rows"]
+    return RunResult(
+        output=config.output,
+        documents=totals["documents"],
+        embedded=sum(s["embedded"] for s in written.values()),
+        invalid=totals["invalid"],
+        truncated=totals["truncated"],
+        tokens=sum(s["tokens"] for s in written.values()),
+        seconds=finished - started,
+        files_written=len(written),
+        files_skipped=len(stats) - len(written),
+        manifest=manifest,
+    )
+
+
+def _plan_from_cluster(config: EmbedConfig) -> Plan:
+    import ray
+
+    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
+    return plan_resources(config, ray.cluster_resources(), nodes)
+
+
+def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec) -> dict[str, dict]:
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.encode import EncodeStage
+    from pipeline.tokenize import TokenizeStage
+
+    ctx = DataContext.get_current()
+    ctx.max_errored_blocks = 0
+    ctx.enable_progress_bars = not config.quiet
+    ctx.print_on_execution_start = not config.quiet
+    if config.quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+
+    spec = ReadSpec(config.text_field, config.id_field, config.keep_columns, config.encoding_errors, config.storage_options)
+    ds = ray.data.read_datasource(
+        ShardDatasource(shards, spec, config.rows_per_file, committed),
+        num_cpus=READ_CPUS,
+        override_num_blocks=len(shards),  # one read task per shard; no splitting of its chunks
+    )
+    ds = ds.map_batches(
+        TokenizeStage,
+        fn_constructor_args=(config,),
+        batch_size=None,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=plan.num_tokenizers),
+        num_cpus=plan.tokenizer_cpus,
+    )
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_args=(config, plan.device, plan.encoder_threads),
+        batch_size=ENCODE_BATCH_ROWS,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=plan.num_encoders),
+        num_cpus=plan.encoder_cpus,
+        num_gpus=plan.encoder_gpus,
+    )
+    ds = ds.map_batches(
+        commit_block, fn_kwargs={"sink": sink}, batch_size=None, batch_format="pyarrow", num_cpus=COMMIT_CPUS
+    )
+
+    merge = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces)
+    written: dict[str, dict] = {}
+    pieces: dict[str, int] = {}
+    merges: dict[str, Any] = {}
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            for row in batch.to_pylist():
+                if row["kind"] == "file":
+                    written[row["file"]] = _stats(row)
+                    continue
+                pieces[row["file"]] = pieces.get(row["file"], 0) + row["rows"]
+                if pieces[row["file"]] == row["chunk_rows"]:
+                    merges[row["file"]] = merge.remote(sink, row["file"])
+        for name, ref in merges.items():
+            written[name] = ray.get(ref)
+    except Exception as exc:  # noqa: BLE001 - turned into one clear message below
+        raise _explain(exc) from None
+    return written
+
+
+def _stats(row: dict) -> dict:
+    return {k: row[k] for k in ("file", "shard", "rows", "embedded", "invalid", "truncated", "tokens")}
+
+
+def _explain(exc: BaseException) -> EmbedpipeError:
+    """The EmbedpipeError behind a Ray failure, or a PipelineError naming the cause."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EmbedpipeError):
+            return e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    text = str(exc).strip().splitlines()
+    for line in reversed(text):  # Ray puts the user's exception last
+        if line.strip() and not line.startswith(" "):
+            return PipelineError(f"the run failed: {line.strip()[:500]}")
+    return PipelineError(f"the run failed: {exc.__class__.__name__}")
+
+
+def _manifest(config, info, plan, shards, stats, started, finished, fs, root) -> dict[str, Any]:
+    from pipeline import __version__
+
+    files = sorted(stats.values(), key=lambda s: s["file"])
+    per_shard: dict[str, dict] = {s.key: {"shard": s.key, "files": [], "rows": 0, "embedded": 0} for s in shards}
+    for s in files:
+        entry = per_shard.get(s["shard"])
+        if entry is not None:
+            entry["files"].append(s["file"])
+            entry["rows"] += s["rows"]
+            entry["embedded"] += s["embedded"]
+    totals = {k: sum(s[k] for s in files) for k in ("embedded", "invalid", "truncated", "tokens")}
+    totals["documents"] = sum(s["rows"] for s in files)
+    dim = _dimension(fs, root, files)
+    return {
+        "format": "embedpipe/embeddings",
+        "version": 1,
+        "model": info.as_dict(),
+        "dim": dim,
+        "pooling": info.pooling,
+        "normalize": info.normalize,
+        "max_seq_length": info.max_seq_length,
+        "dtype": config.dtype if config.dtype != "auto" else ("float16" if plan and plan.device == "cuda" else "float32"),
+        "output_dtype": config.output_dtype,
+        "rows": totals,
+        "shards": list(per_shard.values()),
+        "files": files,
+        "config": config.public_dict(),
+        "resources": plan.as_dict() if plan else None,
+        "timings": {
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
+            "seconds": round(finished - started, 3),
+        },
+        "versions": _versions(__version__),
+    }
+
+
+def _dimension(fs, root: str, files: list[dict]) -> int | None:
+    import pyarrow.parquet as pq
+
+    for s in files:
+        with fs.open(posixpath.join(root, s["file"]), "rb") as f:
+            return pq.read_schema(f).field("embedding").type.list_size
+    return None
+
+
+def _versions(own: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"embedpipe": own}
+    for dist in ("ray", "torch", "transformers", "sentence-transformers", "pyarrow", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out

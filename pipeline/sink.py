@@ -1,0 +1,129 @@
+"""Parquet sink: one file per chunk of a shard, committed atomically.
+
+A block reaching the sink holds rows of one or more chunks. A chunk wholly
+inside the block is written straight to its final name. A chunk that Ray
+Data split across blocks is written as *pieces* under `_pieces/`; once all
+its rows have arrived the runner merges them into the final file. Names
+starting with `_` or `.` are skipped by pyarrow, duckdb and Spark readers,
+so nothing incomplete is ever picked up.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.storage import get_fs, write_bytes_atomic
+
+PIECES_DIR = "_pieces"
+MANIFEST = "_manifest.json"
+STATS_KEY = b"embedpipe.stats"
+SUMMARY_SCHEMA = pa.schema(
+    [
+        ("file", pa.string()),
+        ("shard", pa.string()),
+        ("kind", pa.string()),  # "file": committed; "piece": part of a chunk
+        ("rows", pa.int64()),
+        ("chunk_rows", pa.int64()),
+        ("embedded", pa.int64()),
+        ("invalid", pa.int64()),
+        ("truncated", pa.int64()),
+        ("tokens", pa.int64()),
+    ]
+)
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    output: str
+    text_field: str
+    keep_columns: tuple[str, ...]
+    output_dtype: str
+    storage_options: Mapping[str, Any]
+
+
+def commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
+    """Write the chunks in `batch`; return one summary row per file or piece written."""
+    fs, root = get_fs(sink.output, sink.storage_options)
+    summaries = []
+    files = batch["_file"]
+    for name in pc.unique(files).to_pylist():
+        rows = batch.filter(pc.equal(files, name))
+        chunk_rows = int(rows["_chunk_rows"][0].as_py())
+        if rows.num_rows == chunk_rows:
+            stats = write_chunk(fs, root, name, rows, sink)
+            summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows})
+        else:
+            first = int(pc.min(rows["_row"]).as_py())
+            piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}.parquet")
+            write_bytes_atomic(fs, piece, _parquet_bytes(rows))
+            summaries.append(
+                {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows}
+            )
+    return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
+
+
+def merge_pieces(sink: SinkSpec, name: str) -> dict:
+    """Join the pieces of chunk `name` into its final file; remove the pieces."""
+    fs, root = get_fs(sink.output, sink.storage_options)
+    directory = posixpath.join(root, PIECES_DIR, name)
+    paths = sorted(p for p in fs.ls(directory, detail=False) if p.endswith(".parquet"))
+    tables = []
+    for p in paths:
+        with fs.open(p, "rb") as f:
+            tables.append(pq.read_table(f))
+    stats = write_chunk(fs, root, name, pa.concat_tables(tables, promote_options="default"), sink)
+    fs.rm(directory, recursive=True)
+    return stats
+
+
+def chunk_stats(rows: pa.Table, name: str) -> dict:
+    valid = np.asarray(rows["_valid"].to_numpy(zero_copy_only=False), bool)
+    return {
+        "file": name,
+        "shard": rows["_shard"][0].as_py() if rows.num_rows else "",
+        "rows": rows.num_rows,
+        "embedded": int(valid.sum()),
+        "invalid": int((~valid).sum()),
+        "truncated": int(pc.sum(rows["_truncated"]).as_py() or 0),
+        "tokens": int(pc.sum(rows["_n_tokens"]).as_py() or 0),
+    }
+
+
+def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dict:
+    """Write a complete chunk to `root/name` atomically; return its stats."""
+    stats = chunk_stats(rows, name)
+    rows = rows.sort_by("_row").filter(rows.sort_by("_row")["_valid"])
+    embedding = rows["embedding"]
+    if sink.output_dtype == "float16":
+        dim = embedding.type.list_size
+        embedding = embedding.cast(pa.list_(pa.float16(), dim))
+    columns = {"id": rows["id"], "embedding": embedding}
+    for col in sink.keep_columns:
+        columns[col] = rows["text"] if col == sink.text_field else rows[col]
+    table = pa.table(columns)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats).encode()})
+    write_bytes_atomic(fs, posixpath.join(root, name), _parquet_bytes(table))
+    return stats
+
+
+def _parquet_bytes(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return buf.getvalue()
+
+
+def read_file_stats(fs, path: str) -> dict | None:
+    """Stats stored in a committed file's footer, or None if it is not ours."""
+    with fs.open(path, "rb") as f:
+        meta = pq.read_schema(f).metadata or {}
+    raw = meta.get(STATS_KEY)
+    return json.loads(raw) if raw else None

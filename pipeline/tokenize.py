@@ -1,0 +1,95 @@
+"""Tokenize stage: text -> token ids on CPU actors, with truncation counted.
+
+Tokenisation is sentence-transformers' own `preprocess` (lower-casing,
+prompts, max_seq_length, special tokens), called on a model whose weights
+were never loaded. Rows leave sorted by token length so the encoder can
+batch rows of similar length.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.config import EmbedConfig
+from pipeline.model import load_model, resolve_prompt
+
+TOKEN_PREFIX = "tok_"
+SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays small
+
+
+class TokenizeStage:
+    """Adds `tok_<feature>` list columns, `_n_tokens` and `_truncated`; drops the text."""
+
+    def __init__(self, config: EmbedConfig):
+        self.model = load_model(config, weights=False)
+        self.prompt = resolve_prompt(self.model, config)
+        self.max_len = self.model.max_seq_length
+        self.keep_text = config.text_field in config.keep_columns
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        valid = np.asarray(batch["_valid"].to_numpy(zero_copy_only=False), dtype=bool)
+        rows = np.flatnonzero(valid)
+        texts = batch["text"].to_pylist()
+        features, lengths, truncated = self.tokenize([texts[i] for i in rows])
+
+        n = batch.num_rows
+        all_lengths = np.zeros(n, np.int32)
+        all_lengths[rows] = lengths
+        all_truncated = np.zeros(n, bool)
+        all_truncated[rows] = truncated
+        out = batch if self.keep_text else batch.drop_columns(["text"])
+        for key, (values, offsets_valid) in features.items():
+            out = out.append_column(TOKEN_PREFIX + key, _scatter_lists(values, offsets_valid, rows, n))
+        out = out.append_column("_n_tokens", pa.array(all_lengths)).append_column(
+            "_truncated", pa.array(all_truncated)
+        )
+        order = np.argsort(-all_lengths, kind="stable")
+        return out.take(pa.array(order))
+
+    def tokenize(self, texts: list[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+        """Token features per text, unpadded: {key: (flat values, offsets)}, lengths, truncated."""
+        n = len(texts)
+        by_length = np.argsort([len(t) for t in texts], kind="stable")
+        pieces: dict[str, list[np.ndarray]] = {}
+        lengths = np.zeros(n, np.int64)
+        per_row: dict[str, list] = {}
+        for start in range(0, n, SUB_BATCH):
+            idx = by_length[start : start + SUB_BATCH]
+            feats = self.model.preprocess([texts[i] for i in idx], prompt=self.prompt)
+            mask = feats["attention_mask"].numpy().astype(bool)
+            lengths[idx] = mask.sum(axis=1)
+            for key, value in feats.items():
+                if key == "attention_mask" or not hasattr(value, "shape") or tuple(value.shape) != mask.shape:
+                    continue
+                arr = value.numpy()
+                for j, i in enumerate(idx):
+                    per_row.setdefault(key, [None] * n)[i] = arr[j][mask[j]]
+        truncated = np.zeros(n, bool)
+        if self.max_len:
+            candidates = np.flatnonzero(lengths >= self.max_len)
+            for start in range(0, len(candidates), SUB_BATCH):
+                idx = candidates[start : start + SUB_BATCH]
+                longer = self.model.preprocess(
+                    [texts[i] for i in idx],
+                    prompt=self.prompt,
+                    processing_kwargs={"text": {"max_length": self.max_len + 1}},
+                )
+                truncated[idx] = longer["attention_mask"].numpy().sum(axis=1) > self.max_len
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        features = {}
+        for key, rows in per_row.items():
+            values = np.concatenate(rows) if rows else np.zeros(0, np.int64)
+            features[key] = (values.astype(np.int32), offsets)
+        return features, lengths.astype(np.int32), truncated
+
+
+def _scatter_lists(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, n: int) -> pa.ListArray:
+    """A list<int32> column of n rows: row rows[k] gets values[offsets[k]:offsets[k+1]], others []."""
+    sizes = np.zeros(n, np.int64)
+    sizes[rows] = np.diff(offsets)
+    full = np.zeros(n + 1, np.int32)
+    np.cumsum(sizes, out=full[1:])
+    # rows are increasing, so the flat values are already in row order
+    return pa.ListArray.from_arrays(pa.array(full), pa.array(values, pa.int32()))
