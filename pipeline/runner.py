@@ -233,6 +233,9 @@ def run_embed(config: EmbedConfig) -> RunResult:
         with ray_session(config):
             plan = _plan_from_cluster(config)
             written = _execute(config, plan, todo, committed, sink)
+        pieces_dir = posixpath.join(root, PIECES_DIR)
+        if fs.exists(pieces_dir):  # every chunk has been merged; only empty folders remain
+            fs.rm(pieces_dir, recursive=True)
 
     stats = dict(written)
     shard_keys = {s.key for s in shards}
@@ -345,8 +348,8 @@ def _explain(exc: BaseException) -> EmbedpipeError:
         if id(e) in seen or e is None:
             continue
         seen.add(id(e))
-        if isinstance(e, EmbedpipeError):
-            return e
+        if isinstance(e, EmbedpipeError) and type(e).__module__ == "pipeline.errors":
+            return e  # not Ray's dynamic RayTaskError(InputError) wrapper, whose text is a traceback
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     text = str(exc).strip().splitlines()
     for line in reversed(text):  # Ray puts the user's exception last

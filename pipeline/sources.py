@@ -72,7 +72,7 @@ def discover_shards(input_path: str, storage_options: Mapping[str, Any] | None =
             files = _hf_dataset_files(fs, path)
             explicit = files is not None
             if files is None:
-                files = [p for p in fs.find(path) if not _hidden(posixpath.relpath(p, path))]
+                files = _walk(fs, path)
         elif fs.isfile(path):
             root = posixpath.dirname(path)
             files = [path]
@@ -103,6 +103,24 @@ def discover_shards(input_path: str, storage_options: Mapping[str, Any] | None =
             f"--input {input_path}: no files of a supported type ({', '.join(sorted(FORMATS))})"
         )
     return shards
+
+
+def _walk(fs, root: str) -> list[str]:
+    """Files under `root`, skipping hidden ones; a `datasets` directory contributes its Arrow files."""
+    out: list[str] = []
+    for directory, dirs, files in fs.walk(root):
+        rel = posixpath.relpath(directory, root)
+        if rel != "." and _hidden(rel):
+            dirs[:] = [] if isinstance(dirs, list) else dirs
+            continue
+        hf = _hf_dataset_files(fs, directory) if directory != root else None
+        if hf is not None:
+            out += hf
+            if isinstance(dirs, list):
+                dirs[:] = []
+            continue
+        out += [posixpath.join(directory, f) for f in files if not f.startswith((".", "_"))]
+    return out
 
 
 def _hidden(relpath: str) -> bool:

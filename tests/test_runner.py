@@ -1,0 +1,165 @@
+"""The whole chain on the local Ray cluster: exactly once, resume, manifest, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import EmbedConfig, read_embeddings
+from pipeline.errors import InputError, UsageError
+from pipeline.runner import plan_resources, run_embed
+from tests.conftest import make_st_dir
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_bert_dir):
+    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("m") / "st"), pooling="mean", normalize=True)
+
+
+def write_formats(d):
+    """Seven shards in every format; returns the expected ids of valid rows."""
+    import datasets
+
+    (d / "nested").mkdir(parents=True)
+    expected = []
+    (d / "a.txt").write_text("".join(f"txt doc {i}\n" if i % 7 else "\n" for i in range(40)))
+    expected += [f"a.txt:{i}" for i in range(40) if i % 7]
+    with open(d / "b.jsonl", "w") as f:
+        for i in range(30):
+            f.write(json.dumps({"text": f"json doc {i}" if i != 3 else None, "n": i}) + "\n")
+    expected += [f"b.jsonl:{i}" for i in range(30) if i != 3]
+    (d / "c.csv").write_text("text,n\n" + "".join(f"csv doc {i},{i}\n" for i in range(25)))
+    expected += [f"c.csv:{i}" for i in range(25)]
+    pq.write_table(pa.table({"text": [f"pq doc {i}" for i in range(33)], "n": list(range(33))}), d / "nested" / "d.parquet")
+    expected += [f"nested/d.parquet:{i}" for i in range(33)]
+    (d / "e.json").write_text(json.dumps([{"text": f"arr doc {i}", "n": i} for i in range(12)]))
+    expected += [f"e.json:{i}" for i in range(12)]
+    datasets.Dataset.from_dict({"text": [f"hf doc {i}" for i in range(20)], "n": list(range(20))}).save_to_disk(str(d / "hf"))
+    expected += [f"hf/data-00000-of-00001.arrow:{i}" for i in range(20)]
+    return expected
+
+
+def test_every_format_every_row_exactly_once(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    expected = write_formats(src)
+    out = tmp_path / "out"
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    ids, vectors = read_embeddings(str(out))
+    assert sorted(ids) == sorted(expected) and len(ids) == len(set(ids))
+    assert vectors.shape == (len(expected), 32) and vectors.dtype == "float32"
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"]["embedded"] == len(expected)
+    assert manifest["rows"]["invalid"] == 6 + 1
+    assert manifest["rows"]["documents"] == len(expected) + 7
+    assert {s["shard"] for s in manifest["shards"]} == {
+        "a.txt", "b.jsonl", "c.csv", "nested/d.parquet", "e.json", "hf/data-00000-of-00001.arrow"
+    }
+    for entry in manifest["files"]:
+        assert (out / entry["file"]).is_file()
+    assert manifest["model"]["fingerprint"].startswith("sha256:")
+    assert "storage_options" not in manifest["config"]
+    assert result.embedded == len(expected)
+    assert sorted(os.listdir(out)) == sorted([e["file"] for e in manifest["files"]] + ["_manifest.json"])
+
+
+def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model):
+    """Tiny Ray blocks force chunks to be split across blocks: the pieces are joined, once each."""
+    from ray.data import DataContext
+
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 2500
+    (src / "big.txt").write_text("".join(f"document number {i} " + "word " * (i % 13) + "\n" for i in range(n)))
+    (src / "small.txt").write_text("just one line\n")
+    ctx = DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = 16 * 1024
+    try:
+        out = tmp_path / "out"
+        result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, rows_per_file=1000, quiet=True))
+    finally:
+        ctx.target_max_block_size = saved
+    files = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
+    assert files == ["big.txt-00000.parquet", "big.txt-00001.parquet", "big.txt-00002.parquet", "small.txt.parquet"]
+    assert [pq.read_metadata(out / f).num_rows for f in files] == [1000, 1000, 500, 1]
+    ids, _ = read_embeddings(str(out))
+    assert ids == [f"big.txt:{i}" for i in range(n)] + ["small.txt:0"]
+    assert not (out / "_pieces").exists()
+    assert result.files_written == 4
+
+
+def test_rerun_resumes_and_leaves_committed_files_untouched(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(3):
+        (src / f"s{k}.txt").write_text("".join(f"shard {k} doc {i}\n" for i in range(20)))
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True)
+    run_embed(config)
+    os.remove(out / "s1.txt.parquet")  # as if the run had died before this shard
+    before = {f: os.stat(out / f).st_mtime_ns for f in ("s0.txt.parquet", "s2.txt.parquet")}
+    result = run_embed(config)
+    assert result.files_written == 1 and result.files_skipped == 2
+    assert {f: os.stat(out / f).st_mtime_ns for f in before} == before
+    ids, _ = read_embeddings(str(out))
+    assert sorted(ids) == sorted(f"s{k}.txt:{i}" for k in range(3) for i in range(20))
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"]["embedded"] == 60
+
+
+def test_rerun_with_other_settings_is_refused(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha\nbeta\n")
+    out = tmp_path / "out"
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    with pytest.raises(UsageError, match="pooling='mean', this run has 'cls'"):
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", quiet=True))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == snapshot
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+    assert result.files_written == 1 and result.manifest["pooling"] == "cls"
+
+
+def test_error_inside_a_worker_reaches_the_user_and_keeps_prior_output(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "good.jsonl").write_text('{"text": "fine"}\n')
+    out = tmp_path / "out"
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    (src / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
+    with pytest.raises(InputError, match="bad.jsonl: line 2 is not valid JSON"):
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == snapshot
+
+
+def test_keep_columns_and_float16_output(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.jsonl").write_text("".join(json.dumps({"text": f"t{i}", "lang": "en", "doc": f"D{i}"}) + "\n" for i in range(5)))
+    out = tmp_path / "out"
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, id_field="doc",
+                          keep_columns=("text", "lang"), output_dtype="float16", quiet=True))
+    table = pq.read_table(out / "a.jsonl.parquet")
+    assert table.column_names == ["id", "embedding", "text", "lang"]
+    assert table["id"].to_pylist() == [f"D{i}" for i in range(5)]
+    assert table["text"].to_pylist() == [f"t{i}" for i in range(5)]
+    assert table.schema.field("embedding").type == pa.list_(pa.float16(), 32)
+
+
+def test_resource_plan_fits_two_cpus():
+    config = EmbedConfig(input="x", output="y")
+    plan = plan_resources(config, {"CPU": 2.0}, nodes=1)
+    reserved = plan.num_encoders * plan.encoder_cpus + plan.num_tokenizers * plan.tokenizer_cpus
+    assert plan.device == "cpu" and reserved <= 1.5  # read + commit tasks keep 0.5 CPU
+    gpu = plan_resources(config, {"CPU": 16.0, "GPU": 2.0}, nodes=2)
+    assert gpu.device == "cuda" and gpu.num_encoders == 2 and gpu.encoder_gpus == 1
+    with pytest.raises(UsageError, match="no GPUs"):
+        plan_resources(EmbedConfig(input="x", output="y", device="cuda"), {"CPU": 2.0}, nodes=1)
+    with pytest.raises(UsageError, match="do not fit"):
+        plan_resources(EmbedConfig(input="x", output="y", num_encoders=20), {"CPU": 2.0}, nodes=1)
