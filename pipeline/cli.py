@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import traceback
 from typing import Any, Sequence
@@ -102,6 +103,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = build_parser()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    if debug:
+        os.environ["EMBEDPIPE_DEBUG"] = "1"
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -111,7 +114,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EmbedpipeError as exc:
         if debug:
             traceback.print_exc()
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        message = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]  # Ray may append notes
+        print(f"{PROG}: error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)

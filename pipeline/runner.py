@@ -123,7 +123,8 @@ def ray_session(config: EmbedConfig) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": not config.quiet}
+    debug = os.environ.get("EMBEDPIPE_DEBUG") == "1"
+    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": debug}
     if config.ray_address:
         kwargs["address"] = config.ray_address
     else:
@@ -315,6 +316,8 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
         commit_block, fn_kwargs={"sink": sink}, batch_size=None, batch_format="pyarrow", num_cpus=COMMIT_CPUS
     )
 
+    if os.environ.get("EMBEDPIPE_DEBUG") != "1":
+        _keep_tracebacks_off_the_console()
     merge = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces)
     written: dict[str, dict] = {}
     pieces: dict[str, int] = {}
@@ -333,6 +336,22 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
     except Exception as exc:  # noqa: BLE001 - turned into one clear message below
         raise _explain(exc) from None
     return written
+
+
+class _NoErrorRecords(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno < logging.ERROR
+
+
+def _keep_tracebacks_off_the_console() -> None:
+    """Ray Data logs a failing task's traceback to stderr; we report the cause in one line instead.
+
+    The full record still goes to Ray's session log file; `--debug` keeps it on the console.
+    """
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(getattr(handler, "stream", None), type(os.sys.stderr)) or "Ray" in type(handler).__name__:
+            if not any(isinstance(f, _NoErrorRecords) for f in handler.filters) and "File" not in type(handler).__name__:
+                handler.addFilter(_NoErrorRecords())
 
 
 def _stats(row: dict) -> dict:

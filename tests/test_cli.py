@@ -1,0 +1,88 @@
+"""The CLI as a user calls it: a real process, its own local Ray cluster, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO, make_st_dir
+
+
+def cli(*args, timeout=300):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
+    )
+
+
+def assert_one_line_error(proc, code, message):
+    assert proc.returncode == code, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("embedpipe: error: ") and message in lines[-1], lines[-1]
+
+
+def test_embed_then_info_then_bad_rerun(tmp_path, tiny_bert_dir):
+    model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+    out = tmp_path / "out"
+    proc = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"embedded 30 documents" in proc.stdout and str(out) in proc.stdout
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"]["embedded"] == 30
+
+    info = cli("info", str(out), "--pairs", "2")
+    assert info.returncode == 0, info.stderr
+    assert '"dim": 32' in info.stdout and "a.txt:0" in info.stdout and "most similar pairs" in info.stdout
+
+    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    (src / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')
+    bad = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text")
+    assert_one_line_error(bad, 2, "b.jsonl: line 2 is not valid JSON")
+    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == snapshot
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--input", "/nonexistent/docs/*.txt"], "the glob matches no files"),
+        (["--input", "/nonexistent/docs"], "no such file or directory"),
+        (["--max-seq-length", "-3"], "--max-seq-length must be a positive integer, got -3"),
+        (["--model", "/nonexistent/model"], "--model /nonexistent/model: no such directory"),
+        (["--pooling", "average"], "--pooling 'average'"),
+        (["--bogus-flag"], "unrecognized arguments: --bogus-flag"),
+    ],
+)
+def test_bad_usage_exits_2_with_one_line(tmp_path, args, message):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("hello\n")
+    base = ["embed", "--input", str(src), "--output", str(tmp_path / "out")]
+    proc = cli(*base, *args)
+    assert_one_line_error(proc, 2, message)
+
+
+def test_output_that_is_a_file(tmp_path):
+    (tmp_path / "a.txt").write_text("hello\n")
+    (tmp_path / "out").write_text("I am a file")
+    proc = cli("embed", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"))
+    assert_one_line_error(proc, 2, "is a file, expected a directory")
+    assert (tmp_path / "out").read_text() == "I am a file"
+
+
+def test_config_file_with_unknown_key(tmp_path):
+    (tmp_path / "c.yaml").write_text("input: x\noutput: y\nbatch: 3\n")
+    proc = cli("embed", "--config", str(tmp_path / "c.yaml"))
+    assert_one_line_error(proc, 2, "unknown key 'batch'")
+
+
+def test_info_on_a_directory_without_manifest(tmp_path):
+    proc = cli("info", str(tmp_path))
+    assert_one_line_error(proc, 2, "no _manifest.json")

@@ -1,0 +1,80 @@
+"""The output opens unchanged in pyarrow, pandas, polars, duckdb and datasets."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pipeline import EmbedConfig, read_embeddings
+from pipeline.runner import run_embed
+from tests.conftest import make_st_dir
+
+
+@pytest.fixture(scope="module")
+def output_dir(ray_cluster, tmp_path_factory, tiny_bert_dir):
+    base = tmp_path_factory.mktemp("readers")
+    model = make_st_dir(tiny_bert_dir, str(base / "st"), pooling="mean")
+    src = base / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("".join(f"alpha {i}\n" for i in range(7)))
+    (src / "b.txt").write_text("".join(f"beta {i}\n" for i in range(5)))
+    out = base / "out"
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=model, quiet=True))
+    ids, vectors = read_embeddings(str(out))
+    return out, ids, vectors
+
+
+def test_read_embeddings(output_dir):
+    _, ids, vectors = output_dir
+    assert ids == [f"a.txt:{i}" for i in range(7)] + [f"b.txt:{i}" for i in range(5)]
+    assert vectors.dtype == np.float32 and vectors.shape == (12, 32)
+
+
+def test_pyarrow_dataset(output_dir):
+    import pyarrow as pa
+    import pyarrow.dataset as pads
+
+    out, ids, vectors = output_dir
+    table = pads.dataset(str(out), format="parquet").to_table()  # skips _manifest.json
+    assert sorted(table["id"].to_pylist()) == sorted(ids)
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+
+
+def test_pandas(output_dir):
+    import pandas as pd
+
+    out, ids, vectors = output_dir
+    df = pd.read_parquet(out)
+    got = dict(zip(df["id"], df["embedding"]))
+    np.testing.assert_array_equal(np.asarray(got[ids[3]], np.float32), vectors[3])
+
+
+def test_polars(output_dir):
+    import polars as pl
+
+    out, ids, vectors = output_dir
+    df = pl.read_parquet(str(out / "*.parquet"))
+    assert df.height == len(ids)
+    row = df.filter(pl.col("id") == ids[-1])["embedding"].to_list()[0]
+    np.testing.assert_array_equal(np.asarray(row, np.float32), vectors[-1])
+
+
+def test_duckdb(output_dir):
+    import duckdb
+
+    out, ids, vectors = output_dir
+    count, dim = duckdb.connect().execute(
+        f"select count(*), max(len(embedding)) from read_parquet('{out}/*.parquet')"
+    ).fetchone()
+    assert count == len(ids) and dim == 32
+
+
+def test_datasets_load_dataset(output_dir):
+    import datasets
+
+    out, ids, vectors = output_dir
+    ds = datasets.load_dataset("parquet", data_files=str(out / "*.parquet"), split="train")
+    assert len(ds) == len(ids)
+    row = ds[0]
+    i = ids.index(row["id"])
+    np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), vectors[i])
