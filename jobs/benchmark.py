@@ -1,0 +1,136 @@
+"""Benchmark: `embedpipe embed` (whole command) against a plain sentence-transformers
+script (jobs/st_baseline.py, whole script), same texts, same model, same machine, same run.
+
+    python jobs/benchmark.py [--docs 10000] [--input FILE.txt] [--device cpu|cuda] [--repeat 1]
+           [--embed-args "--max-batch-tokens 8192"] [--markdown]
+
+Default corpus: the first N distinct English texts of Debian's `fortunes`
+packages (`apt-get install fortunes fortunes-min`). Checks that the vectors
+agree (cosine >= 0.9999) and prints documents/s, tokens/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+
+def machine() -> str:
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    gpu = "no GPU"
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = torch.cuda.get_device_name(0)
+    except ImportError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, {gpu}"
+
+
+def corpus(args, workdir: str) -> str:
+    path = os.path.join(workdir, "docs.txt")
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            texts = [line.rstrip("\n") for line in f if line.strip()][: args.docs]
+    else:
+        sys.path.insert(0, os.path.join(REPO, "data"))
+        from fortunes import english_corpus
+
+        texts = english_corpus()[: args.docs]
+    with open(path, "w", encoding="utf-8") as f:
+        f.writelines(" ".join(t.split()) + "\n" for t in texts)
+    return path
+
+
+def timed(cmd: list[str]) -> float:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    seconds = time.perf_counter() - start
+    if proc.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{proc.stderr[-3000:]}")
+    return seconds
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--docs", type=int, default=10_000)
+    p.add_argument("--input")
+    p.add_argument("--model", default="all-MiniLM-L6-v2")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeat", type=int, default=1, help="alternate the two commands this many times; best of each")
+    p.add_argument("--embed-args", default="", help="extra flags for embedpipe embed")
+    p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
+    args = p.parse_args()
+
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    from pipeline import read_embeddings
+
+    with tempfile.TemporaryDirectory() as work:
+        docs = corpus(args, work)
+        n = sum(1 for _ in open(docs, encoding="utf-8"))
+        out = os.path.join(work, "out")
+        st_out = os.path.join(work, "st.parquet")
+        embed_cmd = [sys.executable, "-m", "pipeline", "embed", "--input", docs, "--output", out, "--model", args.model,
+                     "--device", args.device, "--overwrite", "--quiet", *shlex.split(args.embed_args)]
+        st_cmd = [sys.executable, os.path.join(REPO, "jobs", "st_baseline.py"), docs, st_out, "--model", args.model,
+                  "--device", args.device]
+        ours, theirs = [], []
+        for _ in range(args.repeat):
+            theirs.append(timed(st_cmd))
+            ours.append(timed(embed_cmd))
+        ids, vectors = read_embeddings(out)
+        ref = pq.read_table(st_out)
+        ref_vectors = np.asarray(ref["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(ref), -1)
+        ref_index = {i: k for k, i in enumerate(ref["id"].to_pylist())}
+        ref_vectors = ref_vectors[[ref_index[i] for i in ids]]
+        cos = (vectors * ref_vectors).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(ref_vectors, axis=1))
+        manifest = json.load(open(os.path.join(out, "_manifest.json")))
+    tokens = manifest["rows"]["tokens"]
+    best_ours, best_theirs = min(ours), min(theirs)
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "docs": n,
+        "tokens": tokens,
+        "embedpipe_seconds": round(best_ours, 2),
+        "st_seconds": round(best_theirs, 2),
+        "embedpipe_docs_per_s": round(n / best_ours, 1),
+        "st_docs_per_s": round(n / best_theirs, 1),
+        "embedpipe_tokens_per_s": round(tokens / best_ours, 1),
+        "ratio": round(best_theirs / best_ours, 3),
+        "min_cosine": float(cos.min()),
+        "all_runs": {"embedpipe": [round(x, 2) for x in ours], "sentence_transformers": [round(x, 2) for x in theirs]},
+        "embed_args": args.embed_args,
+    }
+    print(json.dumps(result, indent=2))
+    if cos.min() < 0.9999:
+        sys.exit(f"vectors disagree: min cosine {cos.min():.6f} < 0.9999")
+    if args.markdown:
+        print(
+            f"| {result['date']} | {n:,} | {args.device} | {result['embedpipe_docs_per_s']:,} | "
+            f"{result['st_docs_per_s']:,} | **{result['ratio']}x** | {result['min_cosine']:.6f} | {args.embed_args or '-'} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
