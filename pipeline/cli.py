@@ -1,4 +1,4 @@
-"""Command line: `embedpipe embed | info` (also `python -m pipeline`).
+"""Command line: `embedpipe embed | mine | info` (also `python -m pipeline`).
 
 Exit codes: 0 success; 2 bad usage or bad input, with one line on stderr;
 1 runtime failure, with the cause named. `--debug` adds the traceback.
@@ -53,6 +53,24 @@ def _embed_parser(sub) -> None:
     p.add_argument("--trust-remote-code", action="store_const", const=True)
     p.add_argument("--overwrite", action="store_const", const=True)
     p.add_argument("--quiet", action="store_const", const=True)
+    p.add_argument("--mine", action="store_const", const=True, help="then mine the closest pairs of the new vectors")
+    p.add_argument("--mine-output", help="where the pairs go (default: OUTPUT-pairs)")
+    p.add_argument("--mine-top-k", type=int)
+    p.add_argument("--mine-max-pairs", type=int)
+    p.add_argument("--mine-threshold", type=float)
+
+
+def _mine_parser(sub) -> None:
+    p = sub.add_parser("mine", help="mine the most similar pairs of an embeddings directory")
+    p.add_argument("--embeddings", required=True, help="directory written by `embedpipe embed`")
+    p.add_argument("--output", required=True, help="directory for pairs.parquet and _manifest.json")
+    p.add_argument("--top-k", type=int, default=100, help="candidates per document (default 100)")
+    p.add_argument("--max-pairs", type=int, default=500_000, help="best pairs kept (default 500000)")
+    p.add_argument("--threshold", type=float, help="keep pairs scoring at least this cosine")
+    p.add_argument("--block-size", type=int, default=4096, help="rows per block (memory per task ~ 4*N^2 bytes)")
+    p.add_argument("--ray-address")
+    p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
+    p.add_argument("--quiet", action="store_true")
 
 
 def _info_parser(sub) -> None:
@@ -67,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _embed_parser(sub)
+    _mine_parser(sub)
     _info_parser(sub)
     return parser
 
@@ -78,15 +97,58 @@ def cmd_embed(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {
         k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "storage_options")
     }
-    if args.storage_options:
-        try:
-            options["storage_options"] = json.loads(args.storage_options)
-        except json.JSONDecodeError:
-            raise UsageError("--storage-options must be a JSON object") from None
-        if not isinstance(options["storage_options"], dict):
-            raise UsageError("--storage-options must be a JSON object")
+    options["storage_options"] = _storage_options(args.storage_options)
     config = build_config(args.config, **options)
     result = run_embed(config)
+    if not config.quiet:
+        print(result.summary_line())
+    if config.mine:
+        from pipeline.mine import MineConfig, run_mine
+
+        mined = run_mine(
+            MineConfig(
+                embeddings=config.output,
+                output=config.mine_output or config.output.rstrip("/") + "-pairs",
+                top_k=config.mine_top_k,
+                max_pairs=config.mine_max_pairs,
+                threshold=config.mine_threshold,
+                ray_address=config.ray_address,
+                quiet=config.quiet,
+                storage_options=config.storage_options,
+            )
+        )
+        if not config.quiet:
+            print(mined.summary_line())
+    return 0
+
+
+def _storage_options(text: str | None) -> dict | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        raise UsageError("--storage-options must be a JSON object") from None
+    if not isinstance(value, dict):
+        raise UsageError("--storage-options must be a JSON object")
+    return value
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
+    from pipeline.mine import MineConfig, run_mine
+
+    config = MineConfig(
+        embeddings=args.embeddings,
+        output=args.output,
+        top_k=args.top_k,
+        max_pairs=args.max_pairs,
+        threshold=args.threshold,
+        block_size=args.block_size,
+        ray_address=args.ray_address,
+        quiet=args.quiet,
+        storage_options=_storage_options(args.storage_options) or {},
+    )
+    result = run_mine(config)
     if not config.quiet:
         print(result.summary_line())
     return 0
@@ -110,7 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command is None:
             parser.print_help()
             return 2
-        return {"embed": cmd_embed, "info": cmd_info}[args.command](args)
+        return {"embed": cmd_embed, "mine": cmd_mine, "info": cmd_info}[args.command](args)
     except EmbedpipeError as exc:
         if debug:
             traceback.print_exc()

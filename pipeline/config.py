@@ -74,6 +74,16 @@ class EmbedConfig:
     """Allow model code shipped with the model directory to run."""
     encoding_errors: str = "strict"
     """How undecodable UTF-8 bytes are handled: strict (error) or replace."""
+    mine: bool = False
+    """After embedding, mine the most similar pairs of the new vectors (see `embedpipe mine`)."""
+    mine_output: str | None = None
+    """Where the pairs go; default '<output>-pairs'."""
+    mine_top_k: int = 100
+    """Candidates kept per document when mining."""
+    mine_max_pairs: int = 500_000
+    """Best pairs kept when mining."""
+    mine_threshold: float | None = None
+    """Keep only mined pairs scoring at least this."""
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """fsspec options for s3:// input and output (endpoint, credentials); never logged."""
 
@@ -96,6 +106,8 @@ class EmbedConfig:
         _positive("--num-tokenizers", self.num_tokenizers)
         _positive("--encoder-threads", self.encoder_threads)
         _positive("--rows-per-file", self.rows_per_file)
+        _positive("--mine-top-k", self.mine_top_k)
+        _positive("--mine-max-pairs", self.mine_max_pairs)
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)

@@ -116,7 +116,7 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
 
 
 @contextlib.contextmanager
-def ray_session(config: EmbedConfig) -> Iterator[None]:
+def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     """Join the cluster the user named, reuse one already initialised, or start a local one."""
     import ray
 
@@ -125,11 +125,11 @@ def ray_session(config: EmbedConfig) -> Iterator[None]:
         return
     debug = os.environ.get("EMBEDPIPE_DEBUG") == "1"
     kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": debug}
-    if config.ray_address:
-        kwargs["address"] = config.ray_address
+    if address:
+        kwargs["address"] = address
     else:
         kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
-    if config.quiet:
+    if quiet:
         kwargs["logging_level"] = logging.WARNING
     try:
         ray.init(**kwargs)
@@ -139,6 +139,10 @@ def ray_session(config: EmbedConfig) -> Iterator[None]:
         yield
     finally:
         ray.shutdown()
+
+
+def ray_session(config: EmbedConfig):
+    return ray_session_for(config.ray_address, config.quiet)
 
 
 def prepare_output(config: EmbedConfig):

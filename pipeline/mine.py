@@ -1,0 +1,221 @@
+"""`embedpipe mine`: paraphrase mining of an embeddings directory, spread over Ray tasks.
+
+    load_block (one task per row block: reads its rows from the Parquet files, normalises)
+      -> block_pair (one task per block pair I <= J: scores, top-k of rows and columns)
+      -> reduce_rows (one task per row block: merges its candidates, keeps its best max_pairs)
+      -> driver: deduplicates, keeps the global best max_pairs, writes pairs.parquet + manifest
+
+No task holds more than two blocks of vectors and one block x block score
+matrix; the driver holds at most n_blocks * max_pairs candidate pairs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError, UsageError
+from pipeline.readers import embedding_files
+from pipeline.sink import MANIFEST
+from pipeline.storage import get_fs, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+PAIRS_FILE = "pairs.parquet"
+PAIRS_SCHEMA = pa.schema([("id_a", pa.string()), ("id_b", pa.string()), ("score", pa.float32())])
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """What `embedpipe mine` does."""
+
+    embeddings: str
+    """Directory written by `embedpipe embed` (or any Parquet with id + embedding)."""
+    output: str
+    """Directory that receives pairs.parquet and _manifest.json."""
+    top_k: int = 100
+    """Candidates kept per document, as in paraphrase_mining_embeddings."""
+    max_pairs: int = 500_000
+    """Best pairs returned overall."""
+    threshold: float | None = None
+    """Keep only pairs scoring at least this (cosine)."""
+    block_size: int = 4096
+    """Rows per block: memory per task ~ 4 * block_size^2 bytes of scores + 2 blocks of vectors."""
+    ray_address: str | None = None
+    quiet: bool = False
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        for flag, value in (("--top-k", self.top_k), ("--max-pairs", self.max_pairs), ("--block-size", self.block_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise UsageError(f"{flag} must be a positive integer, got {value!r}")
+        if self.threshold is not None and not -1.0 <= float(self.threshold) <= 1.0:
+            raise UsageError(f"--threshold must be a cosine between -1 and 1, got {self.threshold!r}")
+
+
+@dataclass(frozen=True)
+class FileSpan:
+    path: str
+    start: int  # global index of the file's first row
+    rows: int
+
+
+def plan_files(config: MineConfig) -> list[FileSpan]:
+    try:
+        files = embedding_files(config.embeddings, config.storage_options)
+    except InputError:
+        raise InputError(f"--embeddings {config.embeddings}: no such directory") from None
+    if not files:
+        raise InputError(f"--embeddings {config.embeddings}: holds no embeddings (*.parquet)")
+    fs, _ = get_fs(config.embeddings, config.storage_options)
+    spans, start = [], 0
+    for path in files:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_metadata(f)
+        if "embedding" not in meta.schema.to_arrow_schema().names:
+            raise InputError(f"--embeddings {config.embeddings}: {posixpath.basename(path)} has no 'embedding' column")
+        spans.append(FileSpan(path, start, meta.num_rows))
+        start += meta.num_rows
+    return spans
+
+
+def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, storage_options) -> np.ndarray:
+    """Rows [start, end) as unit-length float32 vectors, read from the files that hold them."""
+    from pipeline.mining import normalize
+
+    fs, _ = get_fs(embeddings, storage_options)
+    parts = []
+    for span in spans:
+        lo, hi = max(start, span.start), min(end, span.start + span.rows)
+        if lo >= hi:
+            continue
+        with fs.open(span.path, "rb") as f:
+            column = pq.read_table(f, columns=["embedding"])["embedding"].combine_chunks()
+        column = column.slice(lo - span.start, hi - lo)
+        dim = column.type.list_size
+        parts.append(np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim))
+    return normalize(np.concatenate(parts)).numpy()
+
+
+def block_pair(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int):
+    import torch
+
+    from pipeline.mining import block_pair_topk
+
+    torch.set_num_threads(1)
+    rows, cols = block_pair_topk(torch.from_numpy(a), torch.from_numpy(b), a_start, b_start, k)
+    return rows, cols
+
+
+def reduce_rows(row_start: int, k: int, max_pairs: int, threshold: float | None, *parts):
+    from pipeline.mining import best_pairs, candidate_pairs, merge_topk
+
+    top = merge_topk([p for p in parts if p is not None], k)
+    i, j, s = candidate_pairs(top, row_start, threshold)
+    return best_pairs(i, j, s, max_pairs)
+
+
+def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(i, j, score) of the best pairs, computed by Ray tasks on the cluster in use."""
+    import ray
+
+    from pipeline.mining import best_pairs, row_blocks
+
+    n = spans[-1].start + spans[-1].rows
+    blocks = row_blocks(n, config.block_size)
+    load = ray.remote(num_cpus=0.5)(load_block)
+    pair = ray.remote(num_cpus=1, num_returns=2)(block_pair)
+    reduce = ray.remote(num_cpus=0.5)(reduce_rows)
+    vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
+    parts: list[list] = [[] for _ in blocks]
+    for bi, (a0, _) in enumerate(blocks):
+        for bj in range(bi, len(blocks)):
+            rows, cols = pair.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k)
+            parts[bi].append(rows)
+            if bj != bi:
+                parts[bj].append(cols)
+    reduced = [reduce.remote(a0, config.top_k, config.max_pairs, config.threshold, *parts[b]) for b, (a0, _) in enumerate(blocks)]
+    found = ray.get(reduced)
+    i, j, s = (np.concatenate(x) for x in zip(*found))
+    return best_pairs(i, j, s, config.max_pairs)
+
+
+def read_ids(config: MineConfig, spans: list[FileSpan], wanted: np.ndarray) -> dict[int, str]:
+    """Ids of the rows in `wanted`, reading only the id column."""
+    fs, _ = get_fs(config.embeddings, config.storage_options)
+    wanted = np.unique(wanted)
+    out: dict[int, str] = {}
+    for span in spans:
+        mine = wanted[(wanted >= span.start) & (wanted < span.start + span.rows)]
+        if len(mine) == 0:
+            continue
+        with fs.open(span.path, "rb") as f:
+            ids = pq.read_table(f, columns=["id"])["id"]
+        for g, value in zip(mine, ids.take(pa.array(mine - span.start)).to_pylist()):
+            out[int(g)] = value
+    return out
+
+
+@dataclass
+class MineResult:
+    output: str
+    documents: int
+    pairs: int
+    seconds: float
+
+    def summary_line(self) -> str:
+        return f"mined {self.pairs:,} pairs among {self.documents:,} documents in {self.seconds:.1f}s -> {self.output}"
+
+
+def run_mine(config: MineConfig) -> MineResult:
+    from pipeline.runner import ray_session_for
+
+    started = time.time()
+    spans = plan_files(config)
+    fs, root = get_fs(config.output, config.storage_options)
+    root = root.rstrip("/") or root
+    if fs.isfile(root):
+        raise InputError(f"--output {config.output}: is a file, expected a directory")
+    fs.makedirs(root, exist_ok=True)
+    with ray_session_for(config.ray_address, config.quiet):
+        i, j, s = mine_pairs(config, spans)
+    ids = read_ids(config, spans, np.concatenate([i, j]))
+    table = pa.table(
+        {"id_a": [ids[int(x)] for x in i], "id_b": [ids[int(x)] for x in j], "score": pa.array(s, pa.float32())},
+        schema=PAIRS_SCHEMA,
+    )
+    buf = pa.BufferOutputStream()
+    pq.write_table(table, buf, compression="zstd")
+    write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), buf.getvalue().to_pybytes())
+    finished = time.time()
+    n = spans[-1].start + spans[-1].rows
+    manifest = {
+        "format": "embedpipe/pairs",
+        "version": 1,
+        "embeddings": config.embeddings,
+        "documents": n,
+        "pairs": len(s),
+        "top_k": config.top_k,
+        "max_pairs": config.max_pairs,
+        "threshold": config.threshold,
+        "block_size": config.block_size,
+        "score": "cosine",
+        "min_score": float(s.min()) if len(s) else None,
+        "max_score": float(s.max()) if len(s) else None,
+        "timings": {
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "seconds": round(finished - started, 3),
+        },
+    }
+    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return MineResult(config.output, n, len(s), finished - started)

@@ -1,0 +1,109 @@
+"""Distributed mining on the local Ray cluster, pair for pair equal to sentence-transformers."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
+
+from pipeline.errors import InputError, UsageError
+from pipeline.mine import MineConfig, run_mine
+from tests.conftest import SAMPLE
+from tests.test_mining_math import clustered_vectors, random_vectors
+
+
+def write_vectors(directory, vectors, ids, files=3):
+    """An embeddings directory like `embed` writes: several files, fixed_size_list vectors."""
+    directory.mkdir(parents=True, exist_ok=True)
+    bounds = np.linspace(0, len(ids), files + 1).astype(int)
+    for f in range(files):
+        a, b = bounds[f], bounds[f + 1]
+        flat = pa.array(vectors[a:b].reshape(-1))
+        table = pa.table({"id": ids[a:b], "embedding": pa.FixedSizeListArray.from_arrays(flat, vectors.shape[1])})
+        pq.write_table(table, directory / f"part{f}.parquet")
+    return directory
+
+
+def mined(out):
+    table = pq.read_table(out / "pairs.parquet")
+    return table
+
+
+def assert_matches_st(table, vectors, ids, top_k, max_pairs, threshold=None):
+    ref = st_mining(torch.from_numpy(vectors), top_k=top_k, max_pairs=max_pairs)
+    if threshold is not None:
+        ref = [r for r in ref if r[0] >= threshold]
+    ref_map = {frozenset((ids[i], ids[j])): s for s, i, j in ref}
+    got = {frozenset((a, b)): s for a, b, s in zip(table["id_a"].to_pylist(), table["id_b"].to_pylist(), table["score"].to_pylist())}
+    assert len(got) == table.num_rows == len(ref_map)  # each unordered pair once, as many as ST
+    if not ref_map:
+        return
+    # Identical sets, except that pairs tied (within float rounding) at the max_pairs cut-off may swap.
+    cutoff = min(ref_map.values())
+    for p in set(got) ^ set(ref_map):
+        assert abs(got.get(p, ref_map.get(p)) - cutoff) <= 1e-5, (p, cutoff)
+    common = set(got) & set(ref_map)
+    assert len(common) >= len(ref_map) - 2
+    assert max(abs(got[p] - ref_map[p]) for p in common) <= 1e-5
+    scores = table["score"].to_pylist()
+    assert scores == sorted(scores, reverse=True)
+
+
+@pytest.mark.parametrize(
+    "make, n, top_k, max_pairs, block_size",
+    [
+        (random_vectors, 600, 10, 100_000, 128),  # 5 blocks, the last one short
+        (clustered_vectors, 600, 5, 300, 100),  # many near-duplicates, max_pairs binds
+        (clustered_vectors, 90, 20, 10_000, 1000),  # N smaller than one block
+    ],
+)
+def test_distributed_mining_matches_st(ray_cluster, tmp_path, make, n, top_k, max_pairs, block_size):
+    vectors = make(n)
+    ids = [f"doc-{k:04d}/x" for k in range(n)]  # string ids, not row numbers
+    src = write_vectors(tmp_path / "emb", vectors, ids)
+    out = tmp_path / "pairs"
+    result = run_mine(MineConfig(str(src), str(out), top_k=top_k, max_pairs=max_pairs, block_size=block_size, quiet=True))
+    table = mined(out)
+    assert table.schema == pa.schema([("id_a", pa.string()), ("id_b", pa.string()), ("score", pa.float32())])
+    assert_matches_st(table, vectors, ids, top_k, max_pairs)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["pairs"] == result.pairs == table.num_rows and manifest["documents"] == n
+
+
+def test_many_small_blocks_and_threshold(ray_cluster, tmp_path):
+    vectors = clustered_vectors(400, noise=0.2)
+    ids = [f"id{k}" for k in range(400)]
+    src = write_vectors(tmp_path / "emb", vectors, ids, files=4)
+    out = tmp_path / "pairs"
+    run_mine(MineConfig(str(src), str(out), top_k=6, max_pairs=5000, block_size=37, threshold=0.95, quiet=True))
+    table = mined(out)
+    assert 0 < table.num_rows and min(table["score"].to_pylist()) >= 0.95
+    assert_matches_st(table, vectors, ids, 6, 5000, threshold=0.95)
+
+
+def test_real_vectors_of_the_sample_corpus(ray_cluster, tmp_path, default_model_path):
+    from pipeline import EmbedConfig, read_embeddings
+    from pipeline.runner import run_embed
+
+    emb = tmp_path / "emb"
+    run_embed(EmbedConfig(input=os.path.join(SAMPLE, "zh.csv"), output=str(emb), quiet=True))
+    ids, vectors = read_embeddings(str(emb))
+    out = tmp_path / "pairs"
+    run_mine(MineConfig(str(emb), str(out), top_k=5, max_pairs=150, block_size=64, quiet=True))
+    assert_matches_st(mined(out), vectors, ids, 5, 150)
+
+
+def test_missing_or_empty_embeddings(tmp_path):
+    with pytest.raises(InputError, match="no such directory"):
+        run_mine(MineConfig(str(tmp_path / "nope"), str(tmp_path / "out")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="holds no embeddings"):
+        run_mine(MineConfig(str(tmp_path / "empty"), str(tmp_path / "out")))
+    with pytest.raises(UsageError, match="--top-k must be a positive integer"):
+        MineConfig("a", "b", top_k=0)
