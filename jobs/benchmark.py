@@ -1,8 +1,15 @@
-"""Benchmark: `embedpipe embed` (whole command) against a plain sentence-transformers
-script (jobs/st_baseline.py, whole script), same texts, same model, same machine, same run.
+"""Benchmarks against sentence-transformers, same machine, same run.
+
+embed (default): `embedpipe embed` (whole command) against a plain
+sentence-transformers script (jobs/st_baseline.py, whole script), same texts, same model.
 
     python jobs/benchmark.py [--docs 10000] [--input FILE.txt] [--device cpu|cuda] [--repeat 1]
            [--embed-args "--max-batch-tokens 8192"] [--markdown]
+
+mine: `embedpipe mine` (whole command) against paraphrase_mining_embeddings in one
+process (jobs/st_mine_baseline.py) on N x D clustered random vectors; checks the pairs agree.
+
+    python jobs/benchmark.py --task mine [--vectors 50000] [--dim 384] [--top-k 100] [--max-pairs 500000]
 
 Default corpus: the first N distinct English texts of Debian's `fortunes`
 packages (`apt-get install fortunes fortunes-min`). Checks that the vectors
@@ -78,7 +85,15 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="alternate the two commands this many times; best of each")
     p.add_argument("--embed-args", default="", help="extra flags for embedpipe embed")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
+    p.add_argument("--task", choices=("embed", "mine"), default="embed")
+    p.add_argument("--vectors", type=int, default=50_000)
+    p.add_argument("--dim", type=int, default=384)
+    p.add_argument("--top-k", type=int, default=100)
+    p.add_argument("--max-pairs", type=int, default=500_000)
+    p.add_argument("--mine-args", default="", help="extra flags for embedpipe mine")
     args = p.parse_args()
+    if args.task == "mine":
+        return bench_mine(args)
 
     import numpy as np
     import pyarrow.parquet as pq
@@ -130,6 +145,62 @@ def main() -> None:
             f"| {result['date']} | {n:,} | {args.device} | {result['embedpipe_docs_per_s']:,} | "
             f"{result['st_docs_per_s']:,} | **{result['ratio']}x** | {result['min_cosine']:.6f} | {args.embed_args or '-'} |"
         )
+
+
+def bench_mine(args) -> None:
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(0)
+    centres = rng.standard_normal((args.vectors // 20, args.dim))
+    vectors = (centres[rng.integers(0, len(centres), args.vectors)] + 0.3 * rng.standard_normal((args.vectors, args.dim)))
+    vectors = vectors.astype(np.float32)
+    with tempfile.TemporaryDirectory() as work:
+        emb = os.path.join(work, "emb")
+        os.makedirs(emb)
+        for k, start in enumerate(range(0, args.vectors, 10_000)):
+            part = vectors[start : start + 10_000]
+            flat = pa.FixedSizeListArray.from_arrays(pa.array(part.reshape(-1)), args.dim)
+            ids = [f"v{i}" for i in range(start, start + len(part))]
+            pq.write_table(pa.table({"id": ids, "embedding": flat}), os.path.join(emb, f"part-{k:03d}.parquet"))
+        ours_out, st_out = os.path.join(work, "pairs"), os.path.join(work, "st.parquet")
+        mine_cmd = [sys.executable, "-m", "pipeline", "mine", "--embeddings", emb, "--output", ours_out, "--quiet",
+                    "--top-k", str(args.top_k), "--max-pairs", str(args.max_pairs), *shlex.split(args.mine_args)]
+        st_cmd = [sys.executable, os.path.join(REPO, "jobs", "st_mine_baseline.py"), emb, st_out,
+                  "--top-k", str(args.top_k), "--max-pairs", str(args.max_pairs)]
+        ours, theirs, st_inner = [], [], []
+        for _ in range(args.repeat):
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+            start = time.perf_counter()
+            proc = subprocess.run(st_cmd, capture_output=True, text=True, env=env, cwd=REPO)
+            theirs.append(time.perf_counter() - start)
+            if proc.returncode:
+                sys.exit(proc.stderr[-3000:])
+            st_inner.append(float(proc.stdout.strip().splitlines()[-1]))
+            ours.append(timed(mine_cmd))
+        a, b = pq.read_table(os.path.join(ours_out, "pairs.parquet")), pq.read_table(st_out)
+        got = {frozenset(p): s for p, s in zip(zip(a["id_a"].to_pylist(), a["id_b"].to_pylist()), a["score"].to_pylist())}
+        ref = {frozenset(p): s for p, s in zip(zip(b["id_a"].to_pylist(), b["id_b"].to_pylist()), b["score"].to_pylist())}
+    common = set(got) & set(ref)
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "vectors": args.vectors,
+        "dim": args.dim,
+        "top_k": args.top_k,
+        "max_pairs": args.max_pairs,
+        "embedpipe_mine_seconds": round(min(ours), 2),
+        "st_script_seconds": round(min(theirs), 2),
+        "st_function_seconds": round(min(st_inner), 2),
+        "ratio_to_st_script": round(min(ours) / min(theirs), 3),
+        "ratio_to_st_function": round(min(ours) / min(st_inner), 3),
+        "pairs": len(got),
+        "pairs_in_common": len(common),
+        "max_score_diff": max((abs(got[p] - ref[p]) for p in common), default=0.0),
+        "mine_args": args.mine_args,
+    }
+    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

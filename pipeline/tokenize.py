@@ -51,7 +51,6 @@ class TokenizeStage:
         """Token features per text, unpadded: {key: (flat values, offsets)}, lengths, truncated."""
         n = len(texts)
         by_length = np.argsort([len(t) for t in texts], kind="stable")
-        pieces: dict[str, list[np.ndarray]] = {}
         lengths = np.zeros(n, np.int64)
         per_row: dict[str, list] = {}
         for start in range(0, n, SUB_BATCH):

@@ -32,9 +32,15 @@ def test_embed_then_info_then_bad_rerun(tmp_path, tiny_bert_dir):
     src.mkdir()
     (src / "a.txt").write_text("".join(f"line {i}\n" for i in range(30)))
     out = tmp_path / "out"
-    proc = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text")
+    proc = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text",
+               "--mine", "--mine-top-k", "3")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"embedded 30 documents" in proc.stdout and str(out) in proc.stdout
+    assert "embedded 30 documents" in proc.stdout and str(out) in proc.stdout
+    assert "mined " in proc.stdout and (tmp_path / "out-pairs" / "pairs.parquet").is_file()
+    import pyarrow.parquet as pq
+
+    pairs = pq.read_table(tmp_path / "out-pairs" / "pairs.parquet")
+    assert 0 < pairs.num_rows <= 30 * 3 and set(pairs["id_a"].to_pylist()) <= {f"a.txt:{i}" for i in range(30)}
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["rows"]["embedded"] == 30
 
@@ -81,6 +87,11 @@ def test_config_file_with_unknown_key(tmp_path):
     (tmp_path / "c.yaml").write_text("input: x\noutput: y\nbatch: 3\n")
     proc = cli("embed", "--config", str(tmp_path / "c.yaml"))
     assert_one_line_error(proc, 2, "unknown key 'batch'")
+
+
+def test_mine_on_a_missing_directory(tmp_path):
+    proc = cli("mine", "--embeddings", str(tmp_path / "nope"), "--output", str(tmp_path / "pairs"))
+    assert_one_line_error(proc, 2, "no such directory")
 
 
 def test_info_on_a_directory_without_manifest(tmp_path):
