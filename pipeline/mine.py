@@ -17,6 +17,7 @@ import logging
 import os
 import posixpath
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -113,7 +114,10 @@ def block_pair(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int)
     from pipeline.mining import block_pair_topk
 
     torch.set_num_threads(1)
-    rows, cols = block_pair_topk(torch.from_numpy(a), torch.from_numpy(b), a_start, b_start, k)
+    with warnings.catch_warnings():  # blocks come read-only from the object store; they are never written
+        warnings.simplefilter("ignore", UserWarning)
+        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
+    rows, cols = block_pair_topk(a_t, b_t, a_start, b_start, k)
     return rows, cols
 
 
