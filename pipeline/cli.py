@@ -103,9 +103,9 @@ def cmd_embed(args: argparse.Namespace) -> int:
     if not config.quiet:
         print(result.summary_line())
     if config.mine:
-        from pipeline.mine import MineConfig, run_mine
+        from pipeline.mine import MineConfig
 
-        mined = run_mine(
+        return _run_mine(
             MineConfig(
                 embeddings=config.output,
                 output=config.mine_output or config.output.rstrip("/") + "-pairs",
@@ -117,8 +117,6 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 storage_options=config.storage_options,
             )
         )
-        if not config.quiet:
-            print(mined.summary_line())
     return 0
 
 
@@ -135,7 +133,7 @@ def _storage_options(text: str | None) -> dict | None:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from pipeline.mine import MineConfig, run_mine
+    from pipeline.mine import MineConfig
 
     config = MineConfig(
         embeddings=args.embeddings,
@@ -148,6 +146,13 @@ def cmd_mine(args: argparse.Namespace) -> int:
         quiet=args.quiet,
         storage_options=_storage_options(args.storage_options) or {},
     )
+    return _run_mine(config)
+
+
+def _run_mine(config) -> int:
+    """Mine, and print the summary line unless quiet (for `mine` and `embed --mine`)."""
+    from pipeline.mine import run_mine
+
     result = run_mine(config)
     if not config.quiet:
         print(result.summary_line())

@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import logging
-import os
 import posixpath
 import time
 import warnings
@@ -27,7 +26,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, UsageError
 from pipeline.readers import embedding_files
-from pipeline.sink import MANIFEST
+from pipeline.sink import MANIFEST, parquet_bytes
 from pipeline.storage import get_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -124,7 +123,7 @@ def block_pair(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int)
 def reduce_rows(row_start: int, k: int, max_pairs: int, threshold: float | None, *parts):
     from pipeline.mining import best_pairs, candidate_pairs, merge_topk
 
-    top = merge_topk([p for p in parts if p is not None], k)
+    top = merge_topk(list(parts), k)
     i, j, s = candidate_pairs(top, row_start, threshold)
     return best_pairs(i, j, s, max_pairs)
 
@@ -182,15 +181,11 @@ class MineResult:
 
 
 def run_mine(config: MineConfig) -> MineResult:
-    from pipeline.runner import ray_session_for
+    from pipeline.runner import prepare_output, ray_session_for
 
     started = time.time()
     spans = plan_files(config)
-    fs, root = get_fs(config.output, config.storage_options)
-    root = root.rstrip("/") or root
-    if fs.isfile(root):
-        raise InputError(f"--output {config.output}: is a file, expected a directory")
-    fs.makedirs(root, exist_ok=True)
+    fs, root = prepare_output(config.output, config.storage_options)
     with ray_session_for(config.ray_address, config.quiet):
         i, j, s = mine_pairs(config, spans)
     ids = read_ids(config, spans, np.concatenate([i, j]))
@@ -198,9 +193,7 @@ def run_mine(config: MineConfig) -> MineResult:
         {"id_a": [ids[int(x)] for x in i], "id_b": [ids[int(x)] for x in j], "score": pa.array(s, pa.float32())},
         schema=PAIRS_SCHEMA,
     )
-    buf = pa.BufferOutputStream()
-    pq.write_table(table, buf, compression="zstd")
-    write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), buf.getvalue().to_pybytes())
+    write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
     finished = time.time()
     n = spans[-1].start + spans[-1].rows
     manifest = {

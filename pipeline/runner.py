@@ -18,7 +18,7 @@ import os
 import posixpath
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
@@ -141,30 +141,26 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
         ray.shutdown()
 
 
-def ray_session(config: EmbedConfig):
-    return ray_session_for(config.ray_address, config.quiet)
-
-
-def prepare_output(config: EmbedConfig):
+def prepare_output(output: str, storage_options: Mapping[str, Any] | None = None):
     """Create the output directory; refuse a file or an unwritable place up front."""
     try:
-        fs, root = get_fs(config.output, config.storage_options)
+        fs, root = get_fs(output, storage_options)
     except (ImportError, ValueError) as exc:
-        raise UsageError(f"--output {config.output}: {exc}") from None
+        raise UsageError(f"--output {output}: {exc}") from None
     root = root.rstrip("/") or root
     try:
         if fs.isfile(root):
-            raise InputError(f"--output {config.output}: is a file, expected a directory")
+            raise InputError(f"--output {output}: is a file, expected a directory")
         if is_local(fs):
             os.makedirs(root, exist_ok=True)
             if not os.access(root, os.W_OK | os.X_OK):
-                raise InputError(f"--output {config.output}: not writable")
+                raise InputError(f"--output {output}: not writable")
         else:
             fs.mkdirs(root, exist_ok=True)
     except InputError:
         raise
     except (OSError, PermissionError) as exc:
-        raise InputError(f"--output {config.output}: {str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}") from None
+        raise InputError(f"--output {output}: {str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}") from None
     return fs, root
 
 
@@ -222,7 +218,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
     started = time.time()
     shards = discover_shards(config.input, config.storage_options)
     info = describe_model(load_model(config, weights=False), config)
-    fs, root = prepare_output(config)
+    fs, root = prepare_output(config.output, config.storage_options)
     if not config.overwrite:
         check_compatible(read_manifest(fs, root), info, config)
     existing = committed_files(fs, root)
@@ -235,7 +231,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
     written: dict[str, dict] = {}
     plan = None
     if todo:
-        with ray_session(config):
+        with ray_session_for(config.ray_address, config.quiet):
             plan = _plan_from_cluster(config)
             written = _execute(config, plan, todo, committed, sink)
         pieces_dir = posixpath.join(root, PIECES_DIR)
@@ -353,9 +349,8 @@ def _keep_tracebacks_off_the_console() -> None:
     The full record still goes to Ray's session log file; `--debug` keeps it on the console.
     """
     for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(getattr(handler, "stream", None), type(os.sys.stderr)) or "Ray" in type(handler).__name__:
-            if not any(isinstance(f, _NoErrorRecords) for f in handler.filters) and "File" not in type(handler).__name__:
-                handler.addFilter(_NoErrorRecords())
+        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _NoErrorRecords) for f in handler.filters):
+            handler.addFilter(_NoErrorRecords())
 
 
 def _stats(row: dict) -> dict:

@@ -64,7 +64,7 @@ def commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
         else:
             first = int(pc.min(rows["_row"]).as_py())
             piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}.parquet")
-            write_bytes_atomic(fs, piece, _parquet_bytes(rows))
+            write_bytes_atomic(fs, piece, parquet_bytes(rows))
             summaries.append(
                 {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows}
             )
@@ -111,11 +111,11 @@ def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dic
         columns[col] = rows["text"] if col == sink.text_field else rows[col]
     table = pa.table(columns)
     table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats).encode()})
-    write_bytes_atomic(fs, posixpath.join(root, name), _parquet_bytes(table))
+    write_bytes_atomic(fs, posixpath.join(root, name), parquet_bytes(table))
     return stats
 
 
-def _parquet_bytes(table: pa.Table) -> bytes:
+def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()

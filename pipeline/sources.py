@@ -111,13 +111,12 @@ def _walk(fs, root: str) -> list[str]:
     for directory, dirs, files in fs.walk(root):
         rel = posixpath.relpath(directory, root)
         if rel != "." and _hidden(rel):
-            dirs[:] = [] if isinstance(dirs, list) else dirs
+            dirs.clear()
             continue
         hf = _hf_dataset_files(fs, directory) if directory != root else None
         if hf is not None:
             out += hf
-            if isinstance(dirs, list):
-                dirs[:] = []
+            dirs.clear()
             continue
         out += [posixpath.join(directory, f) for f in files if not f.startswith((".", "_"))]
     return out

@@ -125,6 +125,11 @@ def varied_texts(n_sample: int = 500) -> list[str]:
     return picked + one_word + long
 
 
+def snapshot(directory) -> dict[str, bytes]:
+    """Every file of an output directory, by name, to check a failed run left it byte-identical."""
+    return {f: (directory / f).read_bytes() for f in os.listdir(directory)}
+
+
 def write_lines(path, texts) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(t.replace("\n", " ") + "\n" for t in texts)

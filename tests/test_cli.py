@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, make_st_dir
+from tests.conftest import REPO, make_st_dir, snapshot
 
 
 def cli(*args, timeout=300):
@@ -48,11 +48,11 @@ def test_embed_then_info_then_bad_rerun(tmp_path, tiny_bert_dir):
     assert info.returncode == 0, info.stderr
     assert '"dim": 32' in info.stdout and "a.txt:0" in info.stdout and "most similar pairs" in info.stdout
 
-    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = snapshot(out)
     (src / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')
     bad = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text")
     assert_one_line_error(bad, 2, "b.jsonl: line 2 is not valid JSON")
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == snapshot
+    assert snapshot(out) == before
 
 
 @pytest.mark.parametrize(

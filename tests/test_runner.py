@@ -12,7 +12,7 @@ import pytest
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
 from pipeline.runner import plan_resources, run_embed
-from tests.conftest import make_st_dir
+from tests.conftest import make_st_dir, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -117,10 +117,10 @@ def test_rerun_with_other_settings_is_refused(ray_cluster, tmp_path, tiny_model)
     (src / "a.txt").write_text("alpha\nbeta\n")
     out = tmp_path / "out"
     run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
-    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = snapshot(out)
     with pytest.raises(UsageError, match="pooling='mean', this run has 'cls'"):
         run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", quiet=True))
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == snapshot
+    assert snapshot(out) == before
     result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
     assert result.files_written == 1 and result.manifest["pooling"] == "cls"
 
@@ -131,11 +131,11 @@ def test_error_inside_a_worker_reaches_the_user_and_keeps_prior_output(ray_clust
     (src / "good.jsonl").write_text('{"text": "fine"}\n')
     out = tmp_path / "out"
     run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
-    snapshot = {f: (out / f).read_bytes() for f in os.listdir(out)}
+    before = snapshot(out)
     (src / "bad.jsonl").write_text('{"text": "ok"}\n{"text": broken\n')
     with pytest.raises(InputError, match="bad.jsonl: line 2 is not valid JSON"):
         run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
-    assert {f: (out / f).read_bytes() for f in os.listdir(out)} == snapshot
+    assert snapshot(out) == before
 
 
 def test_keep_columns_and_float16_output(ray_cluster, tmp_path, tiny_model):
