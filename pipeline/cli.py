@@ -49,6 +49,8 @@ def _embed_parser(sub) -> None:
     p.add_argument("--rows-per-file", type=int)
     p.add_argument("--ray-address", help="empty: local cluster; 'auto': the running cluster")
     p.add_argument("--encoding-errors", help="strict|replace")
+    p.add_argument("--on-invalid", help="skip|error: rows with empty, blank or null text (default skip, counted)")
+    p.add_argument("--stall-timeout", type=float, help="seconds without progress before the run ends (default 1800; 0: never)")
     p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
     p.add_argument("--trust-remote-code", action="store_const", const=True)
     p.add_argument("--overwrite", action="store_const", const=True)

@@ -74,6 +74,10 @@ class EmbedConfig:
     """Allow model code shipped with the model directory to run."""
     encoding_errors: str = "strict"
     """How undecodable UTF-8 bytes are handled: strict (error) or replace."""
+    on_invalid: str = "skip"
+    """Rows whose text is empty, blank or null: skip (counted in the manifest) or error."""
+    stall_timeout: float = 1800.0
+    """Seconds without progress in any stage before the run ends naming the stalled stage; 0 disables."""
     mine: bool = False
     """After embedding, mine the most similar pairs of the new vectors (see `embedpipe mine`)."""
     mine_output: str | None = None
@@ -112,6 +116,9 @@ class EmbedConfig:
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
         _choice("--encoding-errors", self.encoding_errors, ("strict", "replace"))
+        _choice("--on-invalid", self.on_invalid, ("skip", "error"))
+        if isinstance(self.stall_timeout, bool) or not isinstance(self.stall_timeout, (int, float)) or self.stall_timeout < 0:
+            raise UsageError(f"--stall-timeout must be a number of seconds >= 0, got {self.stall_timeout!r}")
         if self.device == "cpu" and self.dtype in ("float16",):
             raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
         reserved = {"id", "embedding"} & set(self.keep_columns)

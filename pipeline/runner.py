@@ -289,7 +289,10 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
     if config.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
-    spec = ReadSpec(config.text_field, config.id_field, config.keep_columns, config.encoding_errors, config.storage_options)
+    spec = ReadSpec(
+        config.text_field, config.id_field, config.keep_columns, config.encoding_errors, config.storage_options,
+        config.on_invalid,
+    )
     ds = ray.data.read_datasource(
         ShardDatasource(shards, spec, config.rows_per_file, committed),
         num_cpus=READ_CPUS,

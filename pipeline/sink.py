@@ -13,7 +13,7 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping
 
 import numpy as np
@@ -47,7 +47,7 @@ class SinkSpec:
     text_field: str
     keep_columns: tuple[str, ...]
     output_dtype: str
-    storage_options: Mapping[str, Any]
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
 def commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:

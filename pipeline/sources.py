@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import posixpath
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
 import pyarrow as pa
@@ -160,7 +160,8 @@ class ReadSpec:
     id_field: str | None
     keep_columns: tuple[str, ...]
     encoding_errors: str
-    storage_options: Mapping[str, Any]
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    on_invalid: str = "skip"
 
 
 def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:

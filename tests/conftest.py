@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may need the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -134,3 +138,51 @@ def write_lines(path, texts) -> str:
     with open(path, "w", encoding="utf-8") as f:
         f.writelines(t.replace("\n", " ") + "\n" for t in texts)
     return str(path)
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """The environment a CLI subprocess runs in: offline, its own local Ray cluster."""
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", **extra}
+
+
+def cli(*args, timeout=300, env: dict | None = None):
+    """Run `python -m pipeline ARGS` as a user would; returns the CompletedProcess."""
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        env=env or cli_env(),
+    )
+
+
+def assert_one_line_error(proc, code, message):
+    """Exit `code`, no traceback, and a last stderr line 'embedpipe: error: ...' containing `message`."""
+    assert proc.returncode == code, proc.stderr[-2000:]
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert "Traceback" not in proc.stderr
+    assert lines[-1].startswith("embedpipe: error: ") and message in lines[-1], lines[-1]
+
+
+def kill_cli_when(args, ready, timeout=240, env: dict | None = None, poll=0.05):
+    """Start `python -m pipeline ARGS` in its own process group; SIGKILL the whole group once `ready()`.
+
+    Returns True if it was killed, False if the command finished first (the
+    caller then knows the kill came too late to test anything).
+    """
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env or cli_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + timeout
+    try:
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                return False
+            if ready():
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(30)
+                return True
+            time.sleep(poll)
+        raise AssertionError(f"the command did not reach the kill point within {timeout}s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)

@@ -3,27 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
 import pytest
 
-from tests.conftest import REPO, make_st_dir, snapshot
-
-
-def cli(*args, timeout=300):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
-    return subprocess.run(
-        [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO, env=env
-    )
-
-
-def assert_one_line_error(proc, code, message):
-    assert proc.returncode == code, proc.stderr[-2000:]
-    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
-    assert "Traceback" not in proc.stderr
-    assert lines[-1].startswith("embedpipe: error: ") and message in lines[-1], lines[-1]
+from tests.conftest import assert_one_line_error, cli, make_st_dir, snapshot
 
 
 def test_embed_then_info_then_bad_rerun(tmp_path, tiny_bert_dir):
