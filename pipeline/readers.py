@@ -20,7 +20,7 @@ def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None)
     if fs.isfile(root):
         return [root]
     if not fs.isdir(root):
-        raise InputError(f"{path}: no such directory")
+        raise InputError(f"{path}: no such file or directory")
     files = [
         p
         for p in fs.ls(root, detail=False)
@@ -38,8 +38,7 @@ def read_embeddings(
     blocks: list[np.ndarray] = []
     dim = None
     for file in embedding_files(path, storage_options):
-        with fs.open(file, "rb") as f:
-            table = pq.read_table(f, columns=["id", "embedding"])
+        table = _read_vectors(fs, file)
         emb = table["embedding"].combine_chunks()
         if isinstance(emb.type, pa.FixedSizeListType):
             dim = emb.type.list_size
@@ -51,3 +50,13 @@ def read_embeddings(
     if not blocks:
         return [], np.zeros((0, dim or 0), np.float32)
     return ids, np.concatenate(blocks)
+
+
+def _read_vectors(fs, file: str) -> pa.Table:
+    """The id and embedding columns of one file; InputError naming the file if it has none."""
+    try:
+        with fs.open(file, "rb") as f:
+            return pq.read_table(f, columns=["id", "embedding"])
+    except (pa.ArrowException, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
+        raise InputError(f"{file}: not an embeddings file with id and embedding columns ({first})") from None

@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import posixpath
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
@@ -23,15 +24,20 @@ from typing import Any, Iterator, Mapping
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 from pipeline.model import ModelInfo, describe_model, load_model
-from pipeline.sink import MANIFEST, PIECES_DIR, SinkSpec, commit_block, merge_pieces, read_file_stats
+from pipeline.output import clear_leftovers, drop_stale_staging, finish_swap, staging_uri, start_staging, swap_in
+from pipeline.sink import MANIFEST, SinkSpec, commit_block, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
-from pipeline.storage import get_fs, is_local, write_bytes_atomic
+from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local, write_bytes_atomic
+from pipeline.watchdog import ProgressBoard
 
 log = logging.getLogger(__name__)
 
 READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
 COMMIT_CPUS = 0.25
 ENCODE_BATCH_ROWS = 2048  # rows handed to an encoder per call; it micro-batches by tokens inside
+ROW_OVERHEAD_BYTES = 96  # an encoded row's id and bookkeeping columns, besides its float32 vector
+MIN_BLOCK_BYTES = 64 << 10
+STOP_WAIT_S = 60  # how long a failed run waits for Ray Data's executor to wind down
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 
 
@@ -142,32 +148,35 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
 
 
 def prepare_output(output: str, storage_options: Mapping[str, Any] | None = None):
-    """Create the output directory; refuse a file or an unwritable place up front."""
+    """Check the output location up front; returns (filesystem, root).
+
+    Local: the directory is created, and proven writable by writing a probe
+    file. S3: the bucket must exist and be listable with these credentials;
+    nothing is created (keys need no directories, and a bucket is never made).
+    A file where the directory should be is refused on both.
+    """
     try:
         fs, root = get_fs(output, storage_options)
     except (ImportError, ValueError) as exc:
         raise UsageError(f"--output {output}: {exc}") from None
     root = root.rstrip("/") or root
+    where = f"--output {output}"
+    check_bucket(fs, root, where)
     try:
-        if fs.isfile(root):
-            raise InputError(f"--output {output}: is a file, expected a directory")
-        if is_local(fs):
-            os.makedirs(root, exist_ok=True)
-            if not os.access(root, os.W_OK | os.X_OK):
-                raise InputError(f"--output {output}: not writable")
-        else:
-            fs.mkdirs(root, exist_ok=True)
-    except InputError:
-        raise
-    except (OSError, PermissionError) as exc:
-        raise InputError(f"--output {output}: {str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}") from None
+        is_file = fs.isfile(root)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where}: {first_line(exc)}") from None
+    if is_file:
+        raise InputError(f"{where}: is a file, expected a directory")
+    if is_local(fs):
+        check_local_dir_writable(root, where)
     return fs, root
 
 
 def committed_files(fs, root: str) -> dict[str, str]:
-    """Final output files already in `root`: {name: path}."""
+    """Final output files already in `root`: {name: path}, from a fresh listing (never s3fs's cache)."""
     try:
-        entries = fs.ls(root, detail=False)
+        entries = fs.ls(root, detail=False, refresh=True)
     except FileNotFoundError:
         return {}
     out = {}
@@ -202,12 +211,14 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
 
 
 def read_manifest(fs, root: str) -> dict | None:
+    """The manifest of an earlier run in `root`, or None. Read straight from storage, never from a listing cache."""
     path = posixpath.join(root, MANIFEST)
     try:
-        with fs.open(path, "r") as f:
-            return json.load(f)
+        data = fs.cat_file(path)
     except FileNotFoundError:
         return None
+    try:
+        return json.loads(data)
     except (json.JSONDecodeError, UnicodeDecodeError):
         log.warning("ignoring unreadable %s", path)
         return None
@@ -217,42 +228,45 @@ def run_embed(config: EmbedConfig) -> RunResult:
     """Embed `config.input` into `config.output`; resume unless `config.overwrite`."""
     started = time.time()
     shards = discover_shards(config.input, config.storage_options)
-    info = describe_model(load_model(config, weights=False), config)
+    model = load_model(config, weights=False)
+    info = describe_model(model, config)
+    row_bytes = 4 * (model.get_embedding_dimension() or 384) + ROW_OVERHEAD_BYTES
     fs, root = prepare_output(config.output, config.storage_options)
-    if not config.overwrite:
+    if finish_swap(fs, root):
+        log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
+    if config.overwrite:
+        target, target_uri = start_staging(fs, root), staging_uri(config.output)
+        committed: frozenset[str] = frozenset()
+    else:
         check_compatible(read_manifest(fs, root), info, config)
-    existing = committed_files(fs, root)
-    committed = frozenset() if config.overwrite else frozenset(existing)
-    if fs.exists(posixpath.join(root, PIECES_DIR)):
-        fs.rm(posixpath.join(root, PIECES_DIR), recursive=True)  # leftovers of a killed run
+        drop_stale_staging(fs, root)
+        target, target_uri = root, config.output
+        committed = frozenset(committed_files(fs, root))
+    clear_leftovers(fs, target)
     todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
-    sink = SinkSpec(config.output, config.text_field, config.keep_columns, config.output_dtype, config.storage_options)
+    sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype, config.storage_options)
 
     written: dict[str, dict] = {}
     plan = None
     if todo:
         with ray_session_for(config.ray_address, config.quiet):
             plan = _plan_from_cluster(config)
-            written = _execute(config, plan, todo, committed, sink)
-        pieces_dir = posixpath.join(root, PIECES_DIR)
-        if fs.exists(pieces_dir):  # every chunk has been merged; only empty folders remain
-            fs.rm(pieces_dir, recursive=True)
+            written = _execute(config, plan, todo, committed, sink, row_bytes)
+        clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
 
     stats = dict(written)
-    shard_keys = {s.key for s in shards}
-    for name, path in committed_files(fs, root).items():
-        if name in stats:
-            continue
-        file_stats = read_file_stats(fs, path)
-        if file_stats is None or file_stats.get("shard") not in shard_keys:
-            continue
-        if config.overwrite:  # a stale file of an earlier run: the new output replaces it
-            fs.rm(path)
-            continue
-        stats[name] = file_stats
+    if not config.overwrite:
+        shard_keys = {s.key for s in shards}
+        for name, path in committed_files(fs, root).items():
+            file_stats = None if name in stats else read_file_stats(fs, path)
+            if file_stats is not None and file_stats.get("shard") in shard_keys:
+                stats[name] = file_stats
     finished = time.time()
-    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, root)
-    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target)
+    if config.overwrite:
+        swap_in(fs, root, manifest, committed_files(fs, root))
+    else:
+        write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     totals = manifest["rows"]
     return RunResult(
         output=config.output,
@@ -275,7 +289,9 @@ def _plan_from_cluster(config: EmbedConfig) -> Plan:
     return plan_resources(config, ray.cluster_resources(), nodes)
 
 
-def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec) -> dict[str, dict]:
+def _execute(
+    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, row_bytes: int
+) -> dict[str, dict]:
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -284,11 +300,19 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
 
     ctx = DataContext.get_current()
     ctx.max_errored_blocks = 0
+    # Blocks of about one output file: each file commits as soon as its rows are encoded,
+    # so a resume redoes about one file's worth of work, not one large block's.
+    saved_block_size = ctx.target_max_block_size
+    ctx.target_max_block_size = min(
+        ctx.target_max_block_size or DataContext().target_max_block_size,
+        max(MIN_BLOCK_BYTES, config.rows_per_file * row_bytes),
+    )
     ctx.enable_progress_bars = not config.quiet
     ctx.print_on_execution_start = not config.quiet
     if config.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
 
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     spec = ReadSpec(
         config.text_field, config.id_field, config.keep_columns, config.encoding_errors, config.storage_options,
         config.on_invalid,
@@ -300,7 +324,7 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
     )
     ds = ds.map_batches(
         TokenizeStage,
-        fn_constructor_args=(config,),
+        fn_constructor_args=(config, board),
         batch_size=None,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.num_tokenizers),
@@ -308,7 +332,7 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_args=(config, plan.device, plan.encoder_threads),
+        fn_constructor_args=(config, plan.device, plan.encoder_threads, board),
         batch_size=ENCODE_BATCH_ROWS,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.num_encoders),
@@ -316,29 +340,115 @@ def _execute(config: EmbedConfig, plan: Plan, shards: list[Shard], committed: fr
         num_gpus=plan.encoder_gpus,
     )
     ds = ds.map_batches(
-        commit_block, fn_kwargs={"sink": sink}, batch_size=None, batch_format="pyarrow", num_cpus=COMMIT_CPUS
+        commit_block, fn_kwargs={"sink": sink, "board": board}, batch_size=None, batch_format="pyarrow",
+        num_cpus=COMMIT_CPUS,
     )
 
     if os.environ.get("EMBEDPIPE_DEBUG") != "1":
         _keep_tracebacks_off_the_console()
-    merge = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces)
-    written: dict[str, dict] = {}
-    pieces: dict[str, int] = {}
-    merges: dict[str, Any] = {}
+    files = _FileTracker(sink)
     try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for batch in _watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
             for row in batch.to_pylist():
-                if row["kind"] == "file":
-                    written[row["file"]] = _stats(row)
-                    continue
-                pieces[row["file"]] = pieces.get(row["file"], 0) + row["rows"]
-                if pieces[row["file"]] == row["chunk_rows"]:
-                    merges[row["file"]] = merge.remote(sink, row["file"])
-        for name, ref in merges.items():
-            written[name] = ray.get(ref)
+                files.add(row)
+        return files.finish()
     except Exception as exc:  # noqa: BLE001 - turned into one clear message below
         raise _explain(exc) from None
-    return written
+    finally:
+        ray.kill(board)
+        ctx.target_max_block_size = saved_block_size
+
+
+class _FileTracker:
+    """The driver's view of the sink: files committed, and chunks whose pieces are being joined.
+
+    Pieces are counted by their first row, so a block written twice (redone
+    after a worker died) is counted once. A chunk is joined as soon as all
+    its rows have arrived, and any chunk still in pieces when the stream
+    ends is joined then (the join itself checks that no row is missing).
+    """
+
+    def __init__(self, sink: SinkSpec):
+        import ray
+
+        self.sink = sink
+        self.merge = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces)
+        self.written: dict[str, dict] = {}
+        self.pieces: dict[str, dict[int, int]] = {}
+        self.chunk_rows: dict[str, int] = {}
+        self.merges: dict[str, Any] = {}
+
+    def add(self, row: dict) -> None:
+        name = row["file"]
+        if row["kind"] == "file":
+            self.written[name] = _stats(row)
+            return
+        self.chunk_rows[name] = row["chunk_rows"]
+        self.pieces.setdefault(name, {})[row["first_row"]] = row["rows"]
+        if name not in self.merges and sum(self.pieces[name].values()) == row["chunk_rows"]:
+            self.merges[name] = self.merge.remote(self.sink, name, row["chunk_rows"])
+
+    def finish(self) -> dict[str, dict]:
+        import ray
+
+        for name in self.pieces:
+            if name not in self.merges and name not in self.written:
+                self.merges[name] = self.merge.remote(self.sink, name, self.chunk_rows[name])
+        for name, ref in self.merges.items():
+            self.written[name] = ray.get(ref)
+        return self.written
+
+
+def _watched(batches: Iterator, board, stall_timeout: float) -> Iterator:
+    """Yield from `batches` (consumed on a helper thread), ending the run if no stage progresses.
+
+    Past `stall_timeout` seconds without any report on the board, the stage
+    actors are killed (so the streaming executor stops) and a PipelineError
+    names the stage that stalled. 0 disables the watchdog.
+    """
+    import queue
+    import threading
+
+    import ray
+
+    from pipeline.watchdog import stall_message
+
+    items: queue.Queue = queue.Queue()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in batches:
+                items.put((item, None))
+            items.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+            items.put((None, exc))
+
+    # The consumer thread must be gone before Ray shuts down, or Ray Data's executor,
+    # still winding down, logs tracebacks and may even start a new local Ray.
+    pumping = threading.Thread(target=pump, name="embedpipe-results", daemon=True)
+    pumping.start()
+    poll = min(5.0, stall_timeout / 4) if stall_timeout else 5.0
+    while True:
+        try:
+            item, error = items.get(timeout=poll)
+        except queue.Empty:
+            if not stall_timeout:
+                continue
+            status = ray.get(board.status.remote())
+            if status.idle < stall_timeout:
+                continue
+            for actor in ray.get(board.registered_actors.remote()):
+                ray.kill(actor, no_restart=True)
+            pumping.join(STOP_WAIT_S)  # the executor fails on the dead actors and stops
+            raise PipelineError(stall_message(status, stall_timeout)) from None
+        if error is not None:
+            pumping.join(STOP_WAIT_S)
+            raise error
+        if item is done:
+            pumping.join(STOP_WAIT_S)
+            return
+        yield item
 
 
 class _NoErrorRecords(logging.Filter):
@@ -373,10 +483,18 @@ def _explain(exc: BaseException) -> EmbedpipeError:
             return e  # not Ray's dynamic RayTaskError(InputError) wrapper, whose text is a traceback
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     text = str(exc).strip().splitlines()
+    for line in reversed(text):  # an actor that failed to start carries its cause as text only
+        found = _OUR_ERROR_LINE.search(line)
+        if found:
+            return _ERROR_CLASSES[found.group(1)](found.group(2).strip())
     for line in reversed(text):  # Ray puts the user's exception last
         if line.strip() and not line.startswith(" "):
             return PipelineError(f"the run failed: {line.strip()[:500]}")
     return PipelineError(f"the run failed: {exc.__class__.__name__}")
+
+
+_ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineError": PipelineError}
+_OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")
 
 
 def _manifest(config, info, plan, shards, stats, started, finished, fs, root) -> dict[str, Any]:

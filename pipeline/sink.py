@@ -21,7 +21,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.errors import PipelineError
 from pipeline.storage import get_fs, write_bytes_atomic
+from pipeline.watchdog import Progress
 
 PIECES_DIR = "_pieces"
 MANIFEST = "_manifest.json"
@@ -33,6 +35,7 @@ SUMMARY_SCHEMA = pa.schema(
         ("kind", pa.string()),  # "file": committed; "piece": part of a chunk
         ("rows", pa.int64()),
         ("chunk_rows", pa.int64()),
+        ("first_row", pa.int64()),  # a piece's lowest row: names it, so a retried block is counted once
         ("embedded", pa.int64()),
         ("invalid", pa.int64()),
         ("truncated", pa.int64()),
@@ -50,8 +53,13 @@ class SinkSpec:
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
 
 
-def commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
+def commit_block(batch: pa.Table, sink: SinkSpec, board=None) -> pa.Table:
     """Write the chunks in `batch`; return one summary row per file or piece written."""
+    with Progress(board, "write").step(f"writing {batch.num_rows} rows"):
+        return _commit_block(batch, sink)
+
+
+def _commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
     fs, root = get_fs(sink.output, sink.storage_options)
     summaries = []
     files = batch["_file"]
@@ -60,27 +68,38 @@ def commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
         chunk_rows = int(rows["_chunk_rows"][0].as_py())
         if rows.num_rows == chunk_rows:
             stats = write_chunk(fs, root, name, rows, sink)
-            summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows})
+            summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows, "first_row": None})
         else:
             first = int(pc.min(rows["_row"]).as_py())
             piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}.parquet")
             write_bytes_atomic(fs, piece, parquet_bytes(rows))
             summaries.append(
-                {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows}
+                {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows, "first_row": first}
             )
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-def merge_pieces(sink: SinkSpec, name: str) -> dict:
-    """Join the pieces of chunk `name` into its final file; remove the pieces."""
+def merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
+    """Join the pieces of chunk `name` into its final file; remove the pieces.
+
+    A row that arrives twice (a block redone after a worker died) is kept
+    once; a chunk that still lacks rows is an error, never a short file.
+    """
     fs, root = get_fs(sink.output, sink.storage_options)
     directory = posixpath.join(root, PIECES_DIR, name)
-    paths = sorted(p for p in fs.ls(directory, detail=False) if p.endswith(".parquet"))
+    paths = sorted(p for p in fs.ls(directory, detail=False, refresh=True) if p.endswith(".parquet"))
     tables = []
     for p in paths:
         with fs.open(p, "rb") as f:
             tables.append(pq.read_table(f))
-    stats = write_chunk(fs, root, name, pa.concat_tables(tables, promote_options="default"), sink)
+    rows = pa.concat_tables(tables, promote_options="default").sort_by("_row")
+    row_ids = rows["_row"].to_numpy()
+    first = np.ones(len(row_ids), bool)
+    first[1:] = row_ids[1:] != row_ids[:-1]
+    rows = rows.filter(pa.array(first))
+    if rows.num_rows != chunk_rows:
+        raise PipelineError(f"{name}: {rows.num_rows} of {chunk_rows} rows reached the sink; rerun to redo this file")
+    stats = write_chunk(fs, root, name, rows, sink)
     fs.rm(directory, recursive=True)
     return stats
 

@@ -2,8 +2,10 @@
 
 Tokenisation is sentence-transformers' own `preprocess` (lower-casing,
 prompts, max_seq_length, special tokens), called on a model whose weights
-were never loaded. Rows leave sorted by token length so the encoder can
-batch rows of similar length.
+were never loaded. Rows leave grouped by output file and, inside each file's
+rows, sorted by token length: the encoder batches rows of similar length,
+and each file's rows reach the sink together, so files commit one after
+another rather than all at the end of a large block.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import pyarrow as pa
 
 from pipeline.config import EmbedConfig
 from pipeline.model import load_model, resolve_prompt
+from pipeline.watchdog import Progress
 
 TOKEN_PREFIX = "tok_"
 SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays small
@@ -21,13 +24,20 @@ SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays 
 class TokenizeStage:
     """Adds `tok_<feature>` list columns, `_n_tokens` and `_truncated`; drops the text."""
 
-    def __init__(self, config: EmbedConfig):
-        self.model = load_model(config, weights=False)
+    def __init__(self, config: EmbedConfig, board=None):
+        self.progress = Progress(board, "tokenize")
+        self.progress.register_actor()
+        with self.progress.step("loading the tokenizer"):
+            self.model = load_model(config, weights=False)
         self.prompt = resolve_prompt(self.model, config)
         self.max_len = self.model.max_seq_length
         self.keep_text = config.text_field in config.keep_columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.progress.step(f"tokenizing {batch.num_rows} rows"):
+            return self._tokenize_block(batch)
+
+    def _tokenize_block(self, batch: pa.Table) -> pa.Table:
         valid = np.asarray(batch["_valid"].to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.flatnonzero(valid)
         texts = batch["text"].to_pylist()
@@ -44,7 +54,10 @@ class TokenizeStage:
         out = out.append_column("_n_tokens", pa.array(all_lengths)).append_column(
             "_truncated", pa.array(all_truncated)
         )
-        order = np.argsort(-all_lengths, kind="stable")
+        file_rank = np.zeros(n, np.int64)
+        if "_file" in batch.column_names:
+            file_rank = np.unique(batch["_file"].to_numpy(zero_copy_only=False), return_inverse=True)[1]
+        order = np.lexsort((-all_lengths, file_rank))  # by output file, then longest first
         return out.take(pa.array(order))
 
     def tokenize(self, texts: list[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -161,11 +162,31 @@ def assert_one_line_error(proc, code, message):
     assert lines[-1].startswith("embedpipe: error: ") and message in lines[-1], lines[-1]
 
 
-def kill_cli_when(args, ready, timeout=240, env: dict | None = None, poll=0.05):
-    """Start `python -m pipeline ARGS` in its own process group; SIGKILL the whole group once `ready()`.
+def session_processes(sid: int) -> list[int]:
+    """Pids of the live processes in session `sid` (read from /proc)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":  # fields after "(comm)": state ppid pgrp session ...
+            pids.append(int(entry))
+    return pids
 
-    Returns True if it was killed, False if the command finished first (the
-    caller then knows the kill came too late to test anything).
+
+def kill_cli_when(args, ready, timeout=240, env: dict | None = None, poll=0.02) -> bool:
+    """Start `python -m pipeline ARGS` in a new session; SIGKILL every process of it once `ready()`.
+
+    The CLI is its own process group, but Ray's workers each get a group of
+    their own, so killing only the group would leave them finishing their
+    tasks (writing files) for a moment. Killing the whole session stops the
+    driver, Ray's daemons and every writer where they are: a crash of the
+    machine, as far as the output can tell. Returns True if it was killed,
+    False if the command finished first.
     """
     proc = subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args], cwd=REPO, env=env or cli_env(), start_new_session=True,
@@ -177,7 +198,10 @@ def kill_cli_when(args, ready, timeout=240, env: dict | None = None, poll=0.05):
             if proc.poll() is not None:
                 return False
             if ready():
-                os.killpg(proc.pid, signal.SIGKILL)
+                for _ in range(3):  # the driver and raylet die first; nothing can start new processes after
+                    for pid in session_processes(proc.pid):
+                        with contextlib.suppress(ProcessLookupError):
+                            os.kill(pid, signal.SIGKILL)
                 proc.wait(30)
                 return True
             time.sleep(poll)
@@ -186,3 +210,104 @@ def kill_cli_when(args, ready, timeout=240, env: dict | None = None, poll=0.05):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(30)
+
+
+# --------------------------------------------------------------------------- S3 (moto server)
+
+
+class MotoS3:
+    """A running moto S3 server: its endpoint, test credentials, and helpers for clients and the CLI."""
+
+    key = "testing-key-id"
+    secret = "testing-secret-key"
+    region = "us-east-1"
+
+    def __init__(self, endpoint_url: str):
+        self.endpoint_url = endpoint_url
+
+    def env(self, **overrides: str) -> dict[str, str]:
+        """AWS_* variables as an AWS user sets them; merge into `cli_env(...)`."""
+        return {
+            "AWS_ENDPOINT_URL": self.endpoint_url, "AWS_ACCESS_KEY_ID": self.key,
+            "AWS_SECRET_ACCESS_KEY": self.secret, "AWS_REGION": self.region, "AWS_DEFAULT_REGION": self.region,
+            **overrides,
+        }
+
+    def storage_options(self, **overrides: str) -> dict[str, str]:
+        """The same settings as fsspec storage options (for --storage-options and read_embeddings)."""
+        return {"key": self.key, "secret": self.secret, "endpoint_url": self.endpoint_url, **overrides}
+
+    def client(self, service: str = "s3", **overrides: str):
+        import boto3
+
+        kwargs = {"aws_access_key_id": self.key, "aws_secret_access_key": self.secret, **overrides}
+        return boto3.client(service, endpoint_url=self.endpoint_url, region_name=self.region, **kwargs)
+
+    def new_bucket(self, prefix: str = "bkt") -> str:
+        """A new, empty bucket with a unique name."""
+        import uuid
+
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}"
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def set_auth(self, enforced: bool) -> None:
+        """Make the server check signatures and IAM policies (True) or accept any credentials (False)."""
+        import urllib.request
+
+        body = b"0" if enforced else b"inf"
+        request = urllib.request.Request(
+            f"{self.endpoint_url}/moto-api/reset-auth", data=body, headers={"Content-Type": "text/plain"}
+        )
+        urllib.request.urlopen(request, timeout=10).close()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _answers(url: str) -> bool:
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{url}/moto-api/", timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+def start_moto_server(timeout: float = 30) -> tuple[subprocess.Popen, MotoS3]:
+    """Start `python -m moto.server` on 127.0.0.1 and a free port; return once it answers."""
+    env = {k: v for k, v in os.environ.items() if k != "INITIAL_NO_AUTH_ACTION_COUNT"}
+    for _ in range(3):  # a port picked free can be taken before the server binds it
+        port = _free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env,
+        )
+        server = MotoS3(f"http://127.0.0.1:{port}")
+        deadline = time.time() + timeout
+        while time.time() < deadline and proc.poll() is None:
+            if _answers(server.endpoint_url):
+                return proc, server
+            time.sleep(0.1)
+        stop_moto_server(proc)
+    raise RuntimeError("moto server did not start")
+
+
+def stop_moto_server(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def moto_s3():
+    """A moto S3 server on 127.0.0.1 for the whole session; tests make their own buckets (`new_bucket`)."""
+    proc, server = start_moto_server()
+    yield server
+    stop_moto_server(proc)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import io
 import json
 
 import pyarrow as pa
@@ -92,7 +93,7 @@ def test_big_shard_is_cut_into_chunks_with_stable_names(tmp_path):
         ("bad.jsonl", '{"text": "ok"}\n{"text": oops}\n', "bad.jsonl: line 2 is not valid JSON"),
         ("notext.jsonl", '{"body": "no text"}\n', "has no field 'text' (set --text-field)"),
         ("num.jsonl", '{"text": 5}\n', "field 'text' is a int, expected a string"),
-        ("empty.txt", "", "empty.txt: the file is empty"),
+        ("header.csv", "text,k\n", "header.csv: the file is empty (no rows)"),
     ],
 )
 def test_bad_records_name_file_and_line(tmp_path, name, content, message):
@@ -127,3 +128,131 @@ def test_directory_without_supported_files(tmp_path):
     (tmp_path / "x.md").write_text("hi")
     with pytest.raises(InputError, match="no files of a supported type"):
         discover_shards(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- bad input, format by format
+# (tests/test_bad_input.py runs one of each kind through the CLI and Ray)
+
+
+def shard_of(tmp_path, name: str, content: bytes):
+    (tmp_path / name).write_bytes(content)
+    return discover_shards(str(tmp_path / name))[0]
+
+
+def parquet_file(table: pa.Table) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return buf.getvalue()
+
+
+def test_a_zero_byte_file_is_refused_while_discovering(tmp_path):
+    (tmp_path / "empty.jsonl").write_bytes(b"")
+    with pytest.raises(InputError, match=r"empty.jsonl: the file is empty \(0 bytes\)"):
+        discover_shards(str(tmp_path / "empty.jsonl"))
+
+
+def test_a_codec_that_is_not_installed_is_refused_while_discovering(tmp_path, monkeypatch):
+    import fsspec.utils
+
+    monkeypatch.delitem(fsspec.utils.compressions, "zst", raising=False)  # as without the zstandard package
+    (tmp_path / "docs.txt.zst").write_bytes(b"(\xb5/\xfd not really")
+    with pytest.raises(InputError, match=r"docs.txt.zst: no .zst codec installed \(for .zst: pip install zstandard\)"):
+        discover_shards(str(tmp_path / "docs.txt.zst"))
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("notext.csv", b"body,n\nx,1\n",
+         "notext.csv: no column 'text' (set --text-field); columns are ['body', 'n']"),
+        ("notext.parquet", parquet_file(pa.table({"body": ["x"]})),
+         "notext.parquet: no column 'text' (set --text-field)"),
+        # a schema without the column is named as such even when the file has no rows
+        ("none.parquet", parquet_file(pa.table({"body": pa.array([], pa.string())})), "none.parquet: no column 'text'"),
+        ("bytes.parquet", parquet_file(pa.table({"text": [b"x"]})),
+         "bytes.parquet: column 'text' has type binary, expected strings"),
+        ("bad.json", b'[{"text": "a"},\n {"text": }]', "bad.json: line 2 is not valid JSON"),
+        ("latin1.json", b'[{"text": "a"},\n {"text": "caf\xe9"}]', "latin1.json: line 2 is not valid UTF-8"),
+        ("cut.txt.gz", gzip.compress(b"line\n" * 1000)[:-40], "cut.txt.gz: cannot read (Compressed file ended"),
+        ("noise.jsonl.gz", b"\x1f\x8b" + bytes(range(200)), "noise.jsonl.gz: cannot read"),
+        ("blank-lines.jsonl", b'{"text": "a"}\n\n\n{"body": "b"}\n', "blank-lines.jsonl: line 4 has no field 'text'"),
+    ],
+)
+def test_bad_files_name_the_file_and_the_place(tmp_path, name, content, message):
+    shard = shard_of(tmp_path, name, content)
+    with pytest.raises(InputError) as info:
+        rows_of(shard)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_id_and_keep_columns_name_their_flag(tmp_path):
+    shard = shard_of(tmp_path, "a.jsonl", b'{"text": "x", "doc": "D1"}\n{"text": "y", "doc": null}\n')
+    with pytest.raises(InputError, match=r"a.jsonl: line 1 has no field 'n' \(see --keep-columns\)"):
+        rows_of(shard, ReadSpec("text", None, ("n",), "strict", {}))
+    with pytest.raises(InputError, match=r"a.jsonl: row 1 has no value in --id-field 'doc'"):
+        rows_of(shard, ReadSpec("text", "doc", (), "strict", {}))
+    csv = shard_of(tmp_path, "b.csv", b"text\nx\n")
+    with pytest.raises(InputError, match=r"b.csv: no column 'doc' \(set --id-field\)"):
+        rows_of(csv, ReadSpec("text", "doc", (), "strict", {}))
+
+
+LATIN1_STRINGS = pa.array(["ok".encode(), "caf\xe9".encode("latin-1")], pa.binary()).view(pa.string())
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("latin1.csv", b"text,k\nok,1\ncaf\xe9,2\n", "latin1.csv: row 1, column 'text', is not valid UTF-8"),
+        ("kept.csv", b"text,k\nok,caf\xe9\n", "kept.csv: row 0, column 'k', is not valid UTF-8"),
+        # Parquet and Arrow readers do not check UTF-8; unchecked bytes would fail later, in a worker
+        ("latin1.parquet", parquet_file(pa.table({"text": LATIN1_STRINGS, "k": ["1", "2"]})),
+         "latin1.parquet: row 1, column 'text'"),
+    ],
+)
+def test_invalid_utf8_in_columns_names_the_row_unless_replaced(tmp_path, name, content, message):
+    shard = shard_of(tmp_path, name, content)
+    with pytest.raises(InputError) as info:
+        rows_of(shard, ReadSpec("text", None, ("k",), "strict", {}))
+    assert message in str(info.value) and "--encoding-errors replace" in str(info.value)
+    rows = rows_of(shard, ReadSpec("text", None, ("k",), "replace", {}))
+    assert "\ufffd" in "".join(str(r["text"]) + str(r["k"]) for r in rows)
+    assert all(r["_valid"] for r in rows)
+
+
+INVALID = ReadSpec("text", None, (), "strict", {}, on_invalid="error")
+
+
+@pytest.mark.parametrize(
+    "name, content, message",
+    [
+        ("a.txt", b"one\ntwo\n\nfour\n", "a.txt: row 2 (line 3) has empty text"),
+        ("b.jsonl", b'{"text": "x"}\n\n{"text": null}\n', "b.jsonl: row 1 (line 3) has null text"),
+        ("c.csv", b'text\nx\n" "\n', "c.csv: row 1 has blank text"),
+        ("d.parquet", parquet_file(pa.table({"text": ["x", "y", None]})), "d.parquet: row 2 has null text"),
+        ("e.json", b'[{"text": "x"}, {"text": "\\t"}]', "e.json: row 1 has blank text"),
+    ],
+)
+def test_on_invalid_error_names_shard_and_row(tmp_path, name, content, message):
+    shard = shard_of(tmp_path, name, content)
+    with pytest.raises(InputError) as info:
+        rows_of(shard, INVALID)
+    assert str(info.value) == f"{message}; use --on-invalid skip to skip such rows and count them"
+    assert [r["_valid"] for r in rows_of(shard)].count(False) == 1  # skipped (and counted) by default
+
+
+def test_on_invalid_error_counts_rows_across_read_batches(tmp_path, monkeypatch):
+    import pipeline.sources as sources
+
+    monkeypatch.setattr(sources, "READ_BATCH_ROWS", 4)
+    shard = shard_of(tmp_path, "long.txt", b"".join(b"doc %d\n" % i for i in range(9)) + b"  \n")
+    with pytest.raises(InputError, match=r"long.txt: row 9 \(line 10\) has blank text"):
+        rows_of(shard, INVALID)
+
+
+def test_a_broken_datasets_directory_is_named(tmp_path):
+    import datasets
+
+    datasets.Dataset.from_dict({"text": ["a"]}).save_to_disk(str(tmp_path / "ds"))
+    (tmp_path / "ds" / "state.json").write_text('{"_data_files": [{"file": "x"}]}')
+    with pytest.raises(InputError, match=r"ds/state.json: not a valid `datasets` metadata file \(KeyError"):
+        discover_shards(str(tmp_path / "ds"))

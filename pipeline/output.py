@@ -1,0 +1,96 @@
+"""The output directory across runs: leftovers of killed runs, and `--overwrite`.
+
+A resumed run first clears what a killed run left half-done: `_tmp.*` files
+(never visible to readers) and `_pieces/` (parts of files not yet joined).
+
+`--overwrite` never removes the old output before the new one is complete.
+The new files are written under `_overwrite/` (hidden from readers); once
+every one is committed, a swap plan (`_overwrite/_swap.json`: the new
+manifest and the old files to drop) is written, then carried out: old
+manifest removed, stale files removed, new files moved in, new manifest
+written. A run killed during the swap leaves the plan behind, and the next
+run of any kind finishes the swap before doing anything else.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import posixpath
+
+from pipeline.sink import MANIFEST, PIECES_DIR, read_file_stats
+from pipeline.storage import is_local, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+STAGING_DIR = "_overwrite"
+SWAP_PLAN = "_swap.json"
+TMP_PREFIX = "_tmp."
+
+
+def staging_uri(output: str) -> str:
+    return output.rstrip("/") + "/" + STAGING_DIR
+
+
+def clear_leftovers(fs, directory: str) -> None:
+    """Remove the half-done parts a killed run left in `directory`."""
+    pieces = posixpath.join(directory, PIECES_DIR)
+    if fs.exists(pieces):
+        fs.rm(pieces, recursive=True)
+    if is_local(fs) and fs.isdir(directory):
+        for path in fs.ls(directory, detail=False):
+            if posixpath.basename(path).startswith(TMP_PREFIX):
+                fs.rm(path)
+
+
+def start_staging(fs, root: str) -> str:
+    """An empty `_overwrite/` for a new --overwrite run; returns its path."""
+    staging = posixpath.join(root, STAGING_DIR)
+    if fs.exists(staging):
+        fs.rm(staging, recursive=True)
+    return staging
+
+
+def drop_stale_staging(fs, root: str) -> None:
+    """A resumed run does not need what a killed --overwrite run staged before its swap."""
+    staging = posixpath.join(root, STAGING_DIR)
+    if fs.exists(staging):
+        log.warning("removing %s left by an --overwrite run that did not finish", staging)
+        fs.rm(staging, recursive=True)
+
+
+def swap_in(fs, root: str, manifest: dict, committed: dict[str, str]) -> None:
+    """Replace the old output in `root` by the complete new one staged in `_overwrite/`.
+
+    `committed` are the final files now in `root`; those written by embedpipe
+    and not part of the new output are removed.
+    """
+    new = {entry["file"] for entry in manifest["files"]}
+    stale = sorted(name for name, path in committed.items() if name not in new and read_file_stats(fs, path) is not None)
+    plan = {"manifest": manifest, "stale": stale}
+    write_bytes_atomic(fs, posixpath.join(root, STAGING_DIR, SWAP_PLAN), json.dumps(plan).encode())
+    finish_swap(fs, root)
+
+
+def finish_swap(fs, root: str) -> bool:
+    """Carry out a swap plan left in `root/_overwrite/`, if any (idempotent). True if there was one."""
+    staging = posixpath.join(root, STAGING_DIR)
+    plan_path = posixpath.join(staging, SWAP_PLAN)
+    if not fs.exists(plan_path):
+        return False
+    with fs.open(plan_path, "rb") as f:
+        plan = json.loads(f.read())
+    manifest_path = posixpath.join(root, MANIFEST)
+    if fs.exists(manifest_path):  # it describes the old output, which is going away
+        fs.rm(manifest_path)
+    for name in plan["stale"]:
+        path = posixpath.join(root, name)
+        if fs.exists(path):
+            fs.rm(path)
+    for entry in plan["manifest"]["files"]:
+        source = posixpath.join(staging, entry["file"])
+        if fs.exists(source):
+            fs.mv(source, posixpath.join(root, entry["file"]))
+    write_bytes_atomic(fs, manifest_path, json.dumps(plan["manifest"], indent=2).encode())
+    fs.rm(staging, recursive=True)
+    return True

@@ -1,0 +1,120 @@
+"""Progress reports from the stages, and the watchdog that ends a stalled run.
+
+Each stage holds a `Progress` and wraps its units of work in `step()`; the
+encoder also `tick()`s after every micro-batch. Reports go, fire-and-forget,
+to one `ProgressBoard` actor per run. The driver asks the board how long
+nothing has moved; past `--stall-timeout` it ends the run with a message
+naming the stage that holds the oldest unfinished step, instead of waiting
+forever (a hung model, a lost device, actors that can never be scheduled).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+# What each stage needs to start, for the message when it never does.
+STAGES = ("tokenize", "encode", "write")
+
+
+class ProgressBoard:
+    """A Ray actor (0 CPUs) that keeps the time of the last report and the steps under way."""
+
+    def __init__(self) -> None:
+        self.last = time.monotonic()
+        self.inflight: dict[str, tuple[str, str, float]] = {}
+        self.started: set[str] = set()
+        self.actors: list[Any] = []
+
+    def begin(self, stage: str, key: str, what: str) -> None:
+        self.inflight[key] = (stage, what, time.monotonic())
+        self.started.add(stage)
+        self.last = time.monotonic()
+
+    def end(self, key: str) -> None:
+        self.inflight.pop(key, None)
+        self.last = time.monotonic()
+
+    def tick(self) -> None:
+        self.last = time.monotonic()
+
+    def register(self, stage: str, actor: Any) -> None:
+        """A stage actor announces itself, so a stalled run can be torn down."""
+        self.started.add(stage)
+        self.actors.append(actor)
+        self.last = time.monotonic()
+
+    def status(self) -> "BoardStatus":
+        now = time.monotonic()
+        oldest = min(self.inflight.values(), key=lambda v: v[2], default=None)
+        return BoardStatus(
+            idle=now - self.last,
+            stage=oldest[0] if oldest else None,
+            what=oldest[1] if oldest else None,
+            busy_for=now - oldest[2] if oldest else 0.0,
+            started=tuple(sorted(self.started)),
+        )
+
+    def registered_actors(self) -> list[Any]:
+        return list(self.actors)
+
+
+@dataclass(frozen=True)
+class BoardStatus:
+    idle: float  # seconds since any stage last reported
+    stage: str | None  # stage holding the oldest unfinished step
+    what: str | None
+    busy_for: float
+    started: tuple[str, ...]
+
+
+def stall_message(status: BoardStatus, timeout: float) -> str:
+    """One line saying which stage stopped moving, and what the user can do."""
+    hint = "; rerun the same command to resume (raise --stall-timeout if this step is just slow)"
+    if status.stage is not None:
+        return (
+            f"the {status.stage} stage made no progress for {status.idle:.0f}s "
+            f"(stuck {status.what or 'on a batch'} for {status.busy_for:.0f}s){hint}"
+        )
+    missing = [s for s in STAGES if s not in status.started]
+    if missing:
+        return (
+            f"no progress for {status.idle:.0f}s: the {missing[0]} stage never started "
+            f"(its actors or tasks may be waiting for resources the cluster lacks){hint}"
+        )
+    return f"no stage made progress for {status.idle:.0f}s (waiting for input to be read){hint}"
+
+
+class Progress:
+    """A stage's handle on the board; does nothing when there is no board."""
+
+    def __init__(self, board: Any | None, stage: str):
+        self.board = board
+        self.stage = stage
+
+    def register_actor(self) -> None:
+        if self.board is None:
+            return
+        import ray
+
+        actor = ray.get_runtime_context().current_actor
+        self.board.register.remote(self.stage, actor)
+
+    @contextlib.contextmanager
+    def step(self, what: str) -> Iterator[None]:
+        if self.board is None:
+            yield
+            return
+        key = uuid.uuid4().hex
+        self.board.begin.remote(self.stage, key, what)
+        try:
+            yield
+        finally:
+            self.board.end.remote(key)
+
+    def tick(self) -> None:
+        if self.board is not None:
+            self.board.tick.remote()

@@ -1,0 +1,241 @@
+"""Faults: kill -9 and resume, a worker killed mid-run, a stalled stage, --overwrite that keeps the old output."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import EmbedConfig, read_embeddings
+from pipeline.errors import InputError, UsageError
+from pipeline.runner import run_embed
+from tests.conftest import assert_one_line_error, cli, kill_cli_when, make_st_dir, snapshot, write_lines
+from tests.slow_model import make_slow_model
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_bert_dir):
+    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("m") / "st"), pooling="mean")
+
+
+@pytest.fixture(scope="module")
+def slow_model(tmp_path_factory, tiny_bert_dir):
+    """Sleeps 0.5 s per forward: a few seconds per encoder call, so files commit one after another."""
+    return make_slow_model(tiny_bert_dir, str(tmp_path_factory.mktemp("slow") / "model"), delay=0.5)
+
+
+def committed(out) -> dict[str, int]:
+    """Final output files visible to readers, with their mtimes."""
+    if not os.path.isdir(out):
+        return {}
+    return {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".parquet") and not f.startswith(("_", "."))}
+
+
+def assert_exactly_once(out, expected_ids):
+    ids, vectors = read_embeddings(str(out))
+    assert len(ids) == len(set(ids)), "a document was written twice"
+    assert sorted(ids) == sorted(expected_ids), "a document is missing"
+    assert vectors.shape[0] == len(ids)
+    for name in committed(out):  # every visible file is whole
+        pq.read_table(out / name)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"]["embedded"] == len(expected_ids)
+    assert not [f for f in os.listdir(out) if f.startswith(("_tmp", "_pieces", "_overwrite"))]
+
+
+def shards_input(src, shards: int, rows: int) -> list[str]:
+    src.mkdir(parents=True, exist_ok=True)
+    ids = []
+    for k in range(shards):
+        write_lines(src / f"s{k}.txt", [f"shard {k} document {i} " + "word " * (i % 9) for i in range(rows)])
+        ids += [f"s{k}.txt:{i}" for i in range(rows)]
+    return ids
+
+
+# --------------------------------------------------------------------------- kill -9 and resume
+
+
+@pytest.mark.parametrize(
+    "shards, rows, rows_per_file, expected_files",
+    [pytest.param(6, 1000, 50_000, 6, marks=pytest.mark.slow), (1, 6000, 1000, 6)],
+    ids=["kill-between-shards", "kill-between-files-of-one-shard"],
+)
+def test_kill_9_of_the_process_group_then_rerun_gives_every_document_once(
+    tmp_path, slow_model, shards, rows, rows_per_file, expected_files
+):
+    expected = shards_input(tmp_path / "in", shards, rows)
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow_model,
+            "--trust-remote-code", "--rows-per-file", str(rows_per_file), "--max-batch-tokens", "4096", "--quiet"]
+
+    killed = kill_cli_when(args, ready=lambda: len(committed(out)) >= 1)
+    assert killed, "the run finished before the kill: nothing was tested"
+    before = committed(out)
+    assert 1 <= len(before) < expected_files, before
+    assert not (out / "_manifest.json").exists()
+
+    proc = cli(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    after = committed(out)
+    assert len(after) == expected_files
+    assert {f: after[f] for f in before} == before, "a committed file was rewritten"
+    assert_exactly_once(out, expected)
+    assert f"{len(before)} file(s) already done" not in proc.stdout  # --quiet: no summary line
+
+
+# --------------------------------------------------------------------------- a worker dies
+
+
+def encoder_actors() -> list[dict]:
+    """Live encoder actors of this test's cluster: GCS actor table, told apart by their process title.
+
+    (`ray.util.state` needs the dashboard, which the test cluster runs without.)
+    """
+    import psutil
+    from ray._private import state
+
+    found = []
+    for actor in state.actors().values():
+        if actor["State"] != "ALIVE" or not actor["Pid"]:
+            continue
+        try:
+            title = " ".join(psutil.Process(actor["Pid"]).cmdline())
+        except psutil.Error:
+            continue
+        if "EncodeStage" in title:
+            found.append(actor)
+    return found
+
+
+def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(ray_cluster, tmp_path, slow_model):
+    expected = shards_input(tmp_path / "in", 6, 1000)
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out), model=slow_model, trust_remote_code=True,
+                         max_batch_tokens=4096, quiet=True)
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = run_embed(config)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed = None
+    deadline = time.time() + 240
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        if committed(out):  # the encoder is past its first call and has more to do
+            for actor in encoder_actors():
+                killed, files_at_kill = actor, len(committed(out))
+                os.kill(actor["Pid"], signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(300)
+    assert killed is not None and files_at_kill < 6, "the run ended before the encoder could be killed"
+    assert "error" not in outcome, outcome.get("error")
+    assert_exactly_once(out, expected)
+    assert outcome["result"].embedded == 6000
+    from ray._private import state
+
+    assert state.actors()[killed["ActorID"]]["NumRestarts"] >= 1  # Ray replaced it; nothing was dropped
+
+
+# --------------------------------------------------------------------------- never hang silently
+
+
+def test_a_stalled_stage_ends_the_run_with_a_message_naming_it(tmp_path, tiny_bert_dir):
+    hung = make_slow_model(tiny_bert_dir, str(tmp_path / "hung"), delay=3600)
+    write_lines(tmp_path / "a.txt", [f"document {i}" for i in range(50)])
+    started = time.time()
+    proc = cli("embed", "--input", str(tmp_path / "a.txt"), "--output", str(tmp_path / "out"), "--model", hung,
+               "--trust-remote-code", "--stall-timeout", "20", "--quiet", timeout=300)
+    assert_one_line_error(proc, 1, "the encode stage made no progress for")
+    assert "stuck encoding 50 rows" in proc.stderr
+    assert time.time() - started < 200  # it ended on its own, far before the model would have woken up
+    assert not committed(tmp_path / "out")
+
+
+def test_asking_for_gpus_on_a_cluster_without_any_is_an_error_up_front(ray_cluster, tmp_path, tiny_model):
+    write_lines(tmp_path / "a.txt", ["one", "two"])
+    with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPUs"):
+        run_embed(EmbedConfig(input=str(tmp_path / "a.txt"), output=str(tmp_path / "out"), model=tiny_model,
+                              device="cuda", quiet=True))
+
+
+# --------------------------------------------------------------------------- --overwrite
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    shards_input(src, 3, 20)
+    out = tmp_path / "out"
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    old = snapshot(out)
+
+    (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')  # fails after the good shards
+    with pytest.raises(InputError, match="z_bad.jsonl: line 2 is not valid JSON"):
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+    visible = {f: b for f, b in snapshot_files(out).items() if not f.startswith("_overwrite")}
+    assert visible == old, "a failed --overwrite run changed the old output"
+
+    os.remove(src / "z_bad.jsonl")
+    os.remove(src / "s2.txt")  # its old vectors must not survive the overwrite
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+    assert sorted(committed(out)) == ["s0.txt.parquet", "s1.txt.parquet"]
+    assert result.manifest["pooling"] == "cls" and json.loads((out / "_manifest.json").read_text())["pooling"] == "cls"
+    assert_exactly_once(out, [f"s{k}.txt:{i}" for k in range(2) for i in range(20)])
+    assert (out / "s0.txt.parquet").read_bytes() != old["s0.txt.parquet"]
+
+
+def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_cluster, tmp_path, tiny_model, monkeypatch):
+    from pipeline import output
+
+    src = tmp_path / "in"
+    expected = shards_input(src, 3, 20)
+    out = tmp_path / "out"
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+
+    moves = []
+    real_finish = output.finish_swap
+
+    def die_after_one_move(fs, root):
+        real_mv = fs.mv
+
+        def mv(a, b, **kw):
+            if moves:
+                raise KeyboardInterrupt  # the process dies here, one file swapped in
+            moves.append(a)
+            return real_mv(a, b, **kw)
+
+        monkeypatch.setattr(fs, "mv", mv)
+        try:
+            return real_finish(fs, root)
+        finally:
+            monkeypatch.setattr(fs, "mv", real_mv)
+
+    monkeypatch.setattr(output, "finish_swap", die_after_one_move)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+    monkeypatch.setattr(output, "finish_swap", real_finish)
+    assert not (out / "_manifest.json").exists() and (out / "_overwrite" / "_swap.json").exists()
+    moved = os.path.basename(moves[0])
+    new_vectors = dict(zip(*read_embeddings(str(out / moved))))  # swapped in before the "crash"
+    for name in os.listdir(out / "_overwrite"):
+        if name.endswith(".parquet"):
+            new_vectors.update(zip(*read_embeddings(str(out / "_overwrite" / name))))
+    assert sorted(new_vectors) == sorted(expected)
+
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", quiet=True))
+    assert result.files_written == 0 and result.manifest["pooling"] == "cls"
+    assert_exactly_once(out, expected)
+    ids, vectors = read_embeddings(str(out))
+    assert all((vectors[i] == new_vectors[id_]).all() for i, id_ in enumerate(ids))  # every file is the new run's
+
+
+def snapshot_files(directory) -> dict[str, bytes]:
+    return {f: (directory / f).read_bytes() for f in os.listdir(directory) if (directory / f).is_file()}
