@@ -121,6 +121,22 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
     return Plan(device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), 1.0 if device == "cuda" else 0.0, threads)
 
 
+def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
+    """How embedpipe starts or joins Ray: a local cluster runs without a dashboard (bound to
+    127.0.0.1 should it start); the runtime_env carries only non-secret worker settings."""
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": dict(WORKER_ENV)},
+        "log_to_driver": os.environ.get("EMBEDPIPE_DEBUG") == "1",
+    }
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
+    if quiet:
+        kwargs["logging_level"] = logging.WARNING
+    return kwargs
+
+
 @contextlib.contextmanager
 def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     """Join the cluster the user named, reuse one already initialised, or start a local one."""
@@ -129,16 +145,8 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
-    debug = os.environ.get("EMBEDPIPE_DEBUG") == "1"
-    kwargs: dict[str, Any] = {"runtime_env": {"env_vars": WORKER_ENV}, "log_to_driver": debug}
-    if address:
-        kwargs["address"] = address
-    else:
-        kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
-    if quiet:
-        kwargs["logging_level"] = logging.WARNING
     try:
-        ray.init(**kwargs)
+        ray.init(**ray_init_kwargs(address, quiet))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None
     try:

@@ -163,3 +163,14 @@ def test_resource_plan_fits_two_cpus():
         plan_resources(EmbedConfig(input="x", output="y", device="cuda"), {"CPU": 2.0}, nodes=1)
     with pytest.raises(UsageError, match="do not fit"):
         plan_resources(EmbedConfig(input="x", output="y", num_encoders=20), {"CPU": 2.0}, nodes=1)
+
+
+def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_env(monkeypatch):
+    from pipeline.runner import ray_init_kwargs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
+    local = ray_init_kwargs(None, quiet=True)
+    assert local["include_dashboard"] is False and local["dashboard_host"] == "127.0.0.1"
+    assert "do-not-ship-me" not in repr(local) and "AWS" not in repr(local["runtime_env"])
+    joined = ray_init_kwargs("auto", quiet=False)
+    assert joined["address"] == "auto" and "include_dashboard" not in joined  # the cluster's own settings stand
