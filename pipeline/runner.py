@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import functools
 import json
 import logging
 import math
@@ -459,19 +460,33 @@ def _watched(batches: Iterator, board, stall_timeout: float) -> Iterator:
         yield item
 
 
-class _NoErrorRecords(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return record.levelno < logging.ERROR
-
-
 def _keep_tracebacks_off_the_console() -> None:
     """Ray Data logs a failing task's traceback to stderr; we report the cause in one line instead.
 
-    The full record still goes to Ray's session log file; `--debug` keeps it on the console.
+    Ray Data rebuilds its handlers whenever a dataset starts (on its own
+    thread), so a filter on them can come too late. Instead, every ERROR
+    record of a `ray.data` logger is made at birth with `hide = True`, which
+    Ray Data's console filter honours; its session log file still gets the
+    full record. `--debug` leaves the console as it is.
     """
-    for handler in logging.getLogger("ray.data").handlers:
-        if isinstance(handler, logging.StreamHandler) and not any(isinstance(f, _NoErrorRecords) for f in handler.filters):
-            handler.addFilter(_NoErrorRecords())
+    base = logging.getLogRecordFactory()
+    if getattr(base, "_embedpipe", False):
+        return
+
+    def factory(name, level, *args, **kwargs):
+        record = base(name, level, *args, **kwargs)
+        if level >= logging.ERROR and name.startswith("ray.data"):
+            record.__class__ = _hidden(type(record))
+        return record
+
+    factory._embedpipe = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+@functools.lru_cache(maxsize=None)
+def _hidden(record_class: type) -> type:
+    # A class attribute, not an instance one: Ray Data may still pass extra={"hide": ...} itself.
+    return type("HiddenRecord", (record_class,), {"hide": True})
 
 
 def _stats(row: dict) -> dict:

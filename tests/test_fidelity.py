@@ -52,7 +52,10 @@ def assert_same(ours: np.ndarray, ref: np.ndarray) -> None:
 
 @pytest.mark.parametrize(
     "pooling",
-    ["cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken", ("cls", "mean", "max")],
+    [
+        "cls", "mean", "lasttoken", ("cls", "mean", "max"),
+        *(pytest.param(mode, marks=pytest.mark.slow) for mode in ("max", "mean_sqrt_len_tokens", "weightedmean")),
+    ],
     ids=lambda p: "+".join(p) if isinstance(p, tuple) else p,
 )
 def test_pooling_modes_match_sentence_transformers(ray_cluster, tmp_path, tiny_bert_dir, pooling):
@@ -61,6 +64,7 @@ def test_pooling_modes_match_sentence_transformers(ray_cluster, tmp_path, tiny_b
     assert_same(ours, reference(model_dir, TINY_TEXTS))
 
 
+@pytest.mark.slow  # make test-all
 def test_lasttoken_decoder_with_left_padding(ray_cluster, tmp_path, tiny_decoder_dir):
     model_dir = make_st_dir(tiny_decoder_dir, str(tmp_path / "st"), pooling="lasttoken", normalize=True)
     ours, _ = embed(tmp_path, TINY_TEXTS, model_dir)

@@ -87,6 +87,7 @@ def test_many_small_blocks_and_threshold(ray_cluster, tmp_path):
     assert_matches_st(table, vectors, ids, 6, 5000, threshold=0.95)
 
 
+@pytest.mark.slow  # make test-all; random and clustered vectors run in make test
 def test_real_vectors_of_the_sample_corpus(ray_cluster, tmp_path, default_model_path):
     from pipeline import EmbedConfig, read_embeddings
     from pipeline.runner import run_embed

@@ -192,6 +192,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluste
     assert (out / "s0.txt.parquet").read_bytes() != old["s0.txt.parquet"]
 
 
+@pytest.mark.slow  # make test-all; the plain --overwrite test runs in make test
 def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_cluster, tmp_path, tiny_model, monkeypatch):
     from pipeline import output
 

@@ -130,6 +130,7 @@ def options_run(moto_s3, st_model):
     return embed, mine, bucket, expected
 
 
+@pytest.mark.slow  # make test-all; the error tests below check secrets stay out of messages
 def test_storage_options_run_embeds_every_id_once(moto_s3, options_run):
     embed, _, bucket, expected = options_run
     assert embed.returncode == 0, embed.stderr[-3000:]
@@ -138,6 +139,7 @@ def test_storage_options_run_embeds_every_id_once(moto_s3, options_run):
     assert manifest_on_s3(moto_s3.client(), bucket, "out")["rows"]["embedded"] == len(expected)
 
 
+@pytest.mark.slow  # make test-all; the error tests below check secrets stay out of messages
 def test_info_reads_s3_with_storage_options(moto_s3, options_run, capsys):
     from pipeline.cli import main
 
@@ -149,6 +151,7 @@ def test_info_reads_s3_with_storage_options(moto_s3, options_run, capsys):
     assert SECRET not in out
 
 
+@pytest.mark.slow  # make test-all; the error tests below check secrets stay out of messages
 def test_mine_reads_and_writes_s3(moto_s3, options_run):
     _, mine, bucket, expected = options_run
     assert mine.returncode == 0, mine.stderr[-3000:]
@@ -159,6 +162,7 @@ def test_mine_reads_and_writes_s3(moto_s3, options_run):
     assert manifest_on_s3(s3, bucket, "pairs")["documents"] == len(expected)
 
 
+@pytest.mark.slow  # make test-all; the error tests below check secrets stay out of messages
 def test_credentials_never_printed_or_written(moto_s3, options_run):
     embed, mine, bucket, _ = options_run
     assert embed.returncode == 0 and mine.returncode == 0, (embed.stderr + mine.stderr)[-3000:]
@@ -211,6 +215,7 @@ def _versions(s3, bucket: str, prefix: str) -> list[dict]:
     return out
 
 
+@pytest.mark.slow  # make test-all; test_reliability kills and resumes a local run in make test
 def test_kill_came_while_files_were_being_committed(killed_and_resumed):
     run = killed_and_resumed
     assert run["killed"], "the run finished before it could be killed"
@@ -218,6 +223,7 @@ def test_kill_came_while_files_were_being_committed(killed_and_resumed):
     assert run["after_pause"] == run["at_kill"], "objects kept being written after the process group was killed"
 
 
+@pytest.mark.slow  # make test-all; test_reliability kills and resumes a local run in make test
 def test_nothing_half_written_was_ever_visible(moto_s3, killed_and_resumed):
     run = killed_and_resumed
     s3 = moto_s3.client()
@@ -230,6 +236,7 @@ def test_nothing_half_written_was_ever_visible(moto_s3, killed_and_resumed):
             assert table.num_rows > 0 and table.column_names[:2] == ["id", "embedding"]
 
 
+@pytest.mark.slow  # make test-all; test_reliability kills and resumes a local run in make test
 def test_resume_embeds_every_id_once(moto_s3, killed_and_resumed):
     run = killed_and_resumed
     assert run["rerun"].returncode == 0, run["rerun"].stderr[-3000:]
@@ -239,6 +246,7 @@ def test_resume_embeds_every_id_once(moto_s3, killed_and_resumed):
     assert manifest_on_s3(moto_s3.client(), run["bucket"], "out")["rows"]["embedded"] == len(run["expected"])
 
 
+@pytest.mark.slow  # make test-all; test_reliability kills and resumes a local run in make test
 def test_resume_leaves_committed_objects_untouched(moto_s3, killed_and_resumed):
     run = killed_and_resumed
     assert run["rerun"].returncode == 0, run["rerun"].stderr[-3000:]
