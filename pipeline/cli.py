@@ -171,10 +171,20 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
-    if debug:
+    previous = os.environ.get("EMBEDPIPE_DEBUG")
+    if debug:  # read by the runner; restored below so a library caller's later runs are not affected
         os.environ["EMBEDPIPE_DEBUG"] = "1"
+    try:
+        return _main(build_parser(), argv, debug)
+    finally:
+        if previous is None:
+            os.environ.pop("EMBEDPIPE_DEBUG", None)
+        else:
+            os.environ["EMBEDPIPE_DEBUG"] = previous
+
+
+def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, debug: bool) -> int:
     try:
         args = parser.parse_args(argv)
         if args.command is None:
@@ -196,7 +206,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         first = (str(exc).strip().splitlines() or [""])[0]
         print(f"{PROG}: error: {exc.__class__.__name__}: {first} (rerun with --debug for the traceback)", file=sys.stderr)
         return 1
-
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(main())

@@ -143,7 +143,8 @@ def write_lines(path, texts) -> str:
 
 def cli_env(**extra: str) -> dict[str, str]:
     """The environment a CLI subprocess runs in: offline, its own local Ray cluster."""
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", **extra}
+    env = {k: v for k, v in os.environ.items() if k != "EMBEDPIPE_DEBUG"}
+    return {**env, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "", **extra}
 
 
 def cli(*args, timeout=300, env: dict | None = None):

@@ -372,7 +372,7 @@ def test_one_megabyte_document_is_truncated_counted_and_embedded_as_encode_does(
 
 
 def test_debug_shows_the_traceback_then_the_same_line(capsys, monkeypatch, out, tmp_path, tiny_model):
-    monkeypatch.delenv("EMBEDPIPE_DEBUG", raising=False)  # main sets it; restored after the test
+    monkeypatch.delenv("EMBEDPIPE_DEBUG", raising=False)
     before = snapshot(out)
     run = run_main(capsys, "--debug", "embed", "--input", str(tmp_path / "missing"), "--output", str(out),
                    "--model", tiny_model)
@@ -380,3 +380,4 @@ def test_debug_shows_the_traceback_then_the_same_line(capsys, monkeypatch, out, 
     last = run.stderr.strip().splitlines()[-1]
     assert last == f"embedpipe: error: --input {tmp_path / 'missing'}: no such file or directory"
     assert snapshot(out) == before
+    assert "EMBEDPIPE_DEBUG" not in os.environ  # main restores it: later runs in this process stay quiet
