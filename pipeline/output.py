@@ -43,20 +43,16 @@ def clear_leftovers(fs, directory: str) -> None:
                 fs.rm(path)
 
 
-def start_staging(fs, root: str) -> str:
-    """An empty `_overwrite/` for a new --overwrite run; returns its path."""
-    staging = posixpath.join(root, STAGING_DIR)
-    if fs.exists(staging):
-        fs.rm(staging, recursive=True)
-    return staging
+def clear_staging(fs, root: str) -> str:
+    """Remove `_overwrite/` (unswapped files of an earlier --overwrite run); returns its path.
 
-
-def drop_stale_staging(fs, root: str) -> None:
-    """A resumed run does not need what a killed --overwrite run staged before its swap."""
+    An --overwrite run starts from an empty one; a resumed run needs none.
+    """
     staging = posixpath.join(root, STAGING_DIR)
     if fs.exists(staging):
         log.warning("removing %s left by an --overwrite run that did not finish", staging)
         fs.rm(staging, recursive=True)
+    return staging
 
 
 def swap_in(fs, root: str, manifest: dict, committed: dict[str, str]) -> None:

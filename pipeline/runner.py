@@ -25,7 +25,7 @@ from typing import Any, Iterator, Mapping
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 from pipeline.model import ModelInfo, describe_model, load_model
-from pipeline.output import clear_leftovers, drop_stale_staging, finish_swap, staging_uri, start_staging, swap_in
+from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
 from pipeline.sink import MANIFEST, SinkSpec, commit_block, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
 from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local, write_bytes_atomic
@@ -244,11 +244,11 @@ def run_embed(config: EmbedConfig) -> RunResult:
     if finish_swap(fs, root):
         log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
     if config.overwrite:
-        target, target_uri = start_staging(fs, root), staging_uri(config.output)
+        target, target_uri = clear_staging(fs, root), staging_uri(config.output)
         committed: frozenset[str] = frozenset()
     else:
         check_compatible(read_manifest(fs, root), info, config)
-        drop_stale_staging(fs, root)
+        clear_staging(fs, root)
         target, target_uri = root, config.output
         committed = frozenset(committed_files(fs, root))
     clear_leftovers(fs, target)
