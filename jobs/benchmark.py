@@ -6,6 +6,18 @@ sentence-transformers script (jobs/st_baseline.py, whole script), same texts, sa
     python jobs/benchmark.py [--docs 10000] [--input FILE.txt] [--device cpu|cuda] [--repeat 1]
            [--embed-args "--max-batch-tokens 8192"] [--markdown]
 
+scale: `embedpipe embed` with a tiny random model (2 layers, hidden 32) on N synthetic
+documents, sampling the proportional memory (PSS) of the whole process tree (driver, Ray's
+daemons, every worker) twice a second; reports the peak and the plumbing throughput.
+
+    python jobs/benchmark.py --task scale --docs 100000 [--docs 1000000 ...]
+
+fidelity: what `--dtype int8` costs. Encodes with the stages every actor runs, float32
+and int8, and reports cosine between the two (WordNet glosses and fortunes) and Spearman's
+correlation with the gold scores of a similarity task built from WordNet (jobs/wordnet_pairs.py).
+
+    python jobs/benchmark.py --task fidelity [--pairs 2000]
+
 mine: `embedpipe mine` (whole command) against paraphrase_mining_embeddings in one
 process (jobs/st_mine_baseline.py) on N x D clustered random vectors; checks the pairs agree.
 
@@ -24,6 +36,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -85,7 +98,9 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=1, help="alternate the two commands this many times; best of each")
     p.add_argument("--embed-args", default="", help="extra flags for embedpipe embed")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
-    p.add_argument("--task", choices=("embed", "mine"), default="embed")
+    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity"), default="embed")
+    p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity")
+    p.add_argument("--scale-docs", type=int, nargs="+", default=[100_000, 1_000_000], help="corpus sizes for --task scale")
     p.add_argument("--vectors", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--top-k", type=int, default=100)
@@ -94,6 +109,10 @@ def main() -> None:
     args = p.parse_args()
     if args.task == "mine":
         return bench_mine(args)
+    if args.task == "scale":
+        return bench_scale(args)
+    if args.task == "fidelity":
+        return bench_fidelity(args)
 
     import numpy as np
     import pyarrow.parquet as pq
@@ -201,6 +220,160 @@ def bench_mine(args) -> None:
         "mine_args": args.mine_args,
     }
     print(json.dumps(result, indent=2))
+
+
+def bench_fidelity(args) -> None:
+    import numpy as np
+    import pyarrow as pa
+    from scipy.stats import spearmanr
+
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    sys.path.insert(0, os.path.join(REPO, "jobs"))
+    from fortunes import english_corpus
+    from wordnet_pairs import pairs
+
+    from pipeline import EmbedConfig
+    from pipeline.encode import EncodeStage
+    from pipeline.model import describe_model, load_model
+    from pipeline.quantize import int8_graph
+    from pipeline.tokenize import TokenizeStage
+
+    triples = pairs(args.pairs)
+    glosses = sorted({t for a, b, _ in triples for t in (a, b)})
+    fortunes = english_corpus()[: args.docs]
+    base = EmbedConfig(input="x", output="y", model=args.model)
+    int8 = EmbedConfig(input="x", output="y", model=args.model, dtype="int8")
+    graph = int8_graph(int8, describe_model(load_model(int8, weights=False), int8).fingerprint)
+    tokenizer = TokenizeStage(base)
+    stages = {"float32": EncodeStage(base, "cpu", 1), "int8": EncodeStage(int8, "cpu", 1, None, graph)}
+
+    def encode(stage, texts):
+        batch = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "_valid": [True] * len(texts)})
+        out = stage(tokenizer(batch))
+        order = np.argsort(np.asarray(out["id"].to_pylist(), dtype=np.int64))
+        flat = out["embedding"].combine_chunks().flatten().to_numpy()
+        return np.asarray(flat, np.float32).reshape(len(texts), -1)[order]
+
+    result = {"date": dt.date.today().isoformat(), "machine": machine(), "model": args.model, "pairs": len(triples)}
+    vectors, seconds = {}, {}
+    for name, stage in stages.items():
+        start = time.process_time()
+        vectors[name] = {"glosses": encode(stage, glosses), "fortunes": encode(stage, fortunes)}
+        seconds[name] = time.process_time() - start
+    index = {t: i for i, t in enumerate(glosses)}
+    gold = [g for _, _, g in triples]
+    for name, v in vectors.items():
+        unit = v["glosses"] / np.linalg.norm(v["glosses"], axis=1, keepdims=True)
+        cos = [float(unit[index[a]] @ unit[index[b]]) for a, b, _ in triples]
+        result[f"spearman_{name}"] = round(float(spearmanr(cos, gold).statistic), 4)
+    result["spearman_change"] = round(result["spearman_int8"] - result["spearman_float32"], 4)
+    for corpus in ("glosses", "fortunes"):
+        a, b = vectors["float32"][corpus], vectors["int8"][corpus]
+        cos = (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+        result[f"cosine_int8_to_float32_{corpus}"] = {"mean": round(float(cos.mean()), 5), "min": round(float(cos.min()), 5), "n": len(cos)}
+    result["encode_cpu_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
+    result["int8_speedup_cpu_time"] = round(seconds["float32"] / seconds["int8"], 2)
+    print(json.dumps(result, indent=2))
+
+
+def tiny_model(path: str) -> str:
+    """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, mean pooling: the pipeline's cost, not the model's."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.base.modules import Transformer
+    from sentence_transformers.sentence_transformer.modules import Pooling
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from pipeline.model import resolve_model_path
+
+    torch.manual_seed(0)
+    base = os.path.join(path, "hf")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=64, max_position_embeddings=128)
+    BertModel(config).eval().save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    transformer = Transformer(base, max_seq_length=128)
+    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu")
+    model.save(os.path.join(path, "st"))
+    return os.path.join(path, "st")
+
+
+def tree_pss(root_pid: int) -> int:
+    """Proportional set size of a process and all its descendants (shared pages counted once overall)."""
+    import psutil
+
+    total = 0
+    try:
+        root = psutil.Process(root_pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0
+    for proc in procs:
+        try:
+            total += proc.memory_full_info().pss
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    return total
+
+
+def bench_scale(args) -> None:
+    """Peak memory of the whole process tree and plumbing throughput, for each corpus size."""
+    import threading
+
+    sys.path.insert(0, os.path.join(REPO, "data"))
+    from fortunes import english_corpus
+
+    texts = [" ".join(t.split()) for t in english_corpus()]
+    results = []
+    with tempfile.TemporaryDirectory() as work:
+        model = tiny_model(os.path.join(work, "model"))
+        for n in args.scale_docs:
+            src = os.path.join(work, f"in-{n}")
+            os.makedirs(src)
+            per_shard = 50_000
+            for k, start in enumerate(range(0, n, per_shard)):
+                with open(os.path.join(src, f"part-{k:04d}.txt"), "w", encoding="utf-8") as f:
+                    f.writelines(f"{texts[i % len(texts)]} #{i}\n" for i in range(start, min(n, start + per_shard)))
+            out = os.path.join(work, f"out-{n}")
+            cmd = [sys.executable, "-m", "pipeline", "embed", "--input", src, "--output", out, "--model", model,
+                   "--quiet", *shlex.split(args.embed_args)]
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+            start = time.perf_counter()
+            proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    start_new_session=True)
+            samples: list[tuple[float, int]] = []
+
+            def sample() -> None:
+                while proc.poll() is None:
+                    samples.append((time.perf_counter() - start, tree_pss(proc.pid)))
+                    time.sleep(0.5)
+
+            sampler = threading.Thread(target=sample, daemon=True)
+            sampler.start()
+            _, err = proc.communicate()
+            seconds = time.perf_counter() - start
+            sampler.join()
+            if proc.returncode:
+                sys.exit(f"failed: {' '.join(cmd)}\n{err[-3000:]}")
+            manifest = json.load(open(os.path.join(out, "_manifest.json")))
+            peak = max(b for _, b in samples)
+            half = [b for t, b in samples if t >= seconds / 2]
+            results.append({
+                "docs": n,
+                "embedded": manifest["rows"]["embedded"],
+                "seconds": round(seconds, 1),
+                "docs_per_s": round(n / seconds, 1),
+                "peak_tree_pss_mib": round(peak / 2**20, 1),
+                "peak_second_half_mib": round(max(half) / 2**20, 1) if half else None,
+                "samples": len(samples),
+            })
+            print(json.dumps(results[-1]), flush=True)
+            shutil.rmtree(src)
+            shutil.rmtree(out)
+    if len(results) > 1:
+        print(json.dumps({"date": dt.date.today().isoformat(), "machine": machine(),
+                          "peak_ratio_last_to_first": round(results[-1]["peak_tree_pss_mib"] / results[0]["peak_tree_pss_mib"], 3)}))
 
 
 if __name__ == "__main__":

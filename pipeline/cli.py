@@ -41,7 +41,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--prompt-name")
     p.add_argument("--prompt")
     p.add_argument("--device", help="auto|cpu|cuda")
-    p.add_argument("--dtype", help="auto|float32|float16|bfloat16")
+    p.add_argument("--dtype", help="auto|float32|float16|bfloat16|int8 (int8: CPU, ONNX Runtime, close not equal)")
     p.add_argument("--output-dtype", help="float32|float16")
     p.add_argument("--num-encoders", type=int)
     p.add_argument("--num-tokenizers", type=int)

@@ -1,4 +1,4 @@
-"""Encode stage: token ids -> pooled vectors, on GPU or CPU actors.
+"""Encode stage: token ids -> pooled vectors, on GPU or CPU actors, written to Parquet there.
 
 Rows arrive sorted by length. They are cut into micro-batches by a token
 budget (rows x longest row <= max_batch_tokens), padded only to the longest
@@ -15,7 +15,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig
+from pipeline.errors import UsageError
 from pipeline.model import load_model, model_normalizes, resolve_prompt
+from pipeline.sink import SinkSpec, commit_block
 from pipeline.tokenize import TOKEN_PREFIX
 from pipeline.watchdog import Progress
 
@@ -41,17 +43,23 @@ def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
 
-    def __init__(self, config: EmbedConfig, device: str = "cpu", threads: int | None = None, board=None):
+    def __init__(
+        self, config: EmbedConfig, device: str = "cpu", threads: int | None = None, board=None,
+        int8_graph: bytes | None = None, sink: SinkSpec | None = None,
+    ):
+        self.board = board
+        self.sink = sink
         self.progress = Progress(board, "encode")
         self.progress.register_actor()
         with self.progress.step("loading the model"):
-            self._load(config, device, threads)
+            self._load(config, device, threads, int8_graph)
 
-    def _load(self, config: EmbedConfig, device: str, threads: int | None) -> None:
+    def _load(self, config: EmbedConfig, device: str, threads: int | None, int8_graph: bytes | None) -> None:
         import torch
 
+        threads = threads or config.encoder_threads or os.cpu_count() or 1
         if device == "cpu":
-            torch.set_num_threads(threads or config.encoder_threads or os.cpu_count() or 1)
+            torch.set_num_threads(threads)
         self.torch = torch
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
         self.model = load_model(config, device=str(self.device), weights=True)
@@ -59,7 +67,18 @@ class EncodeStage:
         dtype = config.dtype
         if dtype == "auto":
             dtype = "float16" if self.device.type == "cuda" else "float32"
-        if dtype != "float32":
+        self.int8 = None
+        if dtype == "int8":
+            if int8_graph is None:
+                raise UsageError("--dtype int8: the encoder got no quantised graph")
+            import ray
+
+            from pipeline.quantize import Int8Transformer
+
+            if isinstance(int8_graph, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
+                int8_graph = ray.get(int8_graph)
+            self.int8 = Int8Transformer(int8_graph, threads)
+        elif dtype != "float32":
             self.model.to(getattr(torch, dtype))
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
         self.max_batch_tokens = config.max_batch_tokens
@@ -68,7 +87,7 @@ class EncodeStage:
         self.extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}
         with torch.inference_mode():
             probe = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in probe.items()}
-            self.dim = int(self.model(probe)["sentence_embedding"].shape[1])
+            self.dim = int(self._run(probe).shape[1])
         tokenizer = self.model.tokenizer
         self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
         pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -77,25 +96,30 @@ class EncodeStage:
         self.pad_values = {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        """The block with its vectors; with a sink, the block is written and its summary rows returned.
+
+        Writing here, in the encoder, keeps the vectors out of Ray's object store and saves
+        a task (and often a worker process) per block.
+        """
         with self.progress.step(f"encoding {batch.num_rows} rows"):
-            return self._encode_block(batch)
+            encoded = self._encode_block(batch)
+        if self.sink is None:
+            return encoded
+        return commit_block(encoded, self.sink, self.board)
 
     def _encode_block(self, batch: pa.Table) -> pa.Table:
         keys = [c[len(TOKEN_PREFIX):] for c in batch.column_names if c.startswith(TOKEN_PREFIX)]
         lists = {k: _flat(batch[TOKEN_PREFIX + k]) for k in keys}
         lengths = np.asarray(batch["_n_tokens"].to_numpy(zero_copy_only=False))
-        rows = np.flatnonzero(lengths > 0)
+        valid = np.flatnonzero(lengths > 0)
+        rows, copy_of = _distinct_rows(valid, lists)
         rows = rows[np.argsort(-lengths[rows], kind="stable")]
-        vectors: np.ndarray | None = None
+        vectors = np.zeros((batch.num_rows, self.dim), np.float32)
         for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
             idx = rows[start:end]
-            out = self._forward(idx, lists, lengths)
+            vectors[idx] = self._forward(idx, lists, lengths)
             self.progress.tick()
-            if vectors is None:
-                vectors = np.zeros((batch.num_rows, out.shape[1]), np.float32)
-            vectors[idx] = out
-        if vectors is None:  # no valid row in this block
-            vectors = np.zeros((batch.num_rows, self.dim), np.float32)
+        vectors[valid] = vectors[copy_of]  # repeated texts take the vector of their first copy
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         out = batch.drop_columns([TOKEN_PREFIX + k for k in keys])
         return out.append_column("embedding", embedding)
@@ -120,11 +144,11 @@ class EncodeStage:
             else:
                 mask[j, : lengths[i]] = 1
         features["attention_mask"] = mask
-        tensors = {k: torch.from_numpy(v).to(self.device, non_blocking=True) for k, v in features.items()}
+        tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
         tensors.update(self.extras)
         try:
             with torch.inference_mode():
-                emb = self.model(tensors)["sentence_embedding"].float()
+                emb = self._run(tensors).float()
                 if self.normalize:
                     emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         except torch.cuda.OutOfMemoryError:
@@ -135,6 +159,31 @@ class EncodeStage:
             log.warning("CUDA out of memory on %d rows x %d tokens; splitting the batch", len(idx), width)
             return np.concatenate([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
         return emb.cpu().numpy()
+
+    def _to_device(self, tensor):
+        """On CUDA, through pinned memory, so the copy is asynchronous and overlaps the previous batch."""
+        if self.device.type != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
+
+    def _run(self, features: dict):
+        """The model's modules on one micro-batch; with int8 the quantised graph replaces the first."""
+        if self.int8 is None:
+            return self.model(features)["sentence_embedding"]
+        features = self.int8(features)
+        for module in list(self.model)[1:]:
+            features = module(features)
+        return features["sentence_embedding"]
+
+
+def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarray]:
+    """Rows to encode (one per distinct token sequence), and for each valid row the row it copies."""
+    seen: dict[bytes, int] = {}
+    copy_of = np.empty(len(valid), np.int64)
+    for j, i in enumerate(valid):
+        key = b"|".join(values[offsets[i] : offsets[i + 1]].tobytes() for values, offsets in lists.values())
+        copy_of[j] = seen.setdefault(key, int(i))
+    return np.fromiter(seen.values(), np.int64, len(seen)), copy_of
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:

@@ -1,6 +1,6 @@
 """Builds and runs the Ray Data chain for `embedpipe embed`.
 
-    read shards -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors) -> commit_block (tasks)
+    read shards -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors, which also write Parquet)
 
 Resources are decided here, from the cluster's, never inside a stage. The
 driver only sees one small summary row per file written; it merges chunks
@@ -14,7 +14,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import math
 import os
 import posixpath
 import re
@@ -26,7 +25,7 @@ from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 from pipeline.model import ModelInfo, describe_model, load_model
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
-from pipeline.sink import MANIFEST, SinkSpec, commit_block, merge_pieces, read_file_stats
+from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
 from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local, write_bytes_atomic
 from pipeline.watchdog import ProgressBoard
@@ -34,9 +33,14 @@ from pipeline.watchdog import ProgressBoard
 log = logging.getLogger(__name__)
 
 READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
-COMMIT_CPUS = 0.25
-ENCODE_BATCH_ROWS = 2048  # rows handed to an encoder per call; it micro-batches by tokens inside
-ROW_OVERHEAD_BYTES = 96  # an encoded row's id and bookkeeping columns, besides its float32 vector
+COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
+# Rows per block: the unit handed to a tokenizer or encoder call, and balanced over the actors.
+# Small enough that a 10,000-document shard keeps two CPU encoders busy to the end and that
+# tokenising the next block overlaps encoding this one; a GPU takes larger ones.
+CPU_BLOCK_ROWS = 1024
+GPU_BLOCK_ROWS = 8192
+TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks, little imbalance at the end
+TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
 MIN_BLOCK_BYTES = 64 << 10
 STOP_WAIT_S = 60  # how long a failed run waits for Ray Data's executor to wind down
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
@@ -53,6 +57,7 @@ class Plan:
     encoder_cpus: float
     encoder_gpus: float
     encoder_threads: int | None
+    block_rows: int = CPU_BLOCK_ROWS
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -98,6 +103,8 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         device = "cuda" if gpus >= 1 else "cpu"
     if device == "cuda" and gpus < 1:
         raise UsageError("--device cuda: the Ray cluster has no GPUs")
+    if device == "cuda" and config.dtype == "int8":
+        raise UsageError("--dtype int8 is the CPU path, and this cluster has GPUs; add --device cpu, or use float16")
     if cpus < 1:
         raise UsageError(f"the Ray cluster has {cpus:g} CPUs; embedpipe needs at least 1")
     headroom = READ_CPUS + COMMIT_CPUS
@@ -108,18 +115,26 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         tokenizers = config.num_tokenizers or max(1, min(2 * encoders, int(cpus - encoders - headroom)))
         tok_cpus, enc_cpus, threads = 1.0, 1.0, None
     else:
-        encoders = config.num_encoders or nodes
+        # Single-threaded encoders, one per core, beat one encoder using every core:
+        # small GEMMs scale poorly over threads (BENCHMARKS.md, "layout"). On nodes of
+        # more than 2 cores one core is left to the tokenizer and to reading and writing.
+        node_cpus = cpus / nodes
+        threads = config.encoder_threads or 1
+        per_node = max(1, int((node_cpus - (1 if node_cpus > 2 else 0)) // threads))
+        encoders = config.num_encoders or per_node * nodes
         tokenizers = config.num_tokenizers or nodes
         tok_cpus = 0.5
-        enc_cpus = min(max(1.0, cpus / nodes - tok_cpus - headroom), (cpus - tokenizers * tok_cpus - headroom) / encoders)
-        threads = config.encoder_threads or max(1, round(cpus / nodes / math.ceil(encoders / nodes)))
+        enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)
     needed = encoders * enc_cpus + tokenizers * tok_cpus + headroom
     if enc_cpus < 0.1 or needed > cpus + 1e-9:
         raise UsageError(
             f"{encoders} encoder(s) and {tokenizers} tokenizer(s) do not fit the cluster's {cpus:g} CPUs; "
             "lower --num-encoders or --num-tokenizers"
         )
-    return Plan(device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), 1.0 if device == "cuda" else 0.0, threads)
+    return Plan(
+        device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), 1.0 if device == "cuda" else 0.0, threads,
+        GPU_BLOCK_ROWS if device == "cuda" else CPU_BLOCK_ROWS,
+    )
 
 
 def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
@@ -132,7 +147,9 @@ def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
     if address:
         kwargs["address"] = address
     else:
-        kwargs.update(include_dashboard=False, dashboard_host="127.0.0.1")
+        # "local", not None: with None, ray.init joins whatever cluster `ray start` last left
+        # running on this machine (/tmp/ray/ray_current_cluster) instead of starting our own.
+        kwargs.update(address="local", include_dashboard=False, dashboard_host="127.0.0.1")
     if quiet:
         kwargs["logging_level"] = logging.WARNING
     return kwargs
@@ -210,6 +227,11 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
                 f"--output {config.output} holds vectors made with {key}={old[key]!r}, this run has "
                 f"{getattr(info, key)!r}; use another output or --overwrite"
             )
+    if (previous.get("dtype") == "int8") != (config.dtype == "int8"):
+        raise UsageError(
+            f"--output {config.output} holds vectors computed with dtype={previous.get('dtype')!r}, this run has "
+            f"{config.dtype!r}; int8 and floating-point vectors are not mixed in one output; use another output or --overwrite"
+        )
     for key in ("rows_per_file", "output_dtype", "text_field", "id_field"):
         old_value = previous.get("config", {}).get(key)
         if old_value is not None and old_value != getattr(config, key):
@@ -239,7 +261,6 @@ def run_embed(config: EmbedConfig) -> RunResult:
     shards = discover_shards(config.input, config.storage_options)
     model = load_model(config, weights=False)
     info = describe_model(model, config)
-    row_bytes = 4 * (model.get_embedding_dimension() or 384) + ROW_OVERHEAD_BYTES
     fs, root = prepare_output(config.output, config.storage_options)
     if finish_swap(fs, root):
         log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
@@ -256,11 +277,21 @@ def run_embed(config: EmbedConfig) -> RunResult:
     sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype, config.storage_options)
 
     written: dict[str, dict] = {}
+    stage_times: dict[str, dict] = {}
     plan = None
     if todo:
         with ray_session_for(config.ray_address, config.quiet):
             plan = _plan_from_cluster(config)
-            written = _execute(config, plan, todo, committed, sink, row_bytes)
+            int8 = None
+            if config.dtype == "int8":
+                import ray
+
+                from pipeline.quantize import int8_graph
+
+                int8 = ray.put(int8_graph(config, info.fingerprint))
+            chain_started = time.time()
+            written, stage_times = _execute(config, plan, todo, committed, sink, int8)
+            stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
 
     stats = dict(written)
@@ -271,7 +302,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
             if file_stats is not None and file_stats.get("shard") in shard_keys:
                 stats[name] = file_stats
     finished = time.time()
-    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target)
+    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target, stage_times)
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root))
     else:
@@ -299,8 +330,9 @@ def _plan_from_cluster(config: EmbedConfig) -> Plan:
 
 
 def _execute(
-    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, row_bytes: int
-) -> dict[str, dict]:
+    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, int8_graph=None,
+) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Run the chain; returns the files written and where the time went, stage by stage."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -309,12 +341,14 @@ def _execute(
 
     ctx = DataContext.get_current()
     ctx.max_errored_blocks = 0
-    # Blocks of about one output file: each file commits as soon as its rows are encoded,
-    # so a resume redoes about one file's worth of work, not one large block's.
+    # Small blocks, of about plan.block_rows short documents: one large shard is spread over
+    # every encoder instead of going to one, tokenising the next block overlaps encoding this
+    # one, and a file commits as soon as its last block is encoded. The encoder gathers blocks
+    # into calls of plan.block_rows rows (its batch size), whatever their size in bytes.
     saved_block_size = ctx.target_max_block_size
     ctx.target_max_block_size = min(
         ctx.target_max_block_size or DataContext().target_max_block_size,
-        max(MIN_BLOCK_BYTES, config.rows_per_file * row_bytes),
+        max(MIN_BLOCK_BYTES, min(config.rows_per_file, plan.block_rows) * TEXT_ROW_BYTES),
     )
     ctx.enable_progress_bars = not config.quiet
     ctx.print_on_execution_start = not config.quiet
@@ -334,23 +368,19 @@ def _execute(
     ds = ds.map_batches(
         TokenizeStage,
         fn_constructor_args=(config, board),
-        batch_size=None,
+        batch_size=plan.block_rows,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.num_tokenizers),
+        compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
         num_cpus=plan.tokenizer_cpus,
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_args=(config, plan.device, plan.encoder_threads, board),
-        batch_size=ENCODE_BATCH_ROWS,
+        fn_constructor_args=(config, plan.device, plan.encoder_threads, board, int8_graph, sink),
+        batch_size=plan.block_rows,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.num_encoders),
+        compute=ActorPoolStrategy(size=plan.num_encoders, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
         num_cpus=plan.encoder_cpus,
         num_gpus=plan.encoder_gpus,
-    )
-    ds = ds.map_batches(
-        commit_block, fn_kwargs={"sink": sink, "board": board}, batch_size=None, batch_format="pyarrow",
-        num_cpus=COMMIT_CPUS,
     )
 
     if os.environ.get("EMBEDPIPE_DEBUG") != "1":
@@ -360,7 +390,8 @@ def _execute(
         for batch in _watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
             for row in batch.to_pylist():
                 files.add(row)
-        return files.finish()
+        written = files.finish()
+        return written, ray.get(board.timings.remote())
     except Exception as exc:  # noqa: BLE001 - turned into one clear message below
         raise _explain(exc) from None
     finally:
@@ -520,7 +551,7 @@ _ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineE
 _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")
 
 
-def _manifest(config, info, plan, shards, stats, started, finished, fs, root) -> dict[str, Any]:
+def _manifest(config, info, plan, shards, stats, started, finished, fs, root, stage_times=None) -> dict[str, Any]:
     from pipeline import __version__
 
     files = sorted(stats.values(), key=lambda s: s["file"])
@@ -553,6 +584,9 @@ def _manifest(config, info, plan, shards, stats, started, finished, fs, root) ->
             "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
             "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
             "seconds": round(finished - started, 3),
+            # per stage and step kind: count, busy seconds, first start and last end (seconds after
+            # the Ray chain started, itself chain_started_s after the run started)
+            "stages": stage_times or {},
         },
         "versions": _versions(__version__),
     }

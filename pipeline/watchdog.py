@@ -24,19 +24,44 @@ class ProgressBoard:
     """A Ray actor (0 CPUs) that keeps the time of the last report and the steps under way."""
 
     def __init__(self) -> None:
+        self.created = time.time()
         self.last = time.monotonic()
         self.inflight: dict[str, tuple[str, str, float]] = {}
         self.started: set[str] = set()
         self.actors: list[Any] = []
+        self.spans: dict[str, dict[str, float]] = {}
 
     def begin(self, stage: str, key: str, what: str) -> None:
         self.inflight[key] = (stage, what, time.monotonic())
         self.started.add(stage)
         self.last = time.monotonic()
 
-    def end(self, key: str) -> None:
-        self.inflight.pop(key, None)
+    def end(self, key: str, began: float | None = None, ended: float | None = None) -> None:
+        step = self.inflight.pop(key, None)
         self.last = time.monotonic()
+        if step is not None and began is not None and ended is not None:
+            self._account(step[0], step[1], began, ended)
+
+    def _account(self, stage: str, what: str, began: float, ended: float) -> None:
+        """Per stage and kind of step (loading, encoding, ...): count, busy seconds, first start, last end."""
+        name = f"{stage}.{what.split()[0]}"
+        span = self.spans.setdefault(name, {"steps": 0, "busy_s": 0.0, "first": began, "last": ended})
+        span["steps"] += 1
+        span["busy_s"] += ended - began
+        span["first"] = min(span["first"], began)
+        span["last"] = max(span["last"], ended)
+
+    def timings(self) -> dict[str, dict[str, float]]:
+        """Where the run's time went: for each stage step kind, seconds from the board's start."""
+        return {
+            name: {
+                "steps": int(s["steps"]),
+                "busy_s": round(s["busy_s"], 3),
+                "first_s": round(s["first"] - self.created, 3),
+                "last_s": round(s["last"] - self.created, 3),
+            }
+            for name, s in sorted(self.spans.items())
+        }
 
     def tick(self) -> None:
         self.last = time.monotonic()
@@ -110,10 +135,11 @@ class Progress:
             return
         key = uuid.uuid4().hex
         self.board.begin.remote(self.stage, key, what)
+        began = time.time()
         try:
             yield
         finally:
-            self.board.end.remote(key)
+            self.board.end.remote(key, began, time.time())
 
     def tick(self) -> None:
         if self.board is not None:

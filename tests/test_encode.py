@@ -55,3 +55,69 @@ def test_code_shipped_with_a_model_runs_only_with_trust_remote_code(tmp_path, ti
     trusted = load_model(EmbedConfig(input="x", output="y", model=model_dir, trust_remote_code=True))[0].auto_model
     assert type(default).__name__ == "BertModel"  # the directory's modeling_slow.py was not imported
     assert type(trusted).__name__ == "SlowBertModel"
+
+
+def test_an_out_of_memory_batch_is_split_and_ids_keep_their_vectors(tiny_bert_dir, tmp_path, monkeypatch):
+    """CUDA OOM on any micro-batch of more than 3 rows: halves are retried until they fit, in order."""
+    import pyarrow as pa
+    import torch
+
+    from pipeline.config import EmbedConfig
+    from pipeline.encode import EncodeStage
+    from pipeline.tokenize import TokenizeStage
+    from tests.conftest import make_st_dir
+
+    model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
+    config = EmbedConfig(input="x", output="y", model=model)
+    texts = [f"row {i} " + "word " * (i % 11) for i in range(40)]
+    batch = pa.table({"id": [str(i) for i in range(40)], "text": texts, "_valid": [True] * 40})
+    tokens = TokenizeStage(config)(batch)
+    stage = EncodeStage(config, "cpu", 1)
+    expected = stage(tokens)
+
+    real_run, sizes = stage._run, []
+
+    def run_or_oom(features):
+        rows = features["input_ids"].shape[0]
+        sizes.append(rows)
+        if rows > 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real_run(features)
+
+    monkeypatch.setattr(stage, "_run", run_or_oom)
+    split = stage(tokens)
+    assert max(sizes) > 3 and any(n <= 3 for n in sizes)  # it did fail, then split
+    assert split["id"].to_pylist() == expected["id"].to_pylist()
+    got = split["embedding"].combine_chunks().flatten().to_numpy()
+    want = expected["embedding"].combine_chunks().flatten().to_numpy()
+    assert abs(got - want).max() < 1e-5
+
+
+def test_repeated_texts_are_encoded_once_and_get_the_same_vector_as_encode(tiny_bert_dir, tmp_path, monkeypatch):
+    import numpy as np
+    import pyarrow as pa
+    from sentence_transformers import SentenceTransformer
+
+    from pipeline.config import EmbedConfig
+    from pipeline.encode import EncodeStage
+    from pipeline.tokenize import TokenizeStage
+    from tests.conftest import make_st_dir
+
+    model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
+    config = EmbedConfig(input="x", output="y", model=model)
+    texts = [f"text {i % 7} " + "word " * (i % 7) for i in range(70)]  # 7 distinct texts, 10 copies each
+    batch = pa.table({"id": [str(i) for i in range(70)], "text": texts, "_valid": [True] * 70})
+    stage = EncodeStage(config, "cpu", 1)
+    real_run, encoded_rows = stage._run, []
+
+    def counting_run(features):
+        encoded_rows.append(features["input_ids"].shape[0])
+        return real_run(features)
+
+    monkeypatch.setattr(stage, "_run", counting_run)
+    out = stage(TokenizeStage(config)(batch))
+    assert sum(encoded_rows) == 7
+    order = np.argsort(np.asarray(out["id"].to_pylist(), dtype=int))
+    ours = np.asarray(out["embedding"].combine_chunks().flatten().to_numpy()).reshape(70, -1)[order]
+    ref = SentenceTransformer(model, device="cpu").encode(texts, batch_size=16)
+    assert np.abs(ours - ref).max() <= 1e-5

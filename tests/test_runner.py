@@ -171,6 +171,7 @@ def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_e
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
     local = ray_init_kwargs(None, quiet=True)
     assert local["include_dashboard"] is False and local["dashboard_host"] == "127.0.0.1"
+    assert local["address"] == "local"  # never silently joins a cluster `ray start` left running
     assert "do-not-ship-me" not in repr(local) and "AWS" not in repr(local["runtime_env"])
     joined = ray_init_kwargs("auto", quiet=False)
     assert joined["address"] == "auto" and "include_dashboard" not in joined  # the cluster's own settings stand
