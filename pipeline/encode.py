@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig
+from pipeline.errors import PipelineError
 from pipeline.model import load_model, model_normalizes, resolve_prompt
 from pipeline.tokenize import TOKEN_PREFIX
 from pipeline.watchdog import Progress
@@ -38,6 +39,20 @@ def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple
     return spans
 
 
+def usable_device(planned: str, asked: str) -> str:
+    """The device this replica runs on: the planned one, or CPU when the plan said CUDA
+    only because of `--device auto` and this node's torch sees no CUDA device (a GPU that
+    Ray counts but torch cannot use). With `--device cuda` that is an error instead."""
+    import torch
+
+    if planned != "cuda" or torch.cuda.is_available():
+        return planned
+    if asked == "cuda":
+        raise PipelineError("--device cuda: Ray gave this encoder a GPU, but torch on its node sees no CUDA device")
+    log.warning("Ray gave this encoder a GPU, but torch sees no CUDA device; encoding on CPU (--device auto)")
+    return "cpu"
+
+
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
 
@@ -45,7 +60,8 @@ class EncodeStage:
         self.progress = Progress(board, "encode")
         self.progress.register_actor()
         with self.progress.step("loading the model"):
-            self._load(config, device, threads)
+            self._load(config, usable_device(device, config.device), threads)
+        self.progress.report_placement(device=self.device.type, dtype=self.dtype)
 
     def _load(self, config: EmbedConfig, device: str, threads: int | None) -> None:
         import torch
@@ -61,6 +77,7 @@ class EncodeStage:
             dtype = "float16" if self.device.type == "cuda" else "float32"
         if dtype != "float32":
             self.model.to(getattr(torch, dtype))
+        self.dtype = dtype
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
         self.max_batch_tokens = config.max_batch_tokens
         prompt = resolve_prompt(self.model, config)

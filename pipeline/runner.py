@@ -108,7 +108,7 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         tokenizers = config.num_tokenizers or max(1, min(2 * encoders, int(cpus - encoders - headroom)))
         tok_cpus, enc_cpus, threads = 1.0, 1.0, None
     else:
-        encoders = config.num_encoders or nodes
+        encoders = config.num_encoders or nodes * config.encoders_per_node
         tokenizers = config.num_tokenizers or nodes
         tok_cpus = 0.5
         enc_cpus = min(max(1.0, cpus / nodes - tok_cpus - headroom), (cpus - tokenizers * tok_cpus - headroom) / encoders)
@@ -257,10 +257,11 @@ def run_embed(config: EmbedConfig) -> RunResult:
 
     written: dict[str, dict] = {}
     plan = None
+    replicas: list[dict] = []
     if todo:
         with ray_session_for(config.ray_address, config.quiet):
             plan = _plan_from_cluster(config)
-            written = _execute(config, plan, todo, committed, sink, row_bytes)
+            written, replicas = _execute(config, plan, todo, committed, sink, row_bytes)
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
 
     stats = dict(written)
@@ -271,7 +272,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
             if file_stats is not None and file_stats.get("shard") in shard_keys:
                 stats[name] = file_stats
     finished = time.time()
-    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target)
+    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target, replicas)
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root))
     else:
@@ -300,7 +301,8 @@ def _plan_from_cluster(config: EmbedConfig) -> Plan:
 
 def _execute(
     config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, row_bytes: int
-) -> dict[str, dict]:
+) -> tuple[dict[str, dict], list[dict]]:
+    """Run the chain; returns (stats per file written, where each stage actor ran)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -360,7 +362,7 @@ def _execute(
         for batch in _watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
             for row in batch.to_pylist():
                 files.add(row)
-        return files.finish()
+        return files.finish(), ray.get(board.placements.remote())
     except Exception as exc:  # noqa: BLE001 - turned into one clear message below
         raise _explain(exc) from None
     finally:
@@ -520,7 +522,7 @@ _ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineE
 _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")
 
 
-def _manifest(config, info, plan, shards, stats, started, finished, fs, root) -> dict[str, Any]:
+def _manifest(config, info, plan, shards, stats, started, finished, fs, root, replicas=()) -> dict[str, Any]:
     from pipeline import __version__
 
     files = sorted(stats.values(), key=lambda s: s["file"])
@@ -542,13 +544,14 @@ def _manifest(config, info, plan, shards, stats, started, finished, fs, root) ->
         "pooling": info.pooling,
         "normalize": info.normalize,
         "max_seq_length": info.max_seq_length,
-        "dtype": config.dtype if config.dtype != "auto" else ("float16" if plan and plan.device == "cuda" else "float32"),
+        "dtype": _compute_dtype(config, plan, replicas),
         "output_dtype": config.output_dtype,
         "rows": totals,
         "shards": list(per_shard.values()),
         "files": files,
         "config": config.public_dict(),
         "resources": plan.as_dict() if plan else None,
+        "replicas": _replicas(replicas),
         "timings": {
             "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
             "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
@@ -556,6 +559,28 @@ def _manifest(config, info, plan, shards, stats, started, finished, fs, root) ->
         },
         "versions": _versions(__version__),
     }
+
+
+def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:
+    used = {r["dtype"] for r in replicas if r.get("stage") == "encode" and r.get("dtype")}
+    if len(used) == 1:
+        return used.pop()
+    if config.dtype != "auto":
+        return config.dtype
+    return "float16" if plan and plan.device == "cuda" else "float32"
+
+
+def _replicas(replicas) -> dict[str, Any]:
+    """Where this run's stage actors ran: per stage, one entry per actor (node, IP, GPUs, device),
+    and how many ran on each node."""
+    out: dict[str, Any] = {}
+    for stage in ("tokenize", "encode"):
+        entries = sorted((r for r in replicas if r.get("stage") == stage), key=lambda r: (r["node_ip"], r["node_id"]))
+        per_node: dict[str, int] = {}
+        for r in entries:
+            per_node[r["node_id"]] = per_node.get(r["node_id"], 0) + 1
+        out[stage] = {"actors": [{k: v for k, v in r.items() if k != "stage"} for r in entries], "per_node": per_node}
+    return out
 
 
 def _dimension(fs, root: str, files: list[dict]) -> int | None:
