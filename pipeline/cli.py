@@ -179,6 +179,19 @@ def cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def job_main(command: str, argv: Sequence[str]) -> int:
+    """What jobs/embed.py and jobs/mine.py run under `ray job submit`: `command` on the cluster
+    the job runs on (RAY_ADDRESS, else 'auto'). A job never starts a cluster of its own, so an
+    empty --ray-address is refused."""
+    args = list(argv)
+    given = [args[i + 1] if a == "--ray-address" and i + 1 < len(args) else a.partition("=")[2]
+             for i, a in enumerate(args) if a == "--ray-address" or a.startswith("--ray-address=")]
+    if any(not g.strip() for g in given):
+        print(f"{PROG}: error: --ray-address is empty: a job joins its cluster and never starts one", file=sys.stderr)
+        return 2
+    return main([command, "--ray-address", os.environ.get("RAY_ADDRESS") or "auto", *args])
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])

@@ -125,8 +125,9 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
 def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
     """How embedpipe starts or joins Ray: a local cluster runs without a dashboard (bound to
     127.0.0.1 should it start); the runtime_env carries only non-secret worker settings."""
+    job_env = _job_env_vars()  # under `ray job submit`, Ray refuses a key set by both the job and ray.init
     kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": dict(WORKER_ENV)},
+        "runtime_env": {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}},
         "log_to_driver": os.environ.get("EMBEDPIPE_DEBUG") == "1",
     }
     if address:
@@ -138,6 +139,33 @@ def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
     return kwargs
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when a cluster address (host:port, ray://host:port) does not answer:
+    ray.init would otherwise retry for minutes. 'auto' is left to Ray, which fails at once."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc.__class__.__name__}); "
+            "embedpipe joins the cluster it is given and never starts one in its place"
+        ) from None
+
+
+def _job_env_vars() -> dict[str, str]:
+    """env_vars of the runtime_env of the Ray job this driver runs in (none outside a job)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 @contextlib.contextmanager
 def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     """Join the cluster the user named, reuse one already initialised, or start a local one."""
@@ -146,6 +174,8 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if address:
+        check_reachable(address)
     try:
         ray.init(**ray_init_kwargs(address, quiet))
     except (ConnectionError, RuntimeError, ValueError) as exc:
