@@ -325,8 +325,14 @@ def run_embed(config: EmbedConfig) -> RunResult:
 def _plan_from_cluster(config: EmbedConfig) -> Plan:
     import ray
 
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-    return plan_resources(config, ray.cluster_resources(), nodes)
+    return plan_resources(config, ray.cluster_resources(), _alive_nodes())
+
+
+def _alive_nodes() -> int:
+    """Nodes of the cluster in use that have CPUs (the nodes a CPU plan spreads over)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
 
 
 def _execute(
@@ -348,6 +354,11 @@ def _execute(
         ctx.target_max_block_size or DataContext().target_max_block_size,
         max(MIN_BLOCK_BYTES, config.rows_per_file * row_bytes),
     )
+    # On a multi-node cluster every replica is up before data flows, so that no node sits idle
+    # and the manifest's placement lists the whole pool (a small run could end before a slow one starts).
+    saved_wait = ctx.wait_for_min_actors_s
+    if _alive_nodes() > 1:
+        ctx.wait_for_min_actors_s = int(config.stall_timeout) or -1
     ctx.enable_progress_bars = not config.quiet
     ctx.print_on_execution_start = not config.quiet
     if config.quiet:
@@ -398,6 +409,7 @@ def _execute(
     finally:
         ray.kill(board)
         ctx.target_max_block_size = saved_block_size
+        ctx.wait_for_min_actors_s = saved_wait
 
 
 class _FileTracker:
