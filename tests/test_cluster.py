@@ -49,16 +49,20 @@ def test_encoder_pool_gets_one_replica_per_gpu_node(tmp_path, tiny_model):
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
-        gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)}
+        # Each GPU node keeps a CPU for its encoder whichever node the one tokenizer lands on: Ray Data
+        # places the tokenizer pool before the encoder pool, so a tokenizer on a 1-CPU GPU node would
+        # leave that GPU without a replica (the run would then wait, up to --stall-timeout, for it).
+        gpu_nodes = {cluster.add_node(num_cpus=2, num_gpus=1).node_id for _ in range(2)}
         cluster.wait_for_nodes()
         expected = write_shards(tmp_path / "in")
         out = tmp_path / "out"
         args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", tiny_model,
-                "--ray-address", cluster.address, "--quiet"]
+                "--ray-address", cluster.address, "--num-tokenizers", "1", "--quiet"]
 
         dry = cli(*args, "--dry-run")
         assert dry.returncode == 0, dry.stderr[-2000:]
-        assert "encode:   2 actor(s) x 1 GPU" in dry.stdout and "3 node(s)" in dry.stdout
+        assert "encode:   2 actor(s) x 1 GPU + 1 CPU (one per GPU, on every GPU node)" in dry.stdout
+        assert "3 node(s)" in dry.stdout and dry.stdout.count("2 CPU/1 GPU") == 2
         assert not out.exists()  # a dry run writes nothing
 
         proc = cli(*args)
