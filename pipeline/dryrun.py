@@ -20,7 +20,8 @@ from pipeline.config import DEFAULT_MODEL, EmbedConfig
 from pipeline.sources import Shard, discover_shards, output_stem
 from pipeline.storage import get_fs
 
-EXACT_BYTES = 8 << 20  # uncompressed text shards up to this size are counted line by line
+EXACT_BYTES = 8 << 20  # uncompressed local text shards up to this size are counted line by line
+MAX_COUNTED_SHARDS = 100  # beyond this, a spread sample of shards is counted and the rest scaled by size
 SAMPLE_BYTES = 1 << 20  # larger or compressed ones: documents = size / mean bytes per document of this sample
 
 # Throughput used for the estimate, from BENCHMARKS.md (all-MiniLM-L6-v2, English fortunes of ~160
@@ -48,16 +49,32 @@ def count_documents(shard: Shard, storage_options: Mapping[str, Any] | None = No
     if shard.format == "arrow":
         return ShardCount(shard, _arrow_rows(fs, shard.path), "counted")
     compressed = shard.path.lower().endswith((".gz", ".bz2", ".zst", ".xz"))
+    small = not compressed and shard.size <= EXACT_BYTES and "://" not in shard.path  # S3: sample, never download
     if shard.format == "json":
-        if not compressed and shard.size <= EXACT_BYTES:
+        if small:
             with fs.open(shard.path, "rb") as f:
                 return ShardCount(shard, _json_rows(f.read()), "counted")
-    elif not compressed and shard.size <= EXACT_BYTES:
+    elif small:
         with fs.open(shard.path, "rb") as f:
             lines = [line for line in f.read().split(b"\n") if line.strip()]
         header = 1 if shard.format == "csv" and lines else 0
         return ShardCount(shard, len(lines) - header, "counted")
     return ShardCount(shard, _estimate_lines(fs, shard, compressed), "estimated")
+
+
+def count_all(shards: list[Shard], storage_options: Mapping[str, Any] | None = None) -> list[ShardCount]:
+    """count_documents for every shard, or, past MAX_COUNTED_SHARDS, for an evenly spread sample of
+    them, the others estimated at the sample's documents per byte."""
+    if len(shards) <= MAX_COUNTED_SHARDS:
+        return [count_documents(s, storage_options) for s in shards]
+    step = len(shards) / MAX_COUNTED_SHARDS
+    picked = {int(i * step) for i in range(MAX_COUNTED_SHARDS)}
+    counted = {i: count_documents(shards[i], storage_options) for i in sorted(picked)}
+    per_byte = sum(c.documents for c in counted.values()) / max(1, sum(c.shard.size for c in counted.values()))
+    return [
+        counted[i] if i in counted else ShardCount(s, round(s.size * per_byte), "estimated from other shards")
+        for i, s in enumerate(shards)
+    ]
 
 
 def _arrow_rows(fs, path: str) -> int:
@@ -155,7 +172,7 @@ def dry_run(config: EmbedConfig) -> str:
     from pipeline.runner import plan_resources, ray_session_for
 
     shards = discover_shards(config.input, config.storage_options)
-    counts = [count_documents(s, config.storage_options) for s in shards]
+    counts = count_all(shards, config.storage_options)
     done = _committed_stems(config)
     todo = [c for c in counts if f"{output_stem(c.shard.key)}.parquet" not in done]
     if config.ray_address:
@@ -198,7 +215,8 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
         lines.append(f"  ... and {len(counts) - 10} more")
     lines.append(
         f"documents: {sum(c.documents for c in counts):,} in all ({', '.join(methods)}; 'estimated' = file size / "
-        f"mean bytes per line of the first {SAMPLE_BYTES >> 20} MiB)"
+        f"mean bytes per line of its first {SAMPLE_BYTES >> 20} MiB; past {MAX_COUNTED_SHARDS} shards, "
+        f"{MAX_COUNTED_SHARDS} spread ones are counted and the others scaled by size)"
     )
     lines.append(
         f"output: {config.output}: {len(counts) - len(todo)} shard(s) already committed (skipped), "

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 import pyarrow.parquet as pq
@@ -110,9 +111,13 @@ class RayHead:
         deadline = time.time() + timeout
         while time.time() < deadline:
             assert self.proc.poll() is None, "ray start --head exited"
-            with contextlib.suppress(OSError):
+            try:
                 urllib.request.urlopen(f"{self.address}/api/version", timeout=2).close()
                 return
+            except urllib.error.HTTPError:  # it answers (401 without the token): up
+                return
+            except OSError:
+                pass
             time.sleep(1)
         raise AssertionError("the Ray head's dashboard did not answer")
 

@@ -89,3 +89,15 @@ def test_dry_run_counts_only_shards_left_to_embed(tmp_path):
 def test_dry_run_with_bad_input_is_one_line(tmp_path):
     proc = cli("embed", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"), "--dry-run")
     assert_one_line_error(proc, 2, "no such file or directory")
+
+
+def test_many_shards_are_sampled_and_scaled_by_size(tmp_path, monkeypatch):
+    from pipeline import dryrun
+
+    monkeypatch.setattr(dryrun, "MAX_COUNTED_SHARDS", 4)
+    for k in range(12):
+        (tmp_path / f"s{k:02d}.txt").write_text("x" * 9 + "\n" + "y" * 9 + "\n" * (k % 2))  # 2 documents of 10 bytes
+    counts = dryrun.count_all(discover_shards(str(tmp_path)))
+    methods = [c.method for c in counts]
+    assert methods.count("counted") == 4 and methods.count("estimated from other shards") == 8
+    assert all(c.documents == 2 for c in counts)
