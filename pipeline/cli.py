@@ -44,7 +44,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--dtype", help="auto|float32|float16|bfloat16")
     p.add_argument("--output-dtype", help="float32|float16")
     p.add_argument("--num-encoders", type=int)
-    p.add_argument("--encoders-per-node", type=int, help="CPU-only clusters: encoder replicas per node (default 1)")
+    p.add_argument("--encoders-per-node", type=int, help="CPU-only clusters: encoder replicas per node (default: the resource plan's)")
     p.add_argument("--num-tokenizers", type=int)
     p.add_argument("--encoder-threads", type=int)
     p.add_argument("--rows-per-file", type=int)

@@ -58,8 +58,9 @@ class EmbedConfig:
     """Stored vector dtype: float32 or float16."""
     num_encoders: int | None = None
     """Encoder replicas in all; default one per GPU (CUDA) or encoders_per_node on every node (CPU)."""
-    encoders_per_node: int = 1
-    """CPU-only clusters: encoder replicas on each node, sharing its CPUs (ignored on GPUs: one per GPU)."""
+    encoders_per_node: int | None = None
+    """CPU-only clusters: encoder replicas on each node, sharing its CPUs; default the resource plan's
+    (one per node). Ignored on GPUs: one replica per GPU."""
     num_tokenizers: int | None = None
     """Tokenizer actors; default scales with the cluster's CPUs."""
     encoder_threads: int | None = None

@@ -108,7 +108,7 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         tokenizers = config.num_tokenizers or max(1, min(2 * encoders, int(cpus - encoders - headroom)))
         tok_cpus, enc_cpus, threads = 1.0, 1.0, None
     else:
-        encoders = config.num_encoders or nodes * config.encoders_per_node
+        encoders = config.num_encoders or nodes * (config.encoders_per_node or 1)
         tokenizers = config.num_tokenizers or nodes
         tok_cpus = 0.5
         enc_cpus = min(max(1.0, cpus / nodes - tok_cpus - headroom), (cpus - tokenizers * tok_cpus - headroom) / encoders)
