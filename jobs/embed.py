@@ -1,7 +1,11 @@
-"""`ray job submit --working-dir . -- python jobs/embed.py --config configs/local.yaml [flags]`
+"""Entry point for `ray job submit`: embed on the cluster the job runs on.
 
-Joins the cluster the job runs on (RAY_ADDRESS, set by `ray job submit`);
-never starts its own. Same flags as `embedpipe embed`.
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \
+        --runtime-env configs/runtime_env.yaml -- python jobs/embed.py --config configs/cluster.yaml [flags]
+
+Joins the cluster (RAY_ADDRESS, which `ray job submit` sets; 'auto' otherwise)
+and never starts its own: an unreachable address is a one-line error. Same
+flags as `embedpipe embed`.
 """
 
 import os
@@ -9,7 +13,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["embed", "--ray-address", os.environ.get("RAY_ADDRESS", "auto"), *sys.argv[1:]]))
+    sys.exit(job_main("embed", sys.argv[1:]))

@@ -1,6 +1,10 @@
-"""`ray job submit --working-dir . -- python jobs/mine.py --embeddings DIR --output DIR [flags]`
+"""Entry point for `ray job submit`: mine the closest pairs of an embeddings directory on the cluster.
 
-Joins the cluster the job runs on (RAY_ADDRESS); same flags as `embedpipe mine`.
+    RAY_AUTH_MODE=token ray job submit --address http://HEAD:8265 --working-dir . \
+        --runtime-env configs/runtime_env.yaml -- python jobs/mine.py --config configs/mine.yaml [flags]
+
+Joins the cluster the job runs on (RAY_ADDRESS, else 'auto'); never starts
+its own. Same flags as `embedpipe mine`.
 """
 
 import os
@@ -8,7 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pipeline.cli import main  # noqa: E402
+from pipeline.cli import job_main  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["mine", "--ray-address", os.environ.get("RAY_ADDRESS", "auto"), *sys.argv[1:]]))
+    sys.exit(job_main("mine", sys.argv[1:]))

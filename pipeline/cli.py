@@ -44,6 +44,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--dtype", help="auto|float32|float16|bfloat16|int8 (int8: CPU, ONNX Runtime, close not equal)")
     p.add_argument("--output-dtype", help="float32|float16")
     p.add_argument("--num-encoders", type=int)
+    p.add_argument("--encoders-per-node", type=int, help="CPU-only clusters: encoder replicas per node (default: the resource plan's)")
     p.add_argument("--num-tokenizers", type=int)
     p.add_argument("--encoder-threads", type=int)
     p.add_argument("--rows-per-file", type=int)
@@ -60,19 +61,22 @@ def _embed_parser(sub) -> None:
     p.add_argument("--mine-top-k", type=int)
     p.add_argument("--mine-max-pairs", type=int)
     p.add_argument("--mine-threshold", type=float)
+    p.add_argument("--dry-run", action="store_true",
+                   help="print the shards, estimated documents, actor pools and duration; embed nothing")
 
 
 def _mine_parser(sub) -> None:
     p = sub.add_parser("mine", help="mine the most similar pairs of an embeddings directory")
-    p.add_argument("--embeddings", required=True, help="directory written by `embedpipe embed`")
-    p.add_argument("--output", required=True, help="directory for pairs.parquet and _manifest.json")
-    p.add_argument("--top-k", type=int, default=100, help="candidates per document (default 100)")
-    p.add_argument("--max-pairs", type=int, default=500_000, help="best pairs kept (default 500000)")
+    p.add_argument("--embeddings", help="directory written by `embedpipe embed`")
+    p.add_argument("--output", help="directory for pairs.parquet and _manifest.json")
+    p.add_argument("--config", help="YAML file of options (top level or a `mine:` section); flags override it")
+    p.add_argument("--top-k", type=int, help="candidates per document (default 100)")
+    p.add_argument("--max-pairs", type=int, help="best pairs kept (default 500000)")
     p.add_argument("--threshold", type=float, help="keep pairs scoring at least this cosine")
-    p.add_argument("--block-size", type=int, default=4096, help="rows per block (memory per task ~ 4*N^2 bytes)")
-    p.add_argument("--ray-address")
+    p.add_argument("--block-size", type=int, help="rows per block (memory per task ~ 4*N^2 bytes; default 4096)")
+    p.add_argument("--ray-address", help="empty: local cluster; 'auto': the running cluster")
     p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_const", const=True)
 
 
 def _info_parser(sub) -> None:
@@ -98,10 +102,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
     from pipeline.runner import run_embed
 
     options: dict[str, Any] = {
-        k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "storage_options")
+        k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "storage_options", "dry_run")
     }
     options["storage_options"] = _storage_options(args.storage_options)
     config = build_config(args.config, **options)
+    if args.dry_run:
+        from pipeline.dryrun import dry_run
+
+        print(dry_run(config))
+        return 0
     result = run_embed(config)
     if not config.quiet:
         print(result.summary_line())
@@ -136,9 +145,10 @@ def _storage_options(text: str | None) -> dict | None:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    from pipeline.mine import MineConfig
+    from pipeline.mine import build_mine_config
 
-    config = MineConfig(
+    config = build_mine_config(
+        args.config,
         embeddings=args.embeddings,
         output=args.output,
         top_k=args.top_k,
@@ -147,7 +157,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         block_size=args.block_size,
         ray_address=args.ray_address,
         quiet=args.quiet,
-        storage_options=_storage_options(args.storage_options) or {},
+        storage_options=_storage_options(args.storage_options),
     )
     return _run_mine(config)
 
@@ -167,6 +177,19 @@ def cmd_info(args: argparse.Namespace) -> int:
 
     show_info(args.path, rows=args.rows, pairs=args.pairs, storage_options=_storage_options(args.storage_options))
     return 0
+
+
+def job_main(command: str, argv: Sequence[str]) -> int:
+    """What jobs/embed.py and jobs/mine.py run under `ray job submit`: `command` on the cluster
+    the job runs on (RAY_ADDRESS, else 'auto'). A job never starts a cluster of its own, so an
+    empty --ray-address is refused."""
+    args = list(argv)
+    given = [args[i + 1] if a == "--ray-address" and i + 1 < len(args) else a.partition("=")[2]
+             for i, a in enumerate(args) if a == "--ray-address" or a.startswith("--ray-address=")]
+    if any(not g.strip() for g in given):
+        print(f"{PROG}: error: --ray-address is empty: a job joins its cluster and never starts one", file=sys.stderr)
+        return 2
+    return main([command, "--ray-address", os.environ.get("RAY_ADDRESS") or "auto", *args])
 
 
 def main(argv: Sequence[str] | None = None) -> int:

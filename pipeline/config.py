@@ -58,7 +58,10 @@ class EmbedConfig:
     output_dtype: str = "float32"
     """Stored vector dtype: float32 or float16."""
     num_encoders: int | None = None
-    """Encoder replicas; default one per GPU (CUDA) or one per node (CPU)."""
+    """Encoder replicas in all; default one per GPU (CUDA) or encoders_per_node on every node (CPU)."""
+    encoders_per_node: int | None = None
+    """CPU-only clusters: encoder replicas on each node, sharing its CPUs; default the resource plan's
+    (one per node). Ignored on GPUs: one replica per GPU."""
     num_tokenizers: int | None = None
     """Tokenizer actors; default scales with the cluster's CPUs."""
     encoder_threads: int | None = None
@@ -108,6 +111,7 @@ class EmbedConfig:
         _positive("--max-seq-length", self.max_seq_length)
         _positive("--max-batch-tokens", self.max_batch_tokens)
         _positive("--num-encoders", self.num_encoders)
+        _positive("--encoders-per-node", self.encoders_per_node)
         _positive("--num-tokenizers", self.num_tokenizers)
         _positive("--encoder-threads", self.encoder_threads)
         _positive("--rows-per-file", self.rows_per_file)
@@ -155,8 +159,13 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
 _FIELDS = {f.name: f for f in fields(EmbedConfig)}
 
 
-def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML config file; an unknown key is an error naming it."""
+def load_yaml(path: str, known: Mapping[str, Any] | None = None, section: str = "embed") -> dict[str, Any]:
+    """Read a YAML config file; an unknown key is an error naming it.
+
+    Keys are the fields of `known` (default: EmbedConfig's), '-' or '_' alike,
+    either at the top level or under a `section:` mapping (`embed:`, `mine:`).
+    """
+    known = _FIELDS if known is None else known
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: no such file")
     try:
@@ -166,11 +175,11 @@ def load_yaml(path: str) -> dict[str, Any]:
         raise UsageError(f"--config {path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of option: value")
-    section = data.get("embed", data) if isinstance(data.get("embed"), dict) else data
+    values = data[section] if isinstance(data.get(section), dict) else data
     out: dict[str, Any] = {}
-    for key, value in section.items():
+    for key, value in values.items():
         name = str(key).replace("-", "_")
-        if name not in _FIELDS:
+        if name not in known:
             raise UsageError(f"--config {path}: unknown key {key!r}")
         out[name] = value
     return out

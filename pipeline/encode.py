@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig
-from pipeline.errors import UsageError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.model import load_model, model_normalizes, resolve_prompt
 from pipeline.sink import SinkSpec, commit_block
 from pipeline.tokenize import TOKEN_PREFIX
@@ -40,6 +40,20 @@ def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple
     return spans
 
 
+def usable_device(planned: str, asked: str) -> str:
+    """The device this replica runs on: the planned one, or CPU when the plan said CUDA
+    only because of `--device auto` and this node's torch sees no CUDA device (a GPU that
+    Ray counts but torch cannot use). With `--device cuda` that is an error instead."""
+    import torch
+
+    if planned != "cuda" or torch.cuda.is_available():
+        return planned
+    if asked == "cuda":
+        raise PipelineError("--device cuda: Ray gave this encoder a GPU, but torch on its node sees no CUDA device")
+    log.warning("Ray gave this encoder a GPU, but torch sees no CUDA device; encoding on CPU (--device auto)")
+    return "cpu"
+
+
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
 
@@ -52,7 +66,8 @@ class EncodeStage:
         self.progress = Progress(board, "encode")
         self.progress.register_actor()
         with self.progress.step("loading the model"):
-            self._load(config, device, threads, int8_graph)
+            self._load(config, usable_device(device, config.device), threads, int8_graph)
+        self.progress.report_placement(device=self.device.type, dtype=self.dtype)
 
     def _load(self, config: EmbedConfig, device: str, threads: int | None, int8_graph: bytes | None) -> None:
         import torch
@@ -80,6 +95,7 @@ class EncodeStage:
             self.int8 = Int8Transformer(int8_graph, threads)
         elif dtype != "float32":
             self.model.to(getattr(torch, dtype))
+        self.dtype = dtype
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
         self.max_batch_tokens = config.max_batch_tokens
         prompt = resolve_prompt(self.model, config)

@@ -25,6 +25,8 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "output_dtype", "rows")}
     brief["model"] = manifest["model"]["name"]
     brief["files"] = len(manifest["files"])
+    if manifest.get("replicas"):  # how many replicas of each stage ran on each node
+        brief["replicas_per_node"] = {stage: r["per_node"] for stage, r in manifest["replicas"].items()}
     print(json.dumps(brief, indent=2, ensure_ascii=False))
     files = embedding_files(path, storage_options)
     if files and rows > 0:

@@ -52,15 +52,44 @@ class MineConfig:
     block_size: int = 4096
     """Rows per block: memory per task ~ 4 * block_size^2 bytes of scores + 2 blocks of vectors."""
     ray_address: str | None = None
+    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     quiet: bool = False
+    """No summary line."""
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """fsspec options for s3:// paths (endpoint, credentials); never logged."""
 
     def __post_init__(self) -> None:
+        for flag, value in (("--embeddings", self.embeddings), ("--output", self.output)):
+            if not value:
+                raise UsageError(f"{flag} is required (as a flag or in --config)")
         for flag, value in (("--top-k", self.top_k), ("--max-pairs", self.max_pairs), ("--block-size", self.block_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise UsageError(f"{flag} must be a positive integer, got {value!r}")
-        if self.threshold is not None and not -1.0 <= float(self.threshold) <= 1.0:
+        if self.threshold is not None and (
+            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1.0 <= self.threshold <= 1.0
+        ):
             raise UsageError(f"--threshold must be a cosine between -1 and 1, got {self.threshold!r}")
+
+
+def build_mine_config(config_file: str | None = None, **overrides: Any) -> MineConfig:
+    """Defaults <- YAML file (top level or a `mine:` section) <- explicit overrides (None: not given)."""
+    from dataclasses import fields
+
+    from pipeline.config import load_yaml
+
+    known = {f.name: f for f in fields(MineConfig)}
+    values: dict[str, Any] = load_yaml(config_file, known, section="mine") if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("embeddings", "output"):
+        if key in values:
+            values[key] = str(values[key])
+    try:
+        return MineConfig(**values)
+    except TypeError as exc:
+        missing = [k for k in ("embeddings", "output") if k not in values]
+        if missing:
+            raise UsageError(f"--{missing[0]} is required (as a flag or in --config)") from None
+        raise UsageError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -121,7 +121,7 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         node_cpus = cpus / nodes
         threads = config.encoder_threads or 1
         per_node = max(1, int((node_cpus - (1 if node_cpus > 2 else 0)) // threads))
-        encoders = config.num_encoders or per_node * nodes
+        encoders = config.num_encoders or (config.encoders_per_node or per_node) * nodes
         tokenizers = config.num_tokenizers or nodes
         tok_cpus = 0.5
         enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)
@@ -140,8 +140,9 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
 def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
     """How embedpipe starts or joins Ray: a local cluster runs without a dashboard (bound to
     127.0.0.1 should it start); the runtime_env carries only non-secret worker settings."""
+    job_env = _job_env_vars()  # under `ray job submit`, Ray refuses a key set by both the job and ray.init
     kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": dict(WORKER_ENV)},
+        "runtime_env": {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}},
         "log_to_driver": os.environ.get("EMBEDPIPE_DEBUG") == "1",
     }
     if address:
@@ -155,6 +156,33 @@ def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
     return kwargs
 
 
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when a cluster address (host:port, ray://host:port) does not answer:
+    ray.init would otherwise retry for minutes. 'auto' is left to Ray, which fails at once."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc.__class__.__name__}); "
+            "embedpipe joins the cluster it is given and never starts one in its place"
+        ) from None
+
+
+def _job_env_vars() -> dict[str, str]:
+    """env_vars of the runtime_env of the Ray job this driver runs in (none outside a job)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
 @contextlib.contextmanager
 def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     """Join the cluster the user named, reuse one already initialised, or start a local one."""
@@ -163,6 +191,8 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     if ray.is_initialized():
         yield
         return
+    if address:
+        check_reachable(address)
     try:
         ray.init(**ray_init_kwargs(address, quiet))
     except (ConnectionError, RuntimeError, ValueError) as exc:
@@ -279,6 +309,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
     written: dict[str, dict] = {}
     stage_times: dict[str, dict] = {}
     plan = None
+    replicas: list[dict] = []
     if todo:
         with ray_session_for(config.ray_address, config.quiet):
             plan = _plan_from_cluster(config)
@@ -290,7 +321,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
 
                 int8 = ray.put(int8_graph(config, info.fingerprint))
             chain_started = time.time()
-            written, stage_times = _execute(config, plan, todo, committed, sink, int8)
+            written, stage_times, replicas = _execute(config, plan, todo, committed, sink, int8)
             stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
 
@@ -302,7 +333,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
             if file_stats is not None and file_stats.get("shard") in shard_keys:
                 stats[name] = file_stats
     finished = time.time()
-    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target, stage_times)
+    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas)
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root))
     else:
@@ -325,14 +356,20 @@ def run_embed(config: EmbedConfig) -> RunResult:
 def _plan_from_cluster(config: EmbedConfig) -> Plan:
     import ray
 
-    nodes = sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
-    return plan_resources(config, ray.cluster_resources(), nodes)
+    return plan_resources(config, ray.cluster_resources(), _alive_nodes())
+
+
+def _alive_nodes() -> int:
+    """Nodes of the cluster in use that have CPUs (the nodes a CPU plan spreads over)."""
+    import ray
+
+    return sum(1 for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("CPU", 0) > 0)
 
 
 def _execute(
     config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, int8_graph=None,
-) -> tuple[dict[str, dict], dict[str, dict]]:
-    """Run the chain; returns the files written and where the time went, stage by stage."""
+) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
+    """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -350,6 +387,11 @@ def _execute(
         ctx.target_max_block_size or DataContext().target_max_block_size,
         max(MIN_BLOCK_BYTES, min(config.rows_per_file, plan.block_rows) * TEXT_ROW_BYTES),
     )
+    # On a multi-node cluster every replica is up before data flows, so that no node sits idle
+    # and the manifest's placement lists the whole pool (a small run could end before a slow one starts).
+    saved_wait = ctx.wait_for_min_actors_s
+    if _alive_nodes() > 1:
+        ctx.wait_for_min_actors_s = int(config.stall_timeout) or -1
     ctx.enable_progress_bars = not config.quiet
     ctx.print_on_execution_start = not config.quiet
     if config.quiet:
@@ -391,12 +433,13 @@ def _execute(
             for row in batch.to_pylist():
                 files.add(row)
         written = files.finish()
-        return written, ray.get(board.timings.remote())
+        return written, ray.get(board.timings.remote()), ray.get(board.placements.remote())
     except Exception as exc:  # noqa: BLE001 - turned into one clear message below
         raise _explain(exc) from None
     finally:
         ray.kill(board)
         ctx.target_max_block_size = saved_block_size
+        ctx.wait_for_min_actors_s = saved_wait
 
 
 class _FileTracker:
@@ -551,7 +594,7 @@ _ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineE
 _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")
 
 
-def _manifest(config, info, plan, shards, stats, started, finished, fs, root, stage_times=None) -> dict[str, Any]:
+def _manifest(config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=()) -> dict[str, Any]:
     from pipeline import __version__
 
     files = sorted(stats.values(), key=lambda s: s["file"])
@@ -573,13 +616,14 @@ def _manifest(config, info, plan, shards, stats, started, finished, fs, root, st
         "pooling": info.pooling,
         "normalize": info.normalize,
         "max_seq_length": info.max_seq_length,
-        "dtype": config.dtype if config.dtype != "auto" else ("float16" if plan and plan.device == "cuda" else "float32"),
+        "dtype": _compute_dtype(config, plan, replicas),
         "output_dtype": config.output_dtype,
         "rows": totals,
         "shards": list(per_shard.values()),
         "files": files,
         "config": config.public_dict(),
         "resources": plan.as_dict() if plan else None,
+        "replicas": _replicas(replicas),
         "timings": {
             "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
             "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
@@ -590,6 +634,28 @@ def _manifest(config, info, plan, shards, stats, started, finished, fs, root, st
         },
         "versions": _versions(__version__),
     }
+
+
+def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:
+    used = {r["dtype"] for r in replicas if r.get("stage") == "encode" and r.get("dtype")}
+    if len(used) == 1:
+        return used.pop()
+    if config.dtype != "auto":
+        return config.dtype
+    return "float16" if plan and plan.device == "cuda" else "float32"
+
+
+def _replicas(replicas) -> dict[str, Any]:
+    """Where this run's stage actors ran: per stage, one entry per actor (node, IP, GPUs, device),
+    and how many ran on each node."""
+    out: dict[str, Any] = {}
+    for stage in ("tokenize", "encode"):
+        entries = sorted((r for r in replicas if r.get("stage") == stage), key=lambda r: (r["node_ip"], r["node_id"]))
+        per_node: dict[str, int] = {}
+        for r in entries:
+            per_node[r["node_id"]] = per_node.get(r["node_id"], 0) + 1
+        out[stage] = {"actors": [{k: v for k, v in r.items() if k != "stage"} for r in entries], "per_node": per_node}
+    return out
 
 
 def _dimension(fs, root: str, files: list[dict]) -> int | None:

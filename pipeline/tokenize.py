@@ -29,6 +29,7 @@ class TokenizeStage:
         self.progress.register_actor()
         with self.progress.step("loading the tokenizer"):
             self.model = load_model(config, weights=False)
+        self.progress.report_placement()
         self.prompt = resolve_prompt(self.model, config)
         self.max_len = self.model.max_seq_length
         self.keep_text = config.text_field in config.keep_columns

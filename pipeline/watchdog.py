@@ -30,6 +30,7 @@ class ProgressBoard:
         self.started: set[str] = set()
         self.actors: list[Any] = []
         self.spans: dict[str, dict[str, float]] = {}
+        self.replicas: dict[str, dict[str, Any]] = {}
 
     def begin(self, stage: str, key: str, what: str) -> None:
         self.inflight[key] = (stage, what, time.monotonic())
@@ -71,6 +72,13 @@ class ProgressBoard:
         self.started.add(stage)
         self.actors.append(actor)
         self.last = time.monotonic()
+
+    def place(self, actor_id: str, where: dict[str, Any]) -> None:
+        """Where a stage actor runs (stage, node, IP, GPUs, device); a restarted actor replaces its entry."""
+        self.replicas[actor_id] = where
+
+    def placements(self) -> list[dict[str, Any]]:
+        return list(self.replicas.values())
 
     def status(self) -> "BoardStatus":
         now = time.monotonic()
@@ -128,6 +136,12 @@ class Progress:
         actor = ray.get_runtime_context().current_actor
         self.board.register.remote(self.stage, actor)
 
+    def report_placement(self, **extra: Any) -> None:
+        """Tell the board which node (and GPUs) this stage actor runs on, for the manifest."""
+        if self.board is None:
+            return
+        self.board.place.remote(*replica_placement(self.stage, **extra))
+
     @contextlib.contextmanager
     def step(self, what: str) -> Iterator[None]:
         if self.board is None:
@@ -144,3 +158,18 @@ class Progress:
     def tick(self) -> None:
         if self.board is not None:
             self.board.tick.remote()
+
+
+def replica_placement(stage: str, **extra: Any) -> tuple[str, dict[str, Any]]:
+    """(actor id, where it runs) of the calling Ray actor: node id and IP, the GPUs Ray gave it."""
+    import ray
+
+    ctx = ray.get_runtime_context()
+    where = {
+        "stage": stage,
+        "node_id": ctx.get_node_id(),
+        "node_ip": ray.util.get_node_ip_address(),
+        "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+        **extra,
+    }
+    return ctx.get_actor_id(), where

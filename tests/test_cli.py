@@ -28,7 +28,7 @@ def test_embed_then_info_then_bad_rerun(tmp_path, tiny_bert_dir):
 
     info = cli("info", str(out), "--pairs", "2")
     assert info.returncode == 0, info.stderr
-    assert '"dim": 32' in info.stdout and "a.txt:0" in info.stdout and "most similar pairs" in info.stdout
+    assert '"dim": 32' in info.stdout and '"replicas_per_node"' in info.stdout and "a.txt:0" in info.stdout and "most similar pairs" in info.stdout
 
     before = snapshot(out)
     (src / "b.jsonl").write_text('{"text": "fine"}\nnot json\n')

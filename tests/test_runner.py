@@ -175,3 +175,75 @@ def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_e
     assert "do-not-ship-me" not in repr(local) and "AWS" not in repr(local["runtime_env"])
     joined = ray_init_kwargs("auto", quiet=False)
     assert joined["address"] == "auto" and "include_dashboard" not in joined  # the cluster's own settings stand
+
+
+def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
+    config = EmbedConfig(input="x", output="y", encoders_per_node=2)
+    plan = plan_resources(config, {"CPU": 32.0}, nodes=2)  # two 16-CPU nodes
+    assert plan.device == "cpu" and plan.num_encoders == 4 and plan.encoder_threads == 8
+    node_cpus = 16.0
+    assert 2 * plan.encoder_cpus + plan.tokenizer_cpus <= node_cpus  # two replicas and a tokenizer fit a node ...
+    assert 3 * plan.encoder_cpus > node_cpus  # ... a third replica does not, so Ray must use the other node
+    gpu = plan_resources(config, {"CPU": 32.0, "GPU": 4.0}, nodes=2)
+    assert gpu.num_encoders == 4 and gpu.encoder_gpus == 1  # GPUs: one per GPU, encoders_per_node does not apply
+    with pytest.raises(UsageError, match="--encoders-per-node must be a positive integer"):
+        EmbedConfig(input="x", output="y", encoders_per_node=0)
+
+
+def test_manifest_records_where_each_replica_ran(ray_cluster, tmp_path, tiny_model):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("alpha\nbeta\ngamma\n")
+    result = run_embed(EmbedConfig(input=str(src), output=str(tmp_path / "out"), model=tiny_model, quiet=True))
+    node = ray_cluster.get_runtime_context().get_node_id()  # the local cluster's only node
+    replicas = json.loads((tmp_path / "out" / "_manifest.json").read_text())["replicas"]
+    assert replicas == result.manifest["replicas"]
+    assert replicas["encode"]["per_node"] == {node: result.manifest["resources"]["num_encoders"]}
+    assert replicas["tokenize"]["per_node"] == {node: result.manifest["resources"]["num_tokenizers"]}
+    (encoder,) = replicas["encode"]["actors"]
+    assert encoder["device"] == "cpu" and encoder["dtype"] == "float32" and encoder["gpu_ids"] == []
+    assert encoder["node_id"] == node and encoder["node_ip"]
+
+
+def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_auto(monkeypatch):
+    import torch
+
+    from pipeline.encode import usable_device
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert usable_device("cuda", "auto") == "cpu"
+    assert usable_device("cpu", "auto") == "cpu"
+    with pytest.raises(PipelineError, match="--device cuda: Ray gave this encoder a GPU, but torch"):
+        usable_device("cuda", "cuda")
+
+
+def test_a_job_runtime_env_and_ray_init_never_set_the_same_variable(monkeypatch):
+    """Under `ray job submit --runtime-env configs/runtime_env.yaml`, Ray refuses a ray.init runtime_env
+    that sets a variable the job's runtime_env sets too ("Failed to merge the Job's runtime env")."""
+    from pipeline.runner import WORKER_ENV, ray_init_kwargs
+
+    job = {"runtime_env": {"working_dir": "gcs://pkg.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env_vars = ray_init_kwargs("auto", quiet=True)["runtime_env"]["env_vars"]
+    assert "TOKENIZERS_PARALLELISM" not in env_vars and set(env_vars) == set(WORKER_ENV) - {"TOKENIZERS_PARALLELISM"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert ray_init_kwargs("auto", quiet=True)["runtime_env"]["env_vars"] == WORKER_ENV
+
+
+def test_an_unreachable_cluster_address_fails_fast():
+    import socket
+    import time
+
+    from pipeline.errors import PipelineError
+    from pipeline.runner import check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.time()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(PipelineError, match=f"cannot reach the Ray cluster at {address}"):
+            check_reachable(address, timeout=5)
+    assert time.time() - started < 10
+    check_reachable("auto")  # left to Ray

@@ -1,0 +1,200 @@
+"""Running on a real Ray cluster: `ray job submit` to a head started with `ray start`,
+replica placement on a multi-node cluster, and jobs that must never start their own."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import read_embeddings
+from tests.conftest import REPO, _free_port, assert_one_line_error, cli, cli_env, make_st_dir, session_processes
+
+VENV_BIN = os.path.dirname(sys.executable)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory, tiny_bert_dir):
+    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("m") / "st"), pooling="mean", normalize=True)
+
+
+def write_shards(directory, shards: int = 4, rows: int = 25) -> list[str]:
+    directory.mkdir(parents=True, exist_ok=True)
+    for k in range(shards):
+        (directory / f"s{k}.txt").write_text("".join(f"shard {k} document {i}\n" for i in range(rows)))
+    return sorted(f"s{k}.txt:{i}" for k in range(shards) for i in range(rows))
+
+
+# --------------------------------------------------------------------------- multi-node placement
+
+
+@pytest.mark.slow  # ~85 s on 2 cores: three raylets and two encoder processes importing torch
+def test_encoder_pool_gets_one_replica_per_gpu_node(tmp_path, tiny_model):
+    """Two worker nodes with one (logical) GPU each: one encoder on each, as on a GPU cluster.
+
+    torch sees no CUDA here, so each replica encodes on CPU (--device auto); the placement,
+    the reservations (num_gpus=1) and the GPU ids Ray hands out are those of a GPU cluster.
+    """
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        # Each GPU node keeps a CPU for its encoder whichever node the one tokenizer lands on: Ray Data
+        # places the tokenizer pool before the encoder pool, so a tokenizer on a 1-CPU GPU node would
+        # leave that GPU without a replica (the run would then wait, up to --stall-timeout, for it).
+        gpu_nodes = {cluster.add_node(num_cpus=2, num_gpus=1).node_id for _ in range(2)}
+        cluster.wait_for_nodes()
+        expected = write_shards(tmp_path / "in")
+        out = tmp_path / "out"
+        args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", tiny_model,
+                "--ray-address", cluster.address, "--num-tokenizers", "1", "--quiet"]
+
+        dry = cli(*args, "--dry-run")
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        assert "encode:   2 actor(s) x 1 GPU + 1 CPU (one per GPU, on every GPU node)" in dry.stdout
+        assert "3 node(s)" in dry.stdout and dry.stdout.count("2 CPU/1 GPU") == 2
+        assert not out.exists()  # a dry run writes nothing
+
+        proc = cli(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    encoders = manifest["replicas"]["encode"]
+    assert sorted(encoders["per_node"]) == sorted(gpu_nodes)  # on the GPU nodes only ...
+    assert list(encoders["per_node"].values()) == [1, 1]  # ... one each
+    assert all(a["gpu_ids"] == ["0"] and a["device"] == "cpu" for a in encoders["actors"])
+    assert manifest["resources"]["num_encoders"] == 2 and manifest["resources"]["encoder_gpus"] == 1
+    assert manifest["dtype"] == "float32"  # what the replicas really ran, not the plan's float16
+    assert sum(manifest["replicas"]["tokenize"]["per_node"].values()) == manifest["resources"]["num_tokenizers"]
+    ids, vectors = read_embeddings(str(out))
+    assert sorted(ids) == expected and vectors.shape == (len(expected), 32)
+
+
+# --------------------------------------------------------------------------- ray start --head + ray job submit
+
+
+class RayHead:
+    """`ray start --head --block` on 127.0.0.1 with ports of its own, in a session of its own,
+    so that stopping it ends exactly its processes (never `ray stop`, which ends every Ray on the machine)."""
+
+    def __init__(self, tmp_path):
+        self.dashboard_port = _free_port()
+        self.temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        self.env = {**cli_env(), "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}", "RAY_AUTH_MODE": "token"}
+        self.env.pop("RAY_ADDRESS")
+        ports = {
+            "--port": _free_port(), "--dashboard-port": self.dashboard_port, "--ray-client-server-port": _free_port(),
+            "--node-manager-port": _free_port(), "--object-manager-port": _free_port(),
+            "--dashboard-agent-listen-port": _free_port(), "--dashboard-agent-grpc-port": _free_port(),
+            "--runtime-env-agent-port": _free_port(), "--metrics-export-port": _free_port(),
+        }
+        args = [f"{VENV_BIN}/ray", "start", "--head", "--block", "--num-cpus", "2", "--include-dashboard", "true",
+                "--dashboard-host", "127.0.0.1", "--disable-usage-stats", "--temp-dir", self.temp_dir]
+        args += [str(x) for item in ports.items() for x in item]
+        self.log = open(tmp_path / "head.log", "w")
+        self.proc = subprocess.Popen(args, env=self.env, start_new_session=True, stdout=self.log, stderr=subprocess.STDOUT)
+        self.address = f"http://127.0.0.1:{self.dashboard_port}"
+
+    def wait_ready(self, timeout: float = 120) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            assert self.proc.poll() is None, "ray start --head exited"
+            try:
+                urllib.request.urlopen(f"{self.address}/api/version", timeout=2).close()
+                return
+            except urllib.error.HTTPError:  # it answers (401 without the token): up
+                return
+            except OSError:
+                pass
+            time.sleep(1)
+        raise AssertionError("the Ray head's dashboard did not answer")
+
+    def submit(self, *entrypoint: str, timeout: float = 400) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [f"{VENV_BIN}/ray", "job", "submit", "--address", self.address, "--working-dir", ".",
+             "--runtime-env", "configs/runtime_env.yaml", "--", *entrypoint],
+            cwd=REPO, env=self.env, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def stop(self) -> None:
+        for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+            for pid in session_processes(self.proc.pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+            deadline = time.time() + wait
+            while session_processes(self.proc.pid) and time.time() < deadline:
+                time.sleep(0.2)
+        self.proc.wait(10)
+        self.log.close()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: a head with its dashboard, two jobs with their runtime_env uploads
+def test_ray_job_submit_runs_embed_then_mine_on_a_running_head(tmp_path, tiny_model):
+    expected = write_shards(tmp_path / "in")
+    out, pairs = tmp_path / "vectors", tmp_path / "pairs"
+    head = RayHead(tmp_path)
+    try:
+        head.wait_ready()
+        embed = head.submit("python", "jobs/embed.py", "--config", "configs/cluster.yaml", "--input", str(tmp_path / "in"),
+                            "--output", str(out), "--model", tiny_model, "--device", "auto", "--dtype", "auto",
+                            "--quiet")
+        assert embed.returncode == 0, (embed.stdout + embed.stderr)[-4000:]
+        assert "succeeded" in embed.stdout + embed.stderr
+        mine = head.submit("python", "jobs/mine.py", "--config", "configs/mine.yaml", "--embeddings", str(out),
+                           "--output", str(pairs), "--top-k", "3", "--max-pairs", "50")
+        assert mine.returncode == 0, (mine.stdout + mine.stderr)[-4000:]
+        assert "mined 50 pairs among 100 documents" in mine.stdout
+    finally:
+        head.stop()
+    assert not session_processes(head.proc.pid)
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["rows"]["embedded"] == 100 and manifest["resources"]["device"] == "cpu"
+    assert manifest["config"]["ray_address"] not in ("", None)  # joined the head, never started a cluster
+    (node,) = manifest["replicas"]["encode"]["per_node"]  # the head is the only node
+    ids, _ = read_embeddings(str(out))
+    assert sorted(ids) == expected
+    table = pq.read_table(pairs / "pairs.parquet")
+    assert table.num_rows == 50 and set(table["id_a"].to_pylist()) <= set(expected)
+    assert json.loads((pairs / "_manifest.json").read_text())["documents"] == 100
+
+
+# --------------------------------------------------------------------------- jobs never start a cluster
+
+
+def run_job(script: str, *args: str, env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, f"jobs/{script}", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_job_with_an_unreachable_address_fails_in_one_line(tmp_path):
+    import pyarrow as pa
+
+    vectors = pa.FixedSizeListArray.from_arrays(pa.array([0.1, 0.2, 0.3, 0.4], pa.float32()), 2)
+    pq.write_table(pa.table({"id": ["a", "b"], "embedding": vectors}), tmp_path / "e.parquet")
+    port = _free_port()  # nothing listens there
+    started = time.time()
+    proc = run_job("mine.py", "--embeddings", str(tmp_path), "--output", str(tmp_path / "p"),
+                   env=cli_env(RAY_ADDRESS=f"127.0.0.1:{port}"))
+    assert_one_line_error(proc, 1, f"cannot reach the Ray cluster at 127.0.0.1:{port}")
+    assert time.time() - started < 60  # ray.init alone would retry for minutes
+    assert not (tmp_path / "p" / "pairs.parquet").exists()
+
+
+def test_job_refuses_an_empty_ray_address(tmp_path):
+    proc = run_job("embed.py", "--input", str(tmp_path), "--output", str(tmp_path / "o"), "--ray-address", "",
+                   env=cli_env())
+    assert_one_line_error(proc, 2, "--ray-address is empty: a job joins its cluster and never starts one")
+    assert not (tmp_path / "o").exists()

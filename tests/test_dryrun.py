@@ -1,0 +1,103 @@
+"""`embedpipe embed --dry-run`: document counts (exact and estimated), the plan, the duration estimate."""
+
+from __future__ import annotations
+
+import gzip
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.config import EmbedConfig
+from pipeline.dryrun import CPU_DOCS_PER_S_PER_CORE, GPU_TARGET_DOCS_PER_S, count_documents, estimate_seconds
+from pipeline.runner import plan_resources
+from pipeline.sources import discover_shards
+from tests.conftest import SAMPLE, assert_one_line_error, cli
+
+
+def counts_of(directory) -> dict[str, tuple[int, str]]:
+    return {c.shard.key: (c.documents, c.method) for c in map(count_documents, discover_shards(str(directory)))}
+
+
+def test_small_shards_are_counted_exactly_in_every_format(tmp_path):
+    import datasets
+
+    (tmp_path / "a.txt").write_text("one\ntwo\n\nthree")  # a blank line is no document; no final newline
+    (tmp_path / "b.jsonl").write_text("".join(json.dumps({"text": f"t{i}"}) + "\n" for i in range(7)))
+    (tmp_path / "c.csv").write_text("text,n\n" + "".join(f"c{i},{i}\n" for i in range(5)))
+    (tmp_path / "d.json").write_text(json.dumps([{"text": "x"}] * 4))
+    pq.write_table(pa.table({"text": [f"p{i}" for i in range(11)]}), tmp_path / "e.parquet", row_group_size=3)
+    datasets.Dataset.from_dict({"text": [f"h{i}" for i in range(6)]}).save_to_disk(str(tmp_path / "hf"))
+    assert counts_of(tmp_path) == {
+        "a.txt": (3, "counted"), "b.jsonl": (7, "counted"), "c.csv": (5, "counted"), "d.json": (4, "counted"),
+        "e.parquet": (11, "parquet metadata"), "hf/data-00000-of-00001.arrow": (6, "counted"),
+    }
+
+
+def test_large_and_compressed_shards_are_estimated_from_a_sample(tmp_path):
+    lines = "".join(f"document number {i:06d} with some words\n" for i in range(300_000))  # 12.6 MB, same length each
+    (tmp_path / "big.txt").write_text(lines)
+    with gzip.open(tmp_path / "big.txt.gz", "wt") as f:
+        f.write(lines)
+    counts = counts_of(tmp_path)
+    assert counts["big.txt"][1] == "estimated" and counts["big.txt.gz"][1] == "estimated"
+    assert counts["big.txt"][0] == pytest.approx(300_000, rel=0.01)  # equal lines: exact up to rounding
+    assert counts["big.txt.gz"][0] == pytest.approx(300_000, rel=0.3)  # compression ratio of the first MiB only
+
+
+def test_duration_estimate_cites_measured_cpu_throughput_and_the_unmeasured_gpu_target():
+    config = EmbedConfig(input="x", output="y")
+    cpu = plan_resources(config, {"CPU": 16.0}, nodes=2)  # 2 encoders x 8 threads
+    seconds, basis = estimate_seconds(cpu, 100_000, config.model)
+    assert seconds == pytest.approx(100_000 / (CPU_DOCS_PER_S_PER_CORE * 16))
+    assert "BENCHMARKS.md" in basis
+    gpu = plan_resources(config, {"CPU": 32.0, "GPU": 4.0}, nodes=4)
+    seconds, basis = estimate_seconds(gpu, 4_000_000, "some/other-model")
+    assert seconds == pytest.approx(4_000_000 / (4 * GPU_TARGET_DOCS_PER_S))
+    assert "NOT measured" in basis and "some/other-model may be much slower" in basis
+    assert estimate_seconds(gpu, 0, config.model)[0] == 0
+
+
+def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
+    out = tmp_path / "out"
+    proc = cli("embed", "--input", SAMPLE, "--output", str(out), "--dry-run", "--encoders-per-node", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    text = proc.stdout
+    assert "3 shard(s)" in text and "en.txt (txt, 110.9 KiB): 1,000 documents (counted)" in text
+    assert "documents: 1,500 in all" in text and "3 to embed, about 1,500 documents" in text
+    assert "tokenize: 1 actor(s) x 0.5 CPU" in text
+    assert "encode:   2 actor(s) x 0.5 CPU, 1 torch thread(s) each (2 per node on 1 node(s))" in text
+    assert "estimated duration: about" in text and "an estimate" in text
+    assert not out.exists()
+
+
+def test_dry_run_counts_only_shards_left_to_embed(tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("x\ny\n")
+    (src / "b.txt").write_text("z\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "a.txt.parquet").write_bytes(b"committed by an earlier run")
+    proc = cli("embed", "--input", str(src), "--output", str(out), "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "1 shard(s) already committed (skipped), 1 to embed, about 1 documents" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["a.txt.parquet"]
+
+
+def test_dry_run_with_bad_input_is_one_line(tmp_path):
+    proc = cli("embed", "--input", str(tmp_path / "none"), "--output", str(tmp_path / "o"), "--dry-run")
+    assert_one_line_error(proc, 2, "no such file or directory")
+
+
+def test_many_shards_are_sampled_and_scaled_by_size(tmp_path, monkeypatch):
+    from pipeline import dryrun
+
+    monkeypatch.setattr(dryrun, "MAX_COUNTED_SHARDS", 4)
+    for k in range(12):
+        (tmp_path / f"s{k:02d}.txt").write_text("x" * 9 + "\n" + "y" * 9 + "\n" * (k % 2))  # 2 documents of 10 bytes
+    counts = dryrun.count_all(discover_shards(str(tmp_path)))
+    methods = [c.method for c in counts]
+    assert methods.count("counted") == 4 and methods.count("estimated from other shards") == 8
+    assert all(c.documents == 2 for c in counts)
