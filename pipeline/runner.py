@@ -118,10 +118,16 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         # Single-threaded encoders, one per core, beat one encoder using every core:
         # small GEMMs scale poorly over threads (BENCHMARKS.md, "layout"). On nodes of
         # more than 2 cores one core is left to the tokenizer and to reading and writing.
+        # With --encoders-per-node, each replica takes its share of the node's cores as threads, so
+        # that its CPU reservation makes Ray spread the replicas evenly over the nodes.
         node_cpus = cpus / nodes
-        threads = config.encoder_threads or 1
-        per_node = max(1, int((node_cpus - (1 if node_cpus > 2 else 0)) // threads))
-        encoders = config.num_encoders or (config.encoders_per_node or per_node) * nodes
+        usable = node_cpus - (1 if node_cpus > 2 else 0)
+        if config.encoders_per_node and not config.encoder_threads:
+            threads = max(1, int(usable // config.encoders_per_node))
+        else:
+            threads = config.encoder_threads or 1
+        per_node = config.encoders_per_node or max(1, int(usable // threads))
+        encoders = config.num_encoders or per_node * nodes
         tokenizers = config.num_tokenizers or nodes
         tok_cpus = 0.5
         enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)

@@ -48,9 +48,10 @@ def test_large_and_compressed_shards_are_estimated_from_a_sample(tmp_path):
 
 def test_duration_estimate_cites_measured_cpu_throughput_and_the_unmeasured_gpu_target():
     config = EmbedConfig(input="x", output="y")
-    cpu = plan_resources(config, {"CPU": 16.0}, nodes=2)  # 2 encoders x 8 threads
+    cpu = plan_resources(config, {"CPU": 16.0}, nodes=2)  # 7 single-threaded encoders per node
+    assert (cpu.num_encoders, cpu.encoder_threads) == (14, 1)
     seconds, basis = estimate_seconds(cpu, 100_000, config.model)
-    assert seconds == pytest.approx(100_000 / (CPU_DOCS_PER_S_PER_CORE * 16))
+    assert seconds == pytest.approx(100_000 / (CPU_DOCS_PER_S_PER_CORE * 14))
     assert "BENCHMARKS.md" in basis
     gpu = plan_resources(config, {"CPU": 32.0, "GPU": 4.0}, nodes=4)
     seconds, basis = estimate_seconds(gpu, 4_000_000, "some/other-model")

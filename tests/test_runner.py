@@ -180,7 +180,7 @@ def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_e
 def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
     config = EmbedConfig(input="x", output="y", encoders_per_node=2)
     plan = plan_resources(config, {"CPU": 32.0}, nodes=2)  # two 16-CPU nodes
-    assert plan.device == "cpu" and plan.num_encoders == 4 and plan.encoder_threads == 8
+    assert plan.device == "cpu" and plan.num_encoders == 4 and plan.encoder_threads == 7  # one core left per node
     node_cpus = 16.0
     assert 2 * plan.encoder_cpus + plan.tokenizer_cpus <= node_cpus  # two replicas and a tokenizer fit a node ...
     assert 3 * plan.encoder_cpus > node_cpus  # ... a third replica does not, so Ray must use the other node
@@ -200,9 +200,11 @@ def test_manifest_records_where_each_replica_ran(ray_cluster, tmp_path, tiny_mod
     assert replicas == result.manifest["replicas"]
     assert replicas["encode"]["per_node"] == {node: result.manifest["resources"]["num_encoders"]}
     assert replicas["tokenize"]["per_node"] == {node: result.manifest["resources"]["num_tokenizers"]}
-    (encoder,) = replicas["encode"]["actors"]
-    assert encoder["device"] == "cpu" and encoder["dtype"] == "float32" and encoder["gpu_ids"] == []
-    assert encoder["node_id"] == node and encoder["node_ip"]
+    encoders = replicas["encode"]["actors"]
+    assert len(encoders) == result.manifest["resources"]["num_encoders"] == 2  # one per core of the 2-CPU cluster
+    for encoder in encoders:
+        assert encoder["device"] == "cpu" and encoder["dtype"] == "float32" and encoder["gpu_ids"] == []
+        assert encoder["node_id"] == node and encoder["node_ip"]
 
 
 def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_auto(monkeypatch):
