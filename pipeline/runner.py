@@ -39,6 +39,7 @@ COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
 # tokenising the next block overlaps encoding this one; a GPU takes larger ones.
 CPU_BLOCK_ROWS = 1024
 GPU_BLOCK_ROWS = 8192
+OBJECT_STORE_BUDGET = 256 << 20  # bytes of blocks Ray Data may hold in the object store at once
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks, little imbalance at the end
 TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
 MIN_BLOCK_BYTES = 64 << 10
@@ -388,7 +389,10 @@ def _execute(
     # every encoder instead of going to one, tokenising the next block overlaps encoding this
     # one, and a file commits as soon as its last block is encoded. The encoder gathers blocks
     # into calls of plan.block_rows rows (its batch size), whatever their size in bytes.
-    saved_block_size = ctx.target_max_block_size
+    saved_block_size, saved_limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
+    # Blocks are small, so a small object-store budget keeps every stage fed; Ray Data's default
+    # lets buffered blocks grow with the run, and the touched shared memory with them.
+    ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=OBJECT_STORE_BUDGET)
     ctx.target_max_block_size = min(
         ctx.target_max_block_size or DataContext().target_max_block_size,
         max(MIN_BLOCK_BYTES, min(config.rows_per_file, plan.block_rows) * TEXT_ROW_BYTES),
@@ -445,6 +449,7 @@ def _execute(
     finally:
         ray.kill(board)
         ctx.target_max_block_size = saved_block_size
+        ctx.execution_options.resource_limits = saved_limits
         ctx.wait_for_min_actors_s = saved_wait
 
 

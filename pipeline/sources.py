@@ -22,6 +22,7 @@ import zlib
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -506,6 +507,20 @@ class ShardDatasource(Datasource):
         return tasks
 
 
+def _longest_first(table: pa.Table) -> pa.Table:
+    """A chunk's rows by text length, longest first (the sink restores row order).
+
+    Ray cuts a chunk into small blocks; sorted, each block holds texts of similar
+    length, so the encoder's micro-batches carry little padding even though each
+    block is sorted only on its own. Measured: unsorted 667-row blocks cost about a
+    third more encoding time than one 10,000-row sorted block (BENCHMARKS.md).
+    """
+    import pyarrow.compute as pc
+
+    lengths = pc.fill_null(pc.utf8_length(table["text"]), 0).to_numpy(zero_copy_only=False)
+    return table.take(pa.array(np.argsort(-lengths, kind="stable")))
+
+
 def chunk_file_name(shard: Shard, chunk: int, multi: bool) -> str:
     stem = output_stem(shard.key)
     return f"{stem}-{chunk:05d}.parquet" if multi else f"{stem}.parquet"
@@ -522,6 +537,7 @@ def read_chunks(shard: Shard, spec: ReadSpec, rows_per_file: int, committed: fro
         name = chunk_file_name(shard, chunk, multi)
         if name in committed:
             return
+        table = _longest_first(table)
         n = table.num_rows
         yield table.append_column("_shard", pa.array([shard.key] * n, pa.string())).append_column(
             "_file", pa.array([name] * n, pa.string())

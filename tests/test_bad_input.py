@@ -243,7 +243,7 @@ def test_directory_that_is_not_a_model(embed_into, out, tmp_path, bad_file):
         (["--rows-per-file", "0"], "--rows-per-file must be a positive integer, got 0"),
         (["--on-invalid", "maybe"], "--on-invalid must be one of skip, error, got 'maybe'"),
         (["--stall-timeout", "-1"], "--stall-timeout must be"),
-        (["--dtype", "float64"], "--dtype must be one of auto, float32, float16, bfloat16, got 'float64'"),
+        (["--dtype", "float64"], "--dtype must be one of auto, float32, float16, bfloat16, int8, got 'float64'"),
         (["--encoding-errors", "ignore"], "--encoding-errors must be one of strict, replace, got 'ignore'"),
     ],
     ids=lambda v: " ".join(v) if isinstance(v, list) else None,
