@@ -7,7 +7,7 @@ time). Pooling, Dense and Normalize stay sentence-transformers' own modules,
 in float32. Encoders receive the graph's bytes through the object store, so
 every node of a cluster gets the same graph without a shared disk.
 
-Measured on all-MiniLM-L6-v2 (BENCHMARKS.md): about 1.6x the float32 encoder's
+Measured on all-MiniLM-L6-v2 (BENCHMARKS.md): about 1.9x the float32 encoder's
 speed on this machine's AVX2 cores, mean cosine 0.991 and minimum 0.975 to the
 float32 vectors. Per-channel MatMul-only quantisation is the choice that keeps
 the minimum cosine above 0.97: quantising every Linear per tensor dropped it
