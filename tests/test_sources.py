@@ -17,8 +17,9 @@ SPEC = ReadSpec("text", None, (), "strict", {})
 
 
 def rows_of(shard, spec=SPEC, rows_per_file=1000, committed=frozenset()):
+    """A shard's rows in file order: chunks come longest text first, and `_row` is what restores the order."""
     tables = list(read_chunks(shard, spec, rows_per_file, committed))
-    return pa.concat_tables(tables).to_pylist() if tables else []
+    return pa.concat_tables(tables).sort_by("_row").to_pylist() if tables else []
 
 
 def make_inputs(tmp_path):
@@ -50,6 +51,17 @@ def test_directory_discovery_and_every_format(tmp_path):
     assert [r["id"] for r in got["sub/e.parquet"]] == ["sub/e.parquet:0", "sub/e.parquet:1", "sub/e.parquet:2"]
     assert [r["text"] for r in got["f.txt.gz"]] == ["gz0", "gz1"]
     assert all(r["_file"] == "sub__d.csv.parquet" for r in got["sub/d.csv"])
+
+
+def test_each_chunk_comes_longest_text_first_with_its_file_row(tmp_path):
+    path = tmp_path / "mixed.txt"
+    texts = ["a", "ccc", "", "bb", "dddd", "e"]
+    path.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    (shard,) = discover_shards(str(path))
+    chunks = [t.to_pylist() for t in read_chunks(shard, SPEC, 3, frozenset())]
+    assert [[r["text"] for r in c] for c in chunks] == [["ccc", "a", ""], ["dddd", "bb", "e"]]
+    assert [[r["_row"] for r in c] for c in chunks] == [[1, 0, 2], [4, 3, 5]]
+    assert all(r["id"] == f"mixed.txt:{r['_row']}" for c in chunks for r in c)
 
 
 def test_glob_and_single_file(tmp_path):
