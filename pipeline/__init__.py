@@ -1,12 +1,13 @@
 """embedpipe: distributed batch embedding on Ray, identical to sentence-transformers.
 
-Python entry points: `run_embed(EmbedConfig(...))` and `read_embeddings(path)`.
+Python entry points: `run_embed(EmbedConfig(...))`, `read_embeddings(path)`, and for the
+output of a sparse (SPLADE) model `read_sparse_embeddings(path)`.
 """
 
 __version__ = "0.1.0"
 
 from pipeline.config import EmbedConfig, build_config  # noqa: E402
-from pipeline.readers import read_embeddings  # noqa: E402
+from pipeline.readers import read_embeddings, read_sparse_embeddings  # noqa: E402
 
 
 def run_embed(config: EmbedConfig):
@@ -15,4 +16,4 @@ def run_embed(config: EmbedConfig):
     return _run(config)
 
 
-__all__ = ["EmbedConfig", "build_config", "read_embeddings", "run_embed", "__version__"]
+__all__ = ["EmbedConfig", "build_config", "read_embeddings", "read_sparse_embeddings", "run_embed", "__version__"]

@@ -43,6 +43,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--device", help="auto|cpu|cuda")
     p.add_argument("--dtype", help="auto|float32|float16|bfloat16|int8 (int8: CPU, ONNX Runtime, close not equal)")
     p.add_argument("--output-dtype", help="float32|float16")
+    p.add_argument("--sparse-top-k", type=int, help="sparse (SPLADE) models: strongest terms kept per document")
     p.add_argument("--num-encoders", type=int)
     p.add_argument("--encoders-per-node", type=int, help="CPU-only clusters: encoder replicas per node (default: the resource plan's)")
     p.add_argument("--num-tokenizers", type=int)

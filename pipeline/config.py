@@ -56,7 +56,10 @@ class EmbedConfig:
     """Compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16, or int8 (CPU:
     the transformer's MatMuls quantised per channel with ONNX Runtime; faster, vectors close but not equal)."""
     output_dtype: str = "float32"
-    """Stored vector dtype: float32 or float16."""
+    """Stored vector dtype: float32 or float16 (for a sparse model: of its values)."""
+    sparse_top_k: int | None = None
+    """Sparse (SPLADE) models: keep only this many strongest terms per document, as
+    SparseEncoder.encode's max_active_dims; default all non-zero terms."""
     num_encoders: int | None = None
     """Encoder replicas in all; default one per GPU (CUDA) or encoders_per_node on every node (CPU)."""
     encoders_per_node: int | None = None
@@ -115,6 +118,7 @@ class EmbedConfig:
         _positive("--num-tokenizers", self.num_tokenizers)
         _positive("--encoder-threads", self.encoder_threads)
         _positive("--rows-per-file", self.rows_per_file)
+        _positive("--sparse-top-k", self.sparse_top_k)
         _positive("--mine-top-k", self.mine_top_k)
         _positive("--mine-max-pairs", self.mine_max_pairs)
         _choice("--device", self.device, DEVICES)
@@ -128,7 +132,7 @@ class EmbedConfig:
             raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
         if self.device == "cuda" and self.dtype == "int8":
             raise UsageError("--dtype int8 is the CPU path; use float16 or bfloat16 with --device cuda")
-        reserved = {"id", "embedding"} & set(self.keep_columns)
+        reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
 

@@ -4,6 +4,10 @@ Rows arrive sorted by length. They are cut into micro-batches by a token
 budget (rows x longest row <= max_batch_tokens), padded only to the longest
 row of each micro-batch, and run through the SentenceTransformer's modules
 under `torch.inference_mode`. Output vectors are float32.
+
+A sparse (SPLADE) model's output is vocabulary-sized and mostly zero: each
+row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
+`values: list<float32>`, optionally only its `sparse_top_k` strongest.
 """
 
 from __future__ import annotations
@@ -16,12 +20,16 @@ import pyarrow as pa
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import PipelineError, UsageError
-from pipeline.model import load_model, model_normalizes, resolve_prompt
+from pipeline.model import is_sparse, load_model, model_normalizes, resolve_prompt, sparse_top_k
 from pipeline.sink import SinkSpec, commit_block
 from pipeline.tokenize import TOKEN_PREFIX
 from pipeline.watchdog import Progress
 
 log = logging.getLogger(__name__)
+
+# A sparse model's MLM head produces rows x tokens x vocabulary logits; its token budget is cut
+# so that they stay within this many bytes (about 2,200 tokens for a 30k vocabulary).
+SPARSE_LOGITS_BYTES = 256 << 20
 
 
 def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
@@ -98,12 +106,16 @@ class EncodeStage:
         self.dtype = dtype
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
         self.max_batch_tokens = config.max_batch_tokens
+        self.sparse = is_sparse(self.model)
+        self.sparse_top_k = sparse_top_k(self.model, config)
         prompt = resolve_prompt(self.model, config)
         probe = self.model.preprocess(["x"], prompt=prompt)
         self.extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}
         with torch.inference_mode():
             probe = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in probe.items()}
             self.dim = int(self._run(probe).shape[1])
+        if self.sparse:
+            self.max_batch_tokens = max(1, min(self.max_batch_tokens, SPARSE_LOGITS_BYTES // (4 * self.dim)))
         tokenizer = self.model.tokenizer
         self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
         pad_id = getattr(tokenizer, "pad_token_id", None)
@@ -130,6 +142,9 @@ class EncodeStage:
         valid = np.flatnonzero(lengths > 0)
         rows, copy_of = _distinct_rows(valid, lists)
         rows = rows[np.argsort(-lengths[rows], kind="stable")]
+        out = batch.drop_columns([TOKEN_PREFIX + k for k in keys])
+        if self.sparse:
+            return self._encode_sparse(out, rows, copy_of, valid, lists, lengths)
         vectors = np.zeros((batch.num_rows, self.dim), np.float32)
         for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
             idx = rows[start:end]
@@ -137,8 +152,26 @@ class EncodeStage:
             self.progress.tick()
         vectors[valid] = vectors[copy_of]  # repeated texts take the vector of their first copy
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-        out = batch.drop_columns([TOKEN_PREFIX + k for k in keys])
         return out.append_column("embedding", embedding)
+
+    def _encode_sparse(self, out: pa.Table, rows, copy_of, valid, lists: dict, lengths) -> pa.Table:
+        """`indices` and `values` columns: each row's non-zero terms (invalid rows: none)."""
+        empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+        terms = [empty] * out.num_rows
+        for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
+            idx = rows[start:end]
+            for i, row_terms in zip(idx, sparse_terms(self._forward(idx, lists, lengths), self.sparse_top_k)):
+                terms[i] = row_terms
+            self.progress.tick()
+        for j, i in enumerate(valid):  # repeated texts take the terms of their first copy
+            terms[i] = terms[copy_of[j]]
+        offsets = np.zeros(len(terms) + 1, np.int32)
+        np.cumsum([len(t[0]) for t in terms], out=offsets[1:])
+        flat_idx = np.concatenate([t[0] for t in terms]) if terms else np.zeros(0, np.int32)
+        flat_val = np.concatenate([t[1] for t in terms]) if terms else np.zeros(0, np.float32)
+        indices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_idx, pa.int32()))
+        values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_val, pa.float32()))
+        return out.append_column("indices", indices).append_column("values", values)
 
     def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> np.ndarray:
         torch = self.torch
@@ -190,6 +223,26 @@ class EncodeStage:
         for module in list(self.model)[1:]:
             features = module(features)
         return features["sentence_embedding"]
+
+
+def sparse_terms(dense: np.ndarray, top_k: int | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each row's non-zero entries as (ascending int32 indices, float32 values).
+
+    With `top_k`, only the top_k largest by absolute value are kept first, exactly as
+    sentence-transformers' `select_max_active_dims` (torch.topk) does for max_active_dims.
+    """
+    if top_k is not None and top_k < dense.shape[1]:
+        import torch
+
+        tensor = torch.from_numpy(dense)
+        _, top = torch.topk(tensor.abs(), k=top_k, dim=-1)
+        kept = torch.zeros_like(tensor).scatter_(-1, top, tensor.gather(-1, top))
+        dense = kept.numpy()
+    rows, cols = np.nonzero(dense)
+    bounds = np.searchsorted(rows, np.arange(dense.shape[0] + 1))
+    values = dense[rows, cols].astype(np.float32)
+    cols = cols.astype(np.int32)
+    return [(cols[bounds[r] : bounds[r + 1]], values[bounds[r] : bounds[r + 1]]) for r in range(dense.shape[0])]
 
 
 def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarray]:

@@ -23,6 +23,8 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     with fs.open(manifest_path, "r") as f:
         manifest = json.load(f)
     brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "output_dtype", "rows")}
+    if manifest.get("kind") == "sparse":
+        brief.update(kind="sparse", vocab_size=manifest.get("vocab_size"), sparse_top_k=manifest.get("sparse_top_k"))
     brief["model"] = manifest["model"]["name"]
     brief["files"] = len(manifest["files"])
     if manifest.get("replicas"):  # how many replicas of each stage ran on each node
@@ -33,8 +35,15 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
         with fs.open(files[0], "rb") as f:
             table = pq.read_table(f).slice(0, rows)
         for row in table.to_pylist():
-            vec = ", ".join(f"{x:.4f}" for x in row["embedding"][:4])
-            print(f"{row['id']}: [{vec}, ...]")
+            if "embedding" in row:
+                vec = ", ".join(f"{x:.4f}" for x in row["embedding"][:4])
+                print(f"{row['id']}: [{vec}, ...]")
+            else:  # sparse: its strongest terms
+                top = sorted(zip(row["values"], row["indices"]), reverse=True)[:4]
+                terms = ", ".join(f"{i}: {v:.4f}" for v, i in top)
+                print(f"{row['id']}: {len(row['indices'])} terms {{{terms}, ...}}")
+    if pairs > 0 and manifest.get("kind") == "sparse":
+        raise InputError("--pairs: this output holds sparse vectors; pairs are mined from dense embeddings")
     if pairs > 0:
         _show_pairs(path, files, pairs, fs, storage_options)
 

@@ -134,6 +134,8 @@ def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, int]:
     except (pa.ArrowException, OSError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
         raise InputError(f"{where} is not a readable Parquet file ({first})") from None
+    if "embedding" not in schema.names and {"indices", "values"} <= set(schema.names):
+        raise InputError(f"{where} holds sparse (SPLADE) vectors; mining works on dense embeddings")
     for column in ("embedding", "id"):
         if column not in schema.names:
             raise InputError(f"{where} has no {column!r} column (columns are {schema.names[:12]})")

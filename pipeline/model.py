@@ -46,6 +46,32 @@ def resolve_model_path(name: str) -> str:
     return name  # hub id, resolved by the Hugging Face cache
 
 
+MODEL_KINDS = {"SentenceTransformer": "dense", "SparseEncoder": "sparse", "CrossEncoder": "cross-encoder"}
+
+
+def model_kind(path: str) -> str:
+    """'dense', 'sparse' or 'cross-encoder', from the `model_type` sentence-transformers saves with a model.
+
+    A directory without that file is a dense model (plain Hugging Face models, older saves); for a
+    hub id the file is looked up in the local Hugging Face cache only.
+    """
+    config_file = os.path.join(path, "config_sentence_transformers.json")
+    if not os.path.isdir(path):
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(path, "config_sentence_transformers.json")
+            config_file = cached if isinstance(cached, str) else ""
+        except Exception:  # noqa: BLE001 - no cache entry: the loader decides
+            config_file = ""
+    try:
+        with open(config_file, encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type", "SentenceTransformer")
+    except (OSError, ValueError, AttributeError):
+        return "dense"
+    return MODEL_KINDS.get(model_type, "dense")
+
+
 def _check_weights_present(path: str, name: str) -> None:
     """Refuse, on the driver, a transformer directory without weights: otherwise every encoder actor fails."""
     for directory in _transformer_dirs(path):
@@ -98,15 +124,25 @@ def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
     override removes the model's Normalize module (the encoder normalises
     itself when asked).
     """
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer, SparseEncoder
     from sentence_transformers.base.modules import Normalize
     from sentence_transformers.sentence_transformer.modules import Pooling
 
     path = resolve_model_path(config.model)
+    kind = model_kind(path)
+    if kind == "cross-encoder":
+        raise InputError(
+            f"--model {config.model}: is a cross-encoder, which scores pairs of texts; "
+            "use it with `embedpipe rerank`, and an embedding model here"
+        )
+    if kind == "sparse":
+        _check_sparse_options(config)
+    elif config.sparse_top_k is not None:
+        raise UsageError(f"--sparse-top-k: model {config.model} is a dense model; it applies to sparse (SPLADE) models")
     quiet = _quiet_transformers()
     try:
         with quiet, (_weights_on_meta() if not weights else contextlib.nullcontext()):
-            model = SentenceTransformer(
+            model = (SparseEncoder if kind == "sparse" else SentenceTransformer)(
                 path,
                 device="meta" if not weights else device,
                 trust_remote_code=config.trust_remote_code,
@@ -130,6 +166,42 @@ def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
             if isinstance(model[i], Normalize):
                 del model[i]
     return model
+
+
+def _check_sparse_options(config: EmbedConfig) -> None:
+    """Options that have no meaning for a sparse model are refused, not ignored."""
+    if config.pooling is not None:
+        raise UsageError(f"--pooling: model {config.model} is a sparse (SPLADE) model; its pooling is fixed")
+    if config.normalize:
+        raise UsageError(f"--normalize: model {config.model} is a sparse (SPLADE) model; its term weights are not normalised")
+    if config.dtype == "int8":
+        raise UsageError(f"--dtype int8: model {config.model} is a sparse (SPLADE) model; int8 is for dense models")
+
+
+def is_sparse(model) -> bool:
+    from sentence_transformers import SparseEncoder
+
+    return isinstance(model, SparseEncoder)
+
+
+def sparse_top_k(model, config: EmbedConfig) -> int | None:
+    """Terms kept per document by a sparse model: --sparse-top-k, else the model's own
+    max_active_dims (as SparseEncoder.encode uses it), else all non-zero terms."""
+    if config.sparse_top_k is not None:
+        return config.sparse_top_k
+    return getattr(model, "max_active_dims", None) if is_sparse(model) else None
+
+
+def output_dimension(model) -> int | None:
+    """Length of a sparse model's vectors: its vocabulary (the MLM head's outputs)."""
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
+
+    for module in model:
+        if isinstance(module, SpladePooling) and module.embedding_dimension:
+            return int(module.embedding_dimension)
+    config = getattr(getattr(model[0], "model", None), "config", None)
+    size = getattr(config, "vocab_size", None)
+    return int(size) if size else None
 
 
 def _check_max_seq_length(model, config: EmbedConfig) -> None:
@@ -208,6 +280,8 @@ class ModelInfo:
     normalize: bool
     max_seq_length: int | None
     prompt: str | None
+    kind: str = "dense"
+    """'dense' (one vector per document) or 'sparse' (SPLADE: term indices and weights)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -215,10 +289,14 @@ class ModelInfo:
 
 def describe_model(model, config: EmbedConfig) -> ModelInfo:
     from sentence_transformers.sentence_transformer.modules import Pooling
+    from sentence_transformers.sparse_encoder.modules import SpladePooling
 
-    pooling = next((m for m in model if isinstance(m, Pooling)), None)
-    mode = pooling.pooling_mode if pooling is not None else "none"
-    mode = "+".join(mode) if isinstance(mode, tuple) else str(mode)
+    pooling = next((m for m in model if isinstance(m, (Pooling, SpladePooling))), None)
+    if isinstance(pooling, SpladePooling):
+        mode = f"splade-{pooling.pooling_strategy}" + ("-log1p" if pooling.activation_function == "log1p_relu" else "")
+    else:
+        mode = pooling.pooling_mode if pooling is not None else "none"
+        mode = "+".join(mode) if isinstance(mode, tuple) else str(mode)
     normalize = config.normalize if config.normalize is not None else model_normalizes(model)
     path = resolve_model_path(config.model)
     return ModelInfo(
@@ -229,6 +307,7 @@ def describe_model(model, config: EmbedConfig) -> ModelInfo:
         normalize=bool(normalize),
         max_seq_length=model.max_seq_length,
         prompt=resolve_prompt(model, config),
+        kind="sparse" if is_sparse(model) else "dense",
     )
 
 

@@ -1,4 +1,5 @@
-"""Reading embeddings back: `read_embeddings(path) -> (ids, float32 matrix)`."""
+"""Reading embeddings back: `read_embeddings(path) -> (ids, float32 matrix)`, and for a sparse
+model's output `read_sparse_embeddings(path) -> (ids, scipy.sparse.csr_matrix)`."""
 
 from __future__ import annotations
 
@@ -52,11 +53,56 @@ def read_embeddings(
     return ids, np.concatenate(blocks)
 
 
+def read_sparse_embeddings(path: str, storage_options: Mapping[str, Any] | None = None, dim: int | None = None):
+    """All ids and sparse vectors under `path` (written with a sparse model), in file order, as
+    (list of str, float32 scipy.sparse.csr_matrix [N, dim]). `dim` defaults to the manifest's
+    vocabulary size."""
+    import scipy.sparse
+
+    fs, root = get_fs(path, storage_options)
+    if dim is None:
+        dim = _manifest_dim(fs, root)
+    ids: list[str] = []
+    cols, vals, sizes = [], [], []
+    for file in embedding_files(path, storage_options):
+        table = _read_columns(fs, file, ["id", "indices", "values"], "a sparse embeddings file")
+        indices, values = table["indices"].combine_chunks(), table["values"].combine_chunks()
+        offsets = np.asarray(indices.offsets)
+        cols.append(np.asarray(indices.values.to_numpy(zero_copy_only=False))[offsets[0] : offsets[-1]])
+        vals.append(np.asarray(values.values.to_numpy(zero_copy_only=False), np.float32)[offsets[0] : offsets[-1]])
+        sizes.append(np.diff(offsets))
+        ids += table["id"].to_pylist()
+    col = np.concatenate(cols) if cols else np.zeros(0, np.int32)
+    indptr = np.zeros(len(ids) + 1, np.int64)
+    if sizes:
+        np.cumsum(np.concatenate(sizes), out=indptr[1:])
+    width = dim if dim is not None else int(col.max(initial=-1)) + 1
+    data = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+    return ids, scipy.sparse.csr_matrix((data, col, indptr), shape=(len(ids), width))
+
+
+def _manifest_dim(fs, root: str) -> int | None:
+    import json
+
+    try:
+        return json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), "_manifest.json"))).get("dim")
+    except (FileNotFoundError, ValueError, NotADirectoryError):
+        return None
+
+
 def _read_vectors(fs, file: str) -> pa.Table:
     """The id and embedding columns of one file; InputError naming the file if it has none."""
+    with fs.open(file, "rb") as f:
+        names = pq.read_schema(f).names
+    if "embedding" not in names and {"indices", "values"} <= set(names):
+        raise InputError(f"{file}: holds sparse vectors (indices, values); read them with read_sparse_embeddings")
+    return _read_columns(fs, file, ["id", "embedding"], "an embeddings file with id and embedding columns")
+
+
+def _read_columns(fs, file: str, columns: list[str], what: str) -> pa.Table:
     try:
         with fs.open(file, "rb") as f:
-            return pq.read_table(f, columns=["id", "embedding"])
+            return pq.read_table(f, columns=columns)
     except (pa.ArrowException, OSError) as exc:
         first = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]
-        raise InputError(f"{file}: not an embeddings file with id and embedding columns ({first})") from None
+        raise InputError(f"{file}: not {what} ({first})") from None

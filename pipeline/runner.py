@@ -23,7 +23,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
-from pipeline.model import ModelInfo, describe_model, load_model
+from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, sparse_top_k
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
 from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
@@ -250,7 +250,7 @@ def committed_files(fs, root: str) -> dict[str, str]:
     return out
 
 
-COMPAT_KEYS = ("fingerprint", "pooling", "normalize", "max_seq_length", "prompt")
+COMPAT_KEYS = ("fingerprint", "kind", "pooling", "normalize", "max_seq_length", "prompt")
 
 
 def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig) -> None:
@@ -269,9 +269,10 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
             f"--output {config.output} holds vectors computed with dtype={previous.get('dtype')!r}, this run has "
             f"{config.dtype!r}; int8 and floating-point vectors are not mixed in one output; use another output or --overwrite"
         )
-    for key in ("rows_per_file", "output_dtype", "text_field", "id_field"):
-        old_value = previous.get("config", {}).get(key)
-        if old_value is not None and old_value != getattr(config, key):
+    for key in ("rows_per_file", "output_dtype", "text_field", "id_field", "sparse_top_k"):
+        old_config = previous.get("config", {})
+        old_value = old_config.get(key)
+        if key in old_config and old_value != getattr(config, key):
             raise UsageError(
                 f"--output {config.output} was written with {key}={old_value!r}, this run has "
                 f"{getattr(config, key)!r}; use another output or --overwrite"
@@ -340,7 +341,12 @@ def run_embed(config: EmbedConfig) -> RunResult:
             if file_stats is not None and file_stats.get("shard") in shard_keys:
                 stats[name] = file_stats
     finished = time.time()
-    manifest = _manifest(config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas)
+    vectors = {"kind": info.kind}
+    if info.kind == "sparse":
+        vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
+    manifest = _manifest(
+        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors
+    )
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root))
     else:
@@ -605,7 +611,11 @@ _ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineE
 _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")
 
 
-def _manifest(config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=()) -> dict[str, Any]:
+def _manifest(
+    config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
+) -> dict[str, Any]:
+    """The output's `_manifest.json`. `vectors`: kind ('dense' or 'sparse'), and for sparse
+    outputs the vocabulary size (their dimension) and the terms kept per document."""
     from pipeline import __version__
 
     files = sorted(stats.values(), key=lambda s: s["file"])
@@ -618,11 +628,13 @@ def _manifest(config, info, plan, shards, stats, started, finished, fs, root, st
             entry["embedded"] += s["embedded"]
     totals = {k: sum(s[k] for s in files) for k in ("embedded", "invalid", "truncated", "tokens")}
     totals["documents"] = sum(s["rows"] for s in files)
-    dim = _dimension(fs, root, files)
+    vectors = vectors or {"kind": "dense"}
+    dim = vectors["vocab_size"] if vectors["kind"] == "sparse" else _dimension(fs, root, files)
     return {
         "format": "embedpipe/embeddings",
         "version": 1,
         "model": info.as_dict(),
+        **vectors,
         "dim": dim,
         "pooling": info.pooling,
         "normalize": info.normalize,

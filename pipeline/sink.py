@@ -121,11 +121,16 @@ def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dic
     """Write a complete chunk to `root/name` atomically; return its stats."""
     stats = chunk_stats(rows, name)
     rows = rows.sort_by("_row").filter(rows.sort_by("_row")["_valid"])
-    embedding = rows["embedding"]
-    if sink.output_dtype == "float16":
-        dim = embedding.type.list_size
-        embedding = embedding.cast(pa.list_(pa.float16(), dim))
-    columns = {"id": rows["id"], "embedding": embedding}
+    if "embedding" in rows.column_names:
+        embedding = rows["embedding"]
+        if sink.output_dtype == "float16":
+            embedding = embedding.cast(pa.list_(pa.float16(), embedding.type.list_size))
+        columns = {"id": rows["id"], "embedding": embedding}
+    else:  # a sparse model's terms
+        values = rows["values"]
+        if sink.output_dtype == "float16":
+            values = values.cast(pa.list_(pa.float16()))
+        columns = {"id": rows["id"], "indices": rows["indices"], "values": values}
     for col in sink.keep_columns:
         columns[col] = rows["text"] if col == sink.text_field else rows[col]
     table = pa.table(columns)
