@@ -101,6 +101,7 @@ class EncodeStage:
             if isinstance(int8_graph, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
                 int8_graph = ray.get(int8_graph)
             self.int8 = Int8Transformer(int8_graph, threads)
+            self.after_int8 = list(self.model)[1:]  # the modules that follow the quantised transformer
         elif dtype != "float32":
             self.model.to(getattr(torch, dtype))
         self.dtype = dtype
@@ -220,7 +221,7 @@ class EncodeStage:
         if self.int8 is None:
             return self.model(features)["sentence_embedding"]
         features = self.int8(features)
-        for module in list(self.model)[1:]:
+        for module in self.after_int8:
             features = module(features)
         return features["sentence_embedding"]
 
