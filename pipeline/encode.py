@@ -62,6 +62,13 @@ def usable_device(planned: str, asked: str) -> str:
     return "cpu"
 
 
+def compute_dtype(asked: str, device: str) -> str:
+    """The dtype the encoder computes in: `--dtype`, where auto is float16 on CUDA and float32 on CPU."""
+    if asked == "auto":
+        return "float16" if device == "cuda" else "float32"
+    return asked
+
+
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
 
@@ -73,9 +80,12 @@ class EncodeStage:
         self.sink = sink
         self.progress = Progress(board, "encode")
         self.progress.register_actor()
+        device = usable_device(device, config.device)
+        # Placement is reported before the model loads: a replica that Ray started counts as
+        # placed even when a small run ends before it has finished loading.
+        self.progress.report_placement(device=device, dtype=compute_dtype(config.dtype, device))
         with self.progress.step("loading the model"):
-            self._load(config, usable_device(device, config.device), threads, int8_graph)
-        self.progress.report_placement(device=self.device.type, dtype=self.dtype)
+            self._load(config, device, threads, int8_graph)
 
     def _load(self, config: EmbedConfig, device: str, threads: int | None, int8_graph: bytes | None) -> None:
         import torch
@@ -87,9 +97,7 @@ class EncodeStage:
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
         self.model = load_model(config, device=str(self.device), weights=True)
         self.model.eval()
-        dtype = config.dtype
-        if dtype == "auto":
-            dtype = "float16" if self.device.type == "cuda" else "float32"
+        dtype = compute_dtype(config.dtype, self.device.type)
         self.int8 = None
         if dtype == "int8":
             if int8_graph is None:

@@ -103,6 +103,7 @@ def test_sparse_vectors_equal_sparse_encoder_encode(sparse_run, splade_dir):
     assert first["indices"] == sorted(first["indices"]) and all(v > 0 for v in first["values"])
 
 
+@pytest.mark.slow  # make test-all; test_sparse_terms_match_select_max_active_dims checks the selection in make test
 def test_sparse_top_k_keeps_the_strongest_terms_as_max_active_dims(ray_cluster, tmp_path, splade_dir):
     src = tmp_path / "in"
     src.mkdir()
