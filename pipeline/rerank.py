@@ -299,6 +299,7 @@ def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tupl
     if os.environ.get("EMBEDPIPE_DEBUG") != "1":
         _keep_tracebacks_off_the_console()
     block_pairs = config.block_pairs or (GPU_BLOCK_PAIRS if plan.device == "cuda" else CPU_BLOCK_PAIRS)
+    block_pairs = min(block_pairs, -(-pairs.num_rows // plan.num_encoders))  # a small run still feeds every replica
     wanted = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
     wanted = wanted.take(pc.sort_indices(wanted))
     spec = ReadSpec(config.text_field, config.id_field, (), config.encoding_errors, config.storage_options)
@@ -321,7 +322,9 @@ def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tupl
             fn_constructor_args=(config, plan.device, plan.encoder_threads),
             batch_size=block_pairs,
             batch_format="pyarrow",
-            compute=ActorPoolStrategy(size=plan.num_encoders, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+            compute=ActorPoolStrategy(
+                size=min(plan.num_encoders, len(blocks)), max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR
+            ),
             num_cpus=plan.encoder_cpus,
             num_gpus=plan.encoder_gpus,
         )
