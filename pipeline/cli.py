@@ -171,7 +171,7 @@ def cmd_embed(args: argparse.Namespace) -> int:
             ),
             # the rerank reads embed's input as embed did, on the devices embed used
             text_field=config.text_field, id_field=config.id_field, encoding_errors=config.encoding_errors,
-            device=config.device, num_encoders=config.num_encoders, max_batch_tokens=config.max_batch_tokens,
+            device=config.device, num_encoders=config.num_encoders,
             trust_remote_code=config.trust_remote_code or None,
         )
     return 0

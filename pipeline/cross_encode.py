@@ -34,6 +34,10 @@ from pipeline.errors import InputError
 log = logging.getLogger(__name__)
 
 SUB_BATCH = 256  # pairs per preprocess call; sorted by length so the tokenizer pads little
+# Default token budgets. CPU, measured on 512 fortune pairs with a MiniLM-size model and one thread:
+# 2048 tokens 13.9 s, 1024 14.2 s, 4096 17.7 s, 16384 22.9 s (predict, batches of 32: 24.1 s).
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
 
 
 @dataclass(frozen=True)
@@ -154,7 +158,7 @@ class CrossEncodeStage:
         dtype = config.dtype if config.dtype != "auto" else ("float16" if self.device.type == "cuda" else "float32")
         if dtype != "float32":
             self.model.to(getattr(torch, dtype))
-        self.max_batch_tokens = config.max_batch_tokens
+        self.max_batch_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS)
         self.prompt = self.model._resolve_prompt(None, None)  # what predict() does without prompt arguments
         probe = self.model.preprocess([["x", "y"]], prompt=self.prompt)
         self.extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}  # e.g. modality: text

@@ -82,13 +82,14 @@ def join_first(parts: int, pairs: pa.Table, *text_tables: pa.Table) -> list[pa.T
     return out if parts > 1 else out[0]
 
 
-def join_second(parts: int, blocks: int, n_texts: int, *tables: pa.Table) -> list[pa.Table]:
-    """One part of id_b: text_b attached to the pairs from every join_first, cut into `blocks` tables
-    (pair, text_a, text_b). `tables` holds this part's `n_texts` text tables, then those pairs."""
+def join_second(parts: int, block_rows: int, n_texts: int, *tables: pa.Table) -> list[pa.Table]:
+    """One part of id_b: text_b attached to the pairs from every join_first, cut into tables (pair, text_a,
+    text_b) of `block_rows` pairs, the last one shorter. `tables` holds this part's `n_texts` text tables,
+    then those pairs."""
     pairs = pa.concat_tables(tables[n_texts:])
     joined = _attach(pairs, "pos_b", "text_b", parts, tables[:n_texts]).drop_columns(["pos_b"])
-    size = math.ceil(joined.num_rows / blocks) if joined.num_rows else 0
-    out = [joined.slice(k * size, size) for k in range(blocks)]
+    blocks = max(1, math.ceil(joined.num_rows / block_rows))
+    out = [joined.slice(k * block_rows, block_rows) for k in range(blocks)]
     return out if blocks > 1 else out[0]
 
 
@@ -123,9 +124,8 @@ def join_texts(
         count = int((pos_b % parts == q).sum())
         if count == 0:
             continue
-        n_blocks = math.ceil(count / block_rows)
-        refs = second.options(num_returns=n_blocks).remote(
-            parts, n_blocks, len(picked), *[refs[q] for refs in picked], *[f[q] for f in firsts]
+        refs = second.options(num_returns=math.ceil(count / block_rows)).remote(
+            parts, block_rows, len(picked), *[refs[q] for refs in picked], *[f[q] for f in firsts]
         )
         blocks += _as_list(refs)
     return blocks
