@@ -74,18 +74,19 @@ def _attach(pairs: pa.Table, key: str, column: str, parts: int, text_tables) -> 
     return pairs.append_column(column, texts.take(pa.array(rows)))
 
 
-def join_first(parts: int, pairs: pa.Table, *text_tables: pa.Table) -> list[pa.Table]:
-    """Pairs (pair, pos_a, pos_b) of one part of id_a -> text_a attached, split by the part of id_b."""
+def join_first(parts: int, pairs: pa.Table, *text_tables: pa.Table) -> list[pa.Table] | pa.Table:
+    """Pairs (pair, pos_a, pos_b) of one part of id_a -> text_a attached, split by the part of id_b
+    (one table per part; the table itself when there is one part, as Ray returns a single value)."""
     joined = _attach(pairs, "pos_a", "text_a", parts, text_tables).drop_columns(["pos_a"])
     part_b = joined["pos_b"].to_numpy() % parts
     out = [joined.filter(pa.array(part_b == q)) for q in range(parts)]
     return out if parts > 1 else out[0]
 
 
-def join_second(parts: int, block_rows: int, n_texts: int, *tables: pa.Table) -> list[pa.Table]:
+def join_second(parts: int, block_rows: int, n_texts: int, *tables: pa.Table) -> list[pa.Table] | pa.Table:
     """One part of id_b: text_b attached to the pairs from every join_first, cut into tables (pair, text_a,
     text_b) of `block_rows` pairs, the last one shorter. `tables` holds this part's `n_texts` text tables,
-    then those pairs."""
+    then those pairs. A single block is returned as the table itself."""
     pairs = pa.concat_tables(tables[n_texts:])
     joined = _attach(pairs, "pos_b", "text_b", parts, tables[:n_texts]).drop_columns(["pos_b"])
     blocks = max(1, math.ceil(joined.num_rows / block_rows))

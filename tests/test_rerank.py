@@ -310,6 +310,15 @@ def test_unknown_ids_are_counted_and_one_is_named(ray_cluster, good, capsys, cro
     assert os.listdir(good / "out") == []
 
 
+def test_no_pairs_give_an_empty_output_without_starting_ray(good, capsys, cross_encoder_dir):
+    pq.write_table(pq.read_table(good / "pairs" / "pairs.parquet").slice(0, 0), good / "pairs" / "pairs.parquet")
+    run = run_main(capsys, *rerank_args(good, cross_encoder_dir))
+    assert run.returncode == 0, run.stderr
+    assert read_reranked(good / "out").num_rows == 0
+    manifest = json.loads((good / "out" / "_manifest.json").read_text())
+    assert manifest["counts"]["reranked"] == 0 and manifest["resources"] is None
+
+
 def test_rerank_options_need_their_command(tmp_path):
     from pipeline.config import build_config
     from pipeline.mine import MineConfig
