@@ -244,11 +244,10 @@ def run_rerank(config: RerankConfig) -> RerankResult:
     fs, root = prepare_output(config.output, config.storage_options)
 
     scores = np.zeros(pairs.num_rows, np.float32)
-    tokens, plan, timings = 0, None, {}
+    tokens, layout, timings = 0, None, {}
     if pairs.num_rows:
         with ray_session_for(config.ray_address, config.quiet):
-            plan = _plan(config)
-            scores, tokens, timings = _join_and_score(config, plan, pairs, shards)
+            scores, tokens, layout, timings = _join_and_score(config, _plan(config), pairs, shards)
     order = np.lexsort((np.arange(len(scores)), -scores))  # best rerank_score first; ties keep the mined order
     table = pa.table(
         {"id_a": pairs["id_a"], "id_b": pairs["id_b"], "score": pairs["score"], "rerank_score": pa.array(scores, pa.float32())},
@@ -258,7 +257,7 @@ def run_rerank(config: RerankConfig) -> RerankResult:
         fs.rm(posixpath.join(root, MANIFEST))  # never a new pairs file beside the old manifest
     write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
     finished = time.time()
-    manifest = _manifest(config, info, plan, total, table, tokens, started, finished, timings)
+    manifest = _manifest(config, info, layout, total, table, tokens, started, finished, timings)
     write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     return RerankResult(config.output, table.num_rows, finished - started, manifest)
 
@@ -289,25 +288,50 @@ def _plan(config: RerankConfig):
     return plan_resources(view, ray.cluster_resources(), _alive_nodes())
 
 
-def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tuple[np.ndarray, int, dict]:
-    """Rerank scores of `pairs` (indexed by their `pair` column), total tokens, and seconds per phase."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext
-
-    from pipeline.cross_encode import CrossEncodeStage
+def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tuple[np.ndarray, int, dict, dict]:
+    """Rerank scores of `pairs` (indexed by their `pair` column), total tokens, the layout used
+    (replicas, their reservations, block and join sizes), and seconds per phase."""
     from pipeline.pair_texts import default_parts, join_texts
-    from pipeline.runner import TASKS_IN_FLIGHT_PER_ACTOR, _explain, _keep_tracebacks_off_the_console
+    from pipeline.runner import _explain, _keep_tracebacks_off_the_console
     from pipeline.sources import ReadSpec
 
     if os.environ.get("EMBEDPIPE_DEBUG") != "1":
         _keep_tracebacks_off_the_console()
     block_pairs = config.block_pairs or (GPU_BLOCK_PAIRS if plan.device == "cuda" else CPU_BLOCK_PAIRS)
-    # a small run still gives every replica several blocks
     block_pairs = min(block_pairs, -(-pairs.num_rows // (BLOCKS_PER_REPLICA * plan.num_encoders)))
-    wanted = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
-    wanted = wanted.take(pc.sort_indices(wanted))
-    spec = ReadSpec(config.text_field, config.id_field, (), config.encoding_errors, config.storage_options)
+    ids = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
+    wanted = ids.take(pc.sort_indices(ids))
     parts = config.join_parts or default_parts(len(wanted))
+    spec = ReadSpec(config.text_field, config.id_field, (), config.encoding_errors, config.storage_options)
+    started = time.time()
+    try:
+        blocks = join_texts(
+            pairs.select(["pair", "id_a", "id_b"]), wanted, shards, spec, parts, block_pairs, f"--texts {config.texts}"
+        )
+        joined = time.time()
+        replicas = min(plan.num_encoders, len(blocks))
+        scores, tokens = _score(config, plan, blocks, block_pairs, replicas, pairs.num_rows)
+    except EmbedpipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into one clear message
+        raise _explain(exc) from None
+    layout = {
+        "device": plan.device, "num_encoders": replicas, "encoder_cpus": plan.encoder_cpus,
+        "encoder_gpus": plan.encoder_gpus, "encoder_threads": plan.encoder_threads,
+        "block_pairs": block_pairs, "blocks": len(blocks), "join_parts": parts,
+    }
+    return scores, tokens, layout, {"join_s": round(joined - started, 3), "score_s": round(time.time() - joined, 3)}
+
+
+def _score(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas: int, n: int) -> tuple[np.ndarray, int]:
+    """The joined blocks through the CrossEncodeStage actor pool: the score of each pair, and the tokens scored."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.cross_encode import CrossEncodeStage
+    from pipeline.runner import TASKS_IN_FLIGHT_PER_ACTOR
+
+    ray.wait(blocks, num_returns=len(blocks))  # the join is done before any replica starts
     ctx = DataContext.get_current()
     saved = (ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s)
     ctx.max_errored_blocks = 0
@@ -315,40 +339,28 @@ def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tupl
     ctx.enable_progress_bars = ctx.print_on_execution_start = not config.quiet
     if config.quiet:
         logging.getLogger("ray.data").setLevel(logging.WARNING)
-    started = time.time()
+    ds = ray.data.from_arrow_refs(blocks).map_batches(
+        CrossEncodeStage,
+        fn_constructor_args=(config, plan.device, plan.encoder_threads),
+        batch_size=block_pairs,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+        num_cpus=plan.encoder_cpus,
+        num_gpus=plan.encoder_gpus,
+    )
+    scores = np.full(n, np.nan, np.float32)
+    tokens = 0
     try:
-        blocks = join_texts(
-            pairs.select(["pair", "id_a", "id_b"]), wanted, shards, spec, parts, block_pairs, f"--texts {config.texts}"
-        )
-        ray.wait(blocks, num_returns=len(blocks))  # the join is done before any actor starts
-        joined = time.time()
-        ds = ray.data.from_arrow_refs(blocks).map_batches(
-            CrossEncodeStage,
-            fn_constructor_args=(config, plan.device, plan.encoder_threads),
-            batch_size=block_pairs,
-            batch_format="pyarrow",
-            compute=ActorPoolStrategy(
-                size=min(plan.num_encoders, len(blocks)), max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR
-            ),
-            num_cpus=plan.encoder_cpus,
-            num_gpus=plan.encoder_gpus,
-        )
-        scores = np.full(pairs.num_rows, np.nan, np.float32)
-        tokens = 0
         for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
             scores[batch["pair"].to_numpy()] = batch["rerank_score"].to_numpy()
             tokens += int(pc.sum(batch["n_tokens"]).as_py() or 0)
-    except EmbedpipeError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - turned into one clear message
-        raise _explain(exc) from None
     finally:
         ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s = saved
     assert not np.isnan(scores).any(), "every pair was scored once"
-    return scores, tokens, {"join_s": round(joined - started, 3), "score_s": round(time.time() - joined, 3)}
+    return scores, tokens
 
 
-def _manifest(config, info, plan, total, table, tokens, started, finished, timings) -> dict[str, Any]:
+def _manifest(config, info, layout, total, table, tokens, started, finished, timings) -> dict[str, Any]:
     from pipeline import __version__
     from pipeline.runner import _versions
 
@@ -366,7 +378,7 @@ def _manifest(config, info, plan, total, table, tokens, started, finished, timin
         "min_rerank_score": float(pc.min(rerank).as_py()) if table.num_rows else None,
         "max_rerank_score": float(pc.max(rerank).as_py()) if table.num_rows else None,
         "config": config.public_dict(),
-        "resources": plan.as_dict() if plan else None,
+        "resources": layout,
         "timings": {
             "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
             "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),

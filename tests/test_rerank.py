@@ -194,7 +194,7 @@ def test_rerank_on_the_cluster_equals_predict_and_keeps_the_top(ray_cluster, tmp
     run = run_main(capsys, "rerank", "--pairs", str(tmp_path / "pairs"), "--texts", str(tmp_path / "in"), "--model",
                    cross_encoder_dir, "--output", str(out), "--top", "120", "--block-pairs", "16", "--join-parts", "3")
     assert run.returncode == 0, run.stderr
-    assert f"reranked 120 pairs in " in run.stdout and str(out) in run.stdout
+    assert "reranked 120 pairs in " in run.stdout and str(out) in run.stdout
     manifest = assert_reranked(out, pairs.slice(0, 120), corpus, reference)
     assert manifest["format"] == "embedpipe/reranked-pairs" and manifest["top"] == 120
     assert manifest["counts"]["pairs_in"] == 150 and manifest["counts"]["reranked"] == 120
@@ -204,7 +204,9 @@ def test_rerank_on_the_cluster_equals_predict_and_keeps_the_top(ray_cluster, tmp
     assert model["path"] == cross_encoder_dir and model["num_labels"] == 1 and model["fingerprint"].startswith("sha256:")
     assert model["activation_fn"] == "torch.nn.modules.activation.Sigmoid" and model["max_seq_length"] == 128
     assert manifest["config"]["join_parts"] == 3 and "storage_options" not in manifest["config"]
-    assert manifest["resources"]["num_encoders"] == 2 and manifest["timings"]["score_s"] > 0
+    resources = manifest["resources"]
+    assert resources["num_encoders"] == 2 and resources["block_pairs"] <= 16 and resources["join_parts"] == 3
+    assert resources["blocks"] >= 8 and manifest["timings"]["score_s"] > 0
 
 
 def test_embed_mine_rerank_through_the_cli(ray_cluster, tmp_path, capsys, cross_encoder_dir, reference):
