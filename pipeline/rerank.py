@@ -65,7 +65,7 @@ class RerankConfig:
     """As in embed: undecodable UTF-8 is an error (strict) or replaced (replace)."""
     max_batch_tokens: int | None = None
     """Token budget of one forward pass (pairs x padded length of both texts); default 2048 on CPU, where
-    small batches ran fastest (about 25 pairs of 80 tokens; 16384 was 1.3x slower), and 16384 on GPU."""
+    small batches ran fastest (about 25 pairs of 80 tokens; 16384 was about 1.6x slower), and 16384 on GPU."""
     device: str = "auto"
     """auto (cuda when the cluster has GPUs), cpu or cuda."""
     dtype: str = "auto"
