@@ -23,6 +23,13 @@ process (jobs/st_mine_baseline.py) on N x D clustered random vectors; checks the
 
     python jobs/benchmark.py --task mine [--vectors 50000] [--dim 384] [--top-k 100] [--max-pairs 500000]
 
+rerank: `embedpipe rerank` (whole command) against CrossEncoder.predict in one process
+(jobs/st_rerank_baseline.py) on N random pairs of the corpus's texts; checks the scores agree.
+The cross-encoder is all-MiniLM-L6-v2's BERT with a new one-label classification head (seed 0):
+real size, real compute, meaningless scores (no cross-encoder weights ship with the project).
+
+    python jobs/benchmark.py --task rerank [--pairs 2000] [--docs 10000] [--device cpu|cuda] [--rerank-args "..."]
+
 Default corpus: the first N distinct English texts of Debian's `fortunes`
 packages (`apt-get install fortunes fortunes-min`). Checks that the vectors
 agree (cosine >= 0.9999) and prints documents/s, tokens/s and the ratio.
@@ -100,8 +107,9 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", metavar="FLAGS",
                    help="several embedpipe flag sets (e.g. '' '--dtype int8'), each timed against the same baseline runs")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
-    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity"), default="embed")
-    p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity")
+    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank"), default="embed")
+    p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity, pairs to score for --task rerank")
+    p.add_argument("--rerank-args", default="", help="extra flags for embedpipe rerank")
     p.add_argument("--scale-docs", type=int, nargs="+", default=[100_000, 1_000_000], help="corpus sizes for --task scale")
     p.add_argument("--vectors", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=384)
@@ -115,6 +123,8 @@ def main() -> None:
         return bench_scale(args)
     if args.task == "fidelity":
         return bench_fidelity(args)
+    if args.task == "rerank":
+        return bench_rerank(args)
 
     import numpy as np
     import pyarrow.parquet as pq
@@ -288,6 +298,94 @@ def bench_fidelity(args) -> None:
     result["encode_cpu_seconds"] = {k: round(v, 1) for k, v in seconds.items()}
     result["int8_speedup_cpu_time"] = round(seconds["float32"] / seconds["int8"], 2)
     print(json.dumps(result, indent=2))
+
+
+def minilm_cross_encoder(path: str) -> str:
+    """all-MiniLM-L6-v2's BERT with a new one-label classification head (seed 0), saved as a CrossEncoder directory."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from pipeline.model import resolve_model_path
+
+    torch.manual_seed(0)
+    base, hf = resolve_model_path("all-MiniLM-L6-v2"), os.path.join(path, "hf")
+    BertForSequenceClassification.from_pretrained(base, num_labels=1).eval().save_pretrained(hf)
+    AutoTokenizer.from_pretrained(base).save_pretrained(hf)
+    CrossEncoder(hf, device="cpu").save_pretrained(os.path.join(path, "ce"))
+    return os.path.join(path, "ce")
+
+
+def bench_rerank(args) -> None:
+    """`embedpipe rerank` (whole command) against CrossEncoder.predict (one process), same pairs, same run."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryDirectory() as work:
+        docs = corpus(args, work)
+        n = sum(1 for _ in open(docs, encoding="utf-8"))
+        model = minilm_cross_encoder(os.path.join(work, "model"))
+        rng = np.random.default_rng(0)
+        pairs_dir = os.path.join(work, "pairs")
+        os.makedirs(pairs_dir)
+        a, b = rng.integers(0, n, args.pairs), rng.integers(0, n - 1, args.pairs)
+        b = b + (b >= a)  # never a text with itself
+        name = os.path.basename(docs)
+        pq.write_table(pa.table({
+            "id_a": [f"{name}:{i}" for i in a], "id_b": [f"{name}:{j}" for j in b],
+            "score": pa.array(np.sort(rng.random(args.pairs))[::-1], pa.float32()),
+        }), os.path.join(pairs_dir, "pairs.parquet"))
+        ours_out, st_out = os.path.join(work, "reranked"), os.path.join(work, "st.parquet")
+        ours_cmd = [sys.executable, "-m", "pipeline", "rerank", "--pairs", pairs_dir, "--texts", docs, "--model", model,
+                    "--output", ours_out, "--device", args.device, "--overwrite", "--quiet", *shlex.split(args.rerank_args)]
+        st_cmd = [sys.executable, os.path.join(REPO, "jobs", "st_rerank_baseline.py"), os.path.join(pairs_dir, "pairs.parquet"),
+                  docs, model, st_out, "--device", args.device]
+        ours, theirs, st_predict = [], [], []
+        for _ in range(args.repeat):  # alternated, so a busy spell of the machine hits both sides
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+            start = time.perf_counter()
+            proc = subprocess.run(st_cmd, capture_output=True, text=True, env=env, cwd=REPO)
+            theirs.append(time.perf_counter() - start)
+            if proc.returncode:
+                sys.exit(proc.stderr[-3000:])
+            st_predict.append(float(proc.stdout.strip().splitlines()[-1]))
+            ours.append(timed(ours_cmd))
+        got, ref = pq.read_table(os.path.join(ours_out, "pairs.parquet")), pq.read_table(st_out)
+        manifest = json.load(open(os.path.join(ours_out, "_manifest.json")))
+    key = lambda t: list(zip(t["id_a"].to_pylist(), t["id_b"].to_pylist()))  # noqa: E731
+    ref_scores = dict(zip(key(ref), ref["rerank_score"].to_pylist()))
+    diff = max(abs(s - ref_scores[p]) for p, s in zip(key(got), got["rerank_score"].to_pylist()))
+    best_ours, best_theirs, best_predict = min(ours), min(theirs), min(st_predict)
+    result = {
+        "date": dt.date.today().isoformat(),
+        "machine": machine(),
+        "device": args.device,
+        "pairs": args.pairs,
+        "texts": n,
+        "tokens": manifest["counts"]["tokens"],
+        "embedpipe_rerank_seconds": round(best_ours, 2),
+        "st_script_seconds": round(best_theirs, 2),
+        "st_predict_seconds": round(best_predict, 2),
+        "embedpipe_pairs_per_s": round(args.pairs / best_ours, 1),
+        "st_script_pairs_per_s": round(args.pairs / best_theirs, 1),
+        "st_predict_pairs_per_s": round(args.pairs / best_predict, 1),
+        "ratio_to_st_script": round(best_theirs / best_ours, 3),
+        "ratio_to_st_predict": round(best_predict / best_ours, 3),
+        "max_abs_score_diff": float(diff),
+        "pairs_checked": got.num_rows,
+        "embedpipe_phases": {k: manifest["timings"][k] for k in ("join_s", "score_s")},
+        "rerank_args": args.rerank_args,
+        "all_runs": {"embedpipe": [round(x, 2) for x in ours], "st_script": [round(x, 2) for x in theirs],
+                     "st_predict": [round(x, 2) for x in st_predict]},
+    }
+    print(json.dumps(result, indent=2))
+    if args.markdown:
+        print(f"| {result['date']} | {args.pairs:,} | {args.device} | {result['embedpipe_pairs_per_s']:,} | "
+              f"{result['st_script_pairs_per_s']:,} ({result['st_predict_pairs_per_s']:,} in predict) | "
+              f"**{result['ratio_to_st_script']}x** | {diff:.1e} | {args.rerank_args or '-'} |")
+    if got.num_rows != args.pairs or diff > 1e-4:
+        sys.exit(f"scores disagree: {got.num_rows} pairs, max abs difference {diff:.2e}")
 
 
 def tiny_model(path: str) -> str:

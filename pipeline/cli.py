@@ -1,4 +1,4 @@
-"""Command line: `embedpipe embed | mine | info` (also `python -m pipeline`).
+"""Command line: `embedpipe embed | mine | rerank | info` (also `python -m pipeline`).
 
 Exit codes: 0 success; 2 bad usage or bad input, with one line on stderr;
 1 runtime failure, with the cause named. `--debug` adds the traceback.
@@ -62,6 +62,9 @@ def _embed_parser(sub) -> None:
     p.add_argument("--mine-top-k", type=int)
     p.add_argument("--mine-max-pairs", type=int)
     p.add_argument("--mine-threshold", type=float)
+    p.add_argument("--rerank-model", help="with --mine: then rerank the mined pairs with this cross-encoder")
+    p.add_argument("--rerank-top", type=int, help="rerank only the N best mined pairs (default: all)")
+    p.add_argument("--rerank-output", help="where the reranked pairs go (default: MINE_OUTPUT-reranked)")
     p.add_argument("--dry-run", action="store_true",
                    help="print the shards, estimated documents, actor pools and duration; embed nothing")
 
@@ -77,6 +80,35 @@ def _mine_parser(sub) -> None:
     p.add_argument("--block-size", type=int, help="rows per block (memory per task ~ 4*N^2 bytes; default 4096)")
     p.add_argument("--ray-address", help="empty: local cluster; 'auto': the running cluster")
     p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
+    p.add_argument("--quiet", action="store_const", const=True)
+    p.add_argument("--rerank-model", help="then rerank the pairs with this cross-encoder (see `embedpipe rerank`)")
+    p.add_argument("--texts", help="with --rerank-model: the documents embedded (default: the input in the embeddings' manifest)")
+    p.add_argument("--rerank-top", type=int, help="rerank only the N best pairs (default: all)")
+    p.add_argument("--rerank-output", help="where the reranked pairs go (default: OUTPUT-reranked)")
+
+
+def _rerank_parser(sub) -> None:
+    p = sub.add_parser("rerank", help="score mined pairs with a cross-encoder and sort them by that score")
+    p.add_argument("--pairs", help="directory written by `embedpipe mine`")
+    p.add_argument("--texts", help="the documents the pairs came from (embed's --input): file, directory, glob or s3:// URI")
+    p.add_argument("--model", help="CrossEncoder directory or hub id")
+    p.add_argument("--output", help="directory for pairs.parquet (with rerank_score) and _manifest.json")
+    p.add_argument("--config", help="YAML file of options (top level or a `rerank:` section); flags override it")
+    p.add_argument("--top", type=int, help="rerank only the N best pairs by bi-encoder score (default: all)")
+    p.add_argument("--text-field")
+    p.add_argument("--id-field")
+    p.add_argument("--encoding-errors", help="strict|replace")
+    p.add_argument("--max-batch-tokens", type=int)
+    p.add_argument("--device", help="auto|cpu|cuda")
+    p.add_argument("--dtype", help="auto|float32|float16|bfloat16")
+    p.add_argument("--num-encoders", type=int)
+    p.add_argument("--encoder-threads", type=int)
+    p.add_argument("--block-pairs", type=int, help="pairs per scoring call (default 512 on CPU, 4096 on GPU)")
+    p.add_argument("--join-parts", type=int, help="parts of the join by id (default one per 65,536 ids)")
+    p.add_argument("--ray-address", help="empty: local cluster; 'auto': the running cluster")
+    p.add_argument("--storage-options", help="JSON object of fsspec options for s3:// paths")
+    p.add_argument("--trust-remote-code", action="store_const", const=True)
+    p.add_argument("--overwrite", action="store_const", const=True, help="replace an earlier rerank output")
     p.add_argument("--quiet", action="store_const", const=True)
 
 
@@ -94,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     _embed_parser(sub)
     _mine_parser(sub)
+    _rerank_parser(sub)
     _info_parser(sub)
     return parser
 
@@ -107,6 +140,10 @@ def cmd_embed(args: argparse.Namespace) -> int:
     }
     options["storage_options"] = _storage_options(args.storage_options)
     config = build_config(args.config, **options)
+    if config.rerank_model and not args.dry_run:  # a bad cross-encoder is refused before hours of embedding
+        from pipeline.cross_encode import check_cross_encoder
+
+        check_cross_encoder(config.rerank_model, config.trust_remote_code)
     if args.dry_run:
         from pipeline.dryrun import dry_run
 
@@ -128,7 +165,15 @@ def cmd_embed(args: argparse.Namespace) -> int:
                 ray_address=config.ray_address,
                 quiet=config.quiet,
                 storage_options=config.storage_options,
-            )
+                rerank_model=config.rerank_model,
+                texts=config.input if config.rerank_model else None,
+                rerank_top=config.rerank_top,
+                rerank_output=config.rerank_output,
+            ),
+            # the rerank reads embed's input as embed did, on the devices embed used
+            text_field=config.text_field, id_field=config.id_field, encoding_errors=config.encoding_errors,
+            device=config.device, num_encoders=config.num_encoders,
+            trust_remote_code=config.trust_remote_code or None,
         )
     return 0
 
@@ -159,15 +204,48 @@ def cmd_mine(args: argparse.Namespace) -> int:
         ray_address=args.ray_address,
         quiet=args.quiet,
         storage_options=_storage_options(args.storage_options),
+        rerank_model=args.rerank_model,
+        texts=args.texts,
+        rerank_top=args.rerank_top,
+        rerank_output=args.rerank_output,
     )
     return _run_mine(config)
 
 
-def _run_mine(config) -> int:
-    """Mine, and print the summary line unless quiet (for `mine` and `embed --mine`)."""
+def _run_mine(config, **rerank_options: Any) -> int:
+    """Mine, and print the summary line unless quiet (for `mine` and `embed --mine`); then rerank
+    the pairs if the config names a cross-encoder (`rerank_options` override what it would use)."""
     from pipeline.mine import run_mine
 
-    result = run_mine(config)
+    if not config.rerank_model:
+        result = run_mine(config)
+        if not config.quiet:
+            print(result.summary_line())
+        return 0
+    from pipeline.cross_encode import check_cross_encoder
+    from pipeline.rerank import rerank_after_mine
+    from pipeline.runner import ray_session_for
+
+    check_cross_encoder(config.rerank_model, bool(rerank_options.get("trust_remote_code")))  # before mining
+    with ray_session_for(config.ray_address, config.quiet):  # one cluster for both steps
+        result = run_mine(config)
+        if not config.quiet:
+            print(result.summary_line())
+        return _run_rerank(rerank_after_mine(config, **rerank_options))
+
+
+def cmd_rerank(args: argparse.Namespace) -> int:
+    from pipeline.rerank import build_rerank_config
+
+    options: dict[str, Any] = {k: v for k, v in vars(args).items() if k not in ("command", "config", "debug", "storage_options")}
+    options["storage_options"] = _storage_options(args.storage_options)
+    return _run_rerank(build_rerank_config(args.config, **options))
+
+
+def _run_rerank(config) -> int:
+    from pipeline.rerank import run_rerank
+
+    result = run_rerank(config)
     if not config.quiet:
         print(result.summary_line())
     return 0
@@ -181,7 +259,7 @@ def cmd_info(args: argparse.Namespace) -> int:
 
 
 def job_main(command: str, argv: Sequence[str]) -> int:
-    """What jobs/embed.py and jobs/mine.py run under `ray job submit`: `command` on the cluster
+    """What jobs/embed.py, jobs/mine.py and jobs/rerank.py run under `ray job submit`: `command` on the cluster
     the job runs on (RAY_ADDRESS, else 'auto'). A job never starts a cluster of its own, so an
     empty --ray-address is refused."""
     args = list(argv)
@@ -214,7 +292,7 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, debug: bo
         if args.command is None:
             parser.print_help()
             return 2
-        return {"embed": cmd_embed, "mine": cmd_mine, "info": cmd_info}[args.command](args)
+        return {"embed": cmd_embed, "mine": cmd_mine, "rerank": cmd_rerank, "info": cmd_info}[args.command](args)
     except EmbedpipeError as exc:
         if debug:
             traceback.print_exc()

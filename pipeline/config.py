@@ -95,6 +95,12 @@ class EmbedConfig:
     """Best pairs kept when mining."""
     mine_threshold: float | None = None
     """Keep only mined pairs scoring at least this."""
+    rerank_model: str | None = None
+    """With mine: then rerank the mined pairs with this cross-encoder, reading their texts from the input."""
+    rerank_top: int | None = None
+    """Rerank only this many of the best mined pairs; default all."""
+    rerank_output: str | None = None
+    """Where the reranked pairs go; default '<mine output>-reranked' (replaced on every run)."""
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """fsspec options for s3:// input and output (endpoint, credentials); never logged."""
 
@@ -121,6 +127,12 @@ class EmbedConfig:
         _positive("--sparse-top-k", self.sparse_top_k)
         _positive("--mine-top-k", self.mine_top_k)
         _positive("--mine-max-pairs", self.mine_max_pairs)
+        _positive("--rerank-top", self.rerank_top)
+        if (self.rerank_model or self.rerank_top or self.rerank_output) and not self.mine:
+            flag = "--rerank-model" if self.rerank_model else "--rerank-top" if self.rerank_top else "--rerank-output"
+            raise UsageError(f"{flag} needs --mine: the pairs reranked are the ones mined after embedding")
+        if (self.rerank_top or self.rerank_output) and not self.rerank_model:
+            raise UsageError(f"{'--rerank-top' if self.rerank_top else '--rerank-output'} is only used with --rerank-model")
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)

@@ -55,6 +55,14 @@ class MineConfig:
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     quiet: bool = False
     """No summary line."""
+    rerank_model: str | None = None
+    """Then rerank the pairs just written with this cross-encoder (see `embedpipe rerank`)."""
+    texts: str | None = None
+    """The documents the pairs' ids name, for reranking; default the input named in the embeddings' manifest."""
+    rerank_top: int | None = None
+    """Rerank only this many of the best mined pairs; default all."""
+    rerank_output: str | None = None
+    """Where the reranked pairs go; default '<output>-reranked' (replaced on every run, as the pairs are)."""
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     """fsspec options for s3:// paths (endpoint, credentials); never logged."""
 
@@ -69,6 +77,16 @@ class MineConfig:
             isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1.0 <= self.threshold <= 1.0
         ):
             raise UsageError(f"--threshold must be a cosine between -1 and 1, got {self.threshold!r}")
+        _check_rerank_options(self.rerank_model, self.rerank_top, texts=self.texts, rerank_output=self.rerank_output)
+
+
+def _check_rerank_options(model: str | None, top: int | None, **others: Any) -> None:
+    """--rerank-top must be positive, and the rerank options mean nothing without --rerank-model."""
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top <= 0):
+        raise UsageError(f"--rerank-top must be a positive integer, got {top!r}")
+    given = [name for name, value in {"rerank_top": top, **others}.items() if value is not None]
+    if given and not model:
+        raise UsageError(f"--{given[0].replace('_', '-')} is only used with --rerank-model")
 
 
 def build_mine_config(config_file: str | None = None, **overrides: Any) -> MineConfig:

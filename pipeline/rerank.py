@@ -1,0 +1,389 @@
+"""`embedpipe rerank`: mined pairs scored by a cross-encoder on the encoder actor pool.
+
+    driver: reads pairs.parquet (the N best by bi-encoder score with --top), the ids they name
+      -> pair_texts.join_texts (Ray tasks: per-shard reads, a two-step join by id)
+      -> CrossEncodeStage (Ray Data actor pool: one replica per GPU, or per core on CPU)
+      -> driver: sorts by rerank_score, writes pairs.parquet + _manifest.json atomically
+
+A cross-encoder reads both texts of a pair in one forward pass: more accurate
+than the cosine of two vectors, and one pass per pair, which is why only mined
+candidates are reranked. The driver holds the pairs and their scores, never a text.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import EmbedpipeError, InputError, UsageError
+from pipeline.mine import PAIRS_FILE
+from pipeline.sink import MANIFEST, parquet_bytes
+from pipeline.storage import first_line, get_fs, write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+RERANKED_SCHEMA = pa.schema(
+    [("id_a", pa.string()), ("id_b", pa.string()), ("score", pa.float32()), ("rerank_score", pa.float32())]
+)
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+CPU_BLOCK_PAIRS = 512  # a pair is two texts: half embed's 1,024-row CPU blocks keeps a block near a second per core
+GPU_BLOCK_PAIRS = 4096
+BLOCKS_PER_REPLICA = 4  # at least, in a small run: the replicas finish together
+REPLICAS_START_S = 600  # pairs flow once every replica is up: the first one up would otherwise take them all
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """What `embedpipe rerank` does. Field docstrings double as CLI help."""
+
+    pairs: str
+    """Directory written by `embedpipe mine` (pairs.parquet: id_a, id_b, score), or that file."""
+    texts: str
+    """The documents the pairs came from (embed's --input): file, directory, glob or s3:// URI."""
+    model: str
+    """CrossEncoder directory (sentence-transformers layout, or a Hugging Face sequence-classification model) or hub id."""
+    output: str
+    """Directory that receives pairs.parquet (id_a, id_b, score, rerank_score; best rerank_score first) and _manifest.json."""
+    top: int | None = None
+    """Rerank only the N best pairs by bi-encoder score; the output keeps those N. Default: all."""
+    text_field: str = "text"
+    """As in embed: column / JSON key holding the text (ignored for .txt)."""
+    id_field: str | None = None
+    """As in embed: column holding the document id; default '<relative shard path>:<row>'."""
+    encoding_errors: str = "strict"
+    """As in embed: undecodable UTF-8 is an error (strict) or replaced (replace)."""
+    max_batch_tokens: int | None = None
+    """Token budget of one forward pass (pairs x padded length of both texts); default 2048 on CPU, where
+    small batches ran fastest (about 25 pairs of 80 tokens; 16384 was about 1.6x slower), and 16384 on GPU."""
+    device: str = "auto"
+    """auto (cuda when the cluster has GPUs), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16; scores are upcast before the activation."""
+    num_encoders: int | None = None
+    """Cross-encoder replicas; default as embed: one per GPU, or one single-threaded replica per core on CPU."""
+    encoder_threads: int | None = None
+    """torch threads per CPU replica; default 1 (one replica per core)."""
+    block_pairs: int | None = None
+    """Pairs handed to one scoring call; default 512 on CPU, 4096 on GPU. Smaller spreads a small run over more replicas."""
+    join_parts: int | None = None
+    """Parts of the join by id; default one per 65,536 distinct ids. Each join task holds 1/parts of the texts."""
+    ray_address: str | None = None
+    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
+    overwrite: bool = False
+    """Replace an earlier rerank output in --output instead of refusing."""
+    quiet: bool = False
+    """No progress bars or summary line."""
+    trust_remote_code: bool = False
+    """Allow model code (and a custom activation) shipped with the model directory to run."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """fsspec options for s3:// paths (endpoint, credentials); never logged."""
+
+    def __post_init__(self) -> None:
+        for flag in ("pairs", "texts", "model", "output"):
+            if not getattr(self, flag):
+                raise UsageError(f"--{flag} is required (as a flag or in --config)")
+        for flag in ("top", "max_batch_tokens", "num_encoders", "encoder_threads", "block_pairs", "join_parts"):
+            value = getattr(self, flag)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise UsageError(f"--device must be one of auto, cpu, cuda, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device == "cpu" and self.dtype == "float16":
+            raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
+        if self.encoding_errors not in ("strict", "replace"):
+            raise UsageError(f"--encoding-errors must be one of strict, replace, got {self.encoding_errors!r}")
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data, without storage options (they may hold secrets)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
+
+
+_FIELDS = {f.name: f for f in fields(RerankConfig)}
+
+
+def build_rerank_config(config_file: str | None = None, **overrides: Any) -> RerankConfig:
+    """Defaults <- YAML file (top level or a `rerank:` section) <- explicit overrides (None: not given)."""
+    from pipeline.config import load_yaml
+
+    values: dict[str, Any] = load_yaml(config_file, _FIELDS, section="rerank") if config_file else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key in ("pairs", "texts", "model", "output"):
+        if key not in values:
+            raise UsageError(f"--{key} is required (as a flag or in --config)")
+        values[key] = str(values[key])
+    try:
+        return RerankConfig(**values)
+    except TypeError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def rerank_after_mine(mine, **overrides: Any) -> RerankConfig:
+    """The rerank that `mine --rerank-model` (and `embed --mine --rerank-model`) runs on the pairs just written.
+
+    The texts default to the input recorded in the embeddings' manifest, and the
+    options that decide ids and text (text_field, id_field, encoding_errors) come
+    from it, so the ids match the ones embed assigned. The output, by default
+    '<pairs output>-reranked', is replaced: it follows the pairs just mined.
+    """
+    embedded = _embed_config(mine.embeddings, mine.storage_options)
+    values: dict[str, Any] = {k: embedded[k] for k in ("text_field", "id_field", "encoding_errors") if k in embedded}
+    values.update(
+        pairs=mine.output,
+        texts=mine.texts or embedded.get("input"),
+        model=mine.rerank_model,
+        output=mine.rerank_output or mine.output.rstrip("/") + "-reranked",
+        top=mine.rerank_top,
+        ray_address=mine.ray_address,
+        quiet=mine.quiet,
+        overwrite=True,
+        storage_options=mine.storage_options,
+    )
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    if not values["texts"]:
+        raise UsageError(f"--rerank-model needs --texts: {mine.embeddings} has no manifest naming the embedded input")
+    return RerankConfig(**values)
+
+
+def _embed_config(embeddings: str, storage_options) -> dict[str, Any]:
+    """The `config` section of an embeddings directory's manifest, or {} without one."""
+    try:
+        fs, root = get_fs(embeddings, storage_options)
+        data = json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), MANIFEST)))
+        return dict(data.get("config") or {})
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+# --------------------------------------------------------------------------- pairs in
+
+
+def read_pairs(config: RerankConfig) -> tuple[pa.Table, int]:
+    """(pair, id_a, id_b, score) of the pairs to rerank, best score first, and how many the input held."""
+    where = f"--pairs {config.pairs}"
+    try:
+        fs, root = get_fs(config.pairs, config.storage_options)
+        root = root.rstrip("/") or root
+        path = root if root.endswith(".parquet") else posixpath.join(root, PAIRS_FILE)
+        if not fs.exists(path):
+            if not fs.exists(root):
+                raise InputError(f"{where}: no such directory")
+            raise InputError(f"{where}: holds no {PAIRS_FILE} (not an `embedpipe mine` output)")
+        with fs.open(path, "rb") as f:
+            table = pq.read_table(f)
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{where}: not a readable pairs file ({first_line(exc)})") from None
+    for column in ("id_a", "id_b", "score"):
+        if column not in table.column_names:
+            raise InputError(f"{where}: {posixpath.basename(path)} has no {column!r} column (columns are {table.column_names[:12]})")
+    kind = table["score"].type
+    if table["score"].null_count or not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+        raise InputError(f"{where}: column 'score' must hold numbers, without nulls")
+    for column in ("id_a", "id_b"):
+        if table[column].null_count:
+            raise InputError(f"{where}: column {column!r} has {table[column].null_count} null ids")
+    total = table.num_rows
+    table = pa.table({
+        "id_a": table["id_a"].cast(pa.string()),
+        "id_b": table["id_b"].cast(pa.string()),
+        "score": table["score"].cast(pa.float32()),
+    })
+    order = np.argsort(-table["score"].to_numpy(), kind="stable")  # mine writes them sorted; others may not
+    table = table.take(pa.array(order[: config.top] if config.top else order))
+    return table.append_column("pair", pa.array(np.arange(table.num_rows), pa.int64())), total
+
+
+# --------------------------------------------------------------------------- run
+
+
+@dataclass
+class RerankResult:
+    output: str
+    pairs: int
+    seconds: float
+    manifest: dict[str, Any] = field(repr=False)
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.pairs / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (
+            f"reranked {self.pairs:,} pairs in {self.seconds:.1f}s: {self.pairs_per_second:,.1f} pairs/s -> {self.output}"
+        )
+
+
+def run_rerank(config: RerankConfig) -> RerankResult:
+    """Score `config.pairs` with the cross-encoder and write them, best rerank_score first, to `config.output`."""
+    from pipeline.cross_encode import check_cross_encoder
+    from pipeline.runner import prepare_output, ray_session_for
+    from pipeline.sources import discover_shards
+
+    started = time.time()
+    pairs, total = read_pairs(config)
+    info = check_cross_encoder(config.model, config.trust_remote_code)
+    try:
+        shards = discover_shards(config.texts, config.storage_options)
+    except InputError as exc:
+        raise InputError(str(exc).replace(f"--input {config.texts}", f"--texts {config.texts}", 1)) from None
+    _refuse_clobber(config)
+    fs, root = prepare_output(config.output, config.storage_options)
+
+    scores = np.zeros(pairs.num_rows, np.float32)
+    tokens, layout, timings = 0, None, {}
+    if pairs.num_rows:
+        with ray_session_for(config.ray_address, config.quiet):
+            scores, tokens, layout, timings = _join_and_score(config, _plan(config), pairs, shards)
+    order = np.lexsort((np.arange(len(scores)), -scores))  # best rerank_score first; ties keep the mined order
+    table = pa.table(
+        {"id_a": pairs["id_a"], "id_b": pairs["id_b"], "score": pairs["score"], "rerank_score": pa.array(scores, pa.float32())},
+        schema=RERANKED_SCHEMA,
+    ).take(pa.array(order))
+    if config.overwrite and fs.exists(posixpath.join(root, MANIFEST)):
+        fs.rm(posixpath.join(root, MANIFEST))  # never a new pairs file beside the old manifest
+    write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
+    finished = time.time()
+    manifest = _manifest(config, info, layout, total, table, tokens, started, finished, timings)
+    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    return RerankResult(config.output, table.num_rows, finished - started, manifest)
+
+
+def _refuse_clobber(config: RerankConfig) -> None:
+    if config.overwrite:
+        return
+    try:
+        fs, root = get_fs(config.output, config.storage_options)
+        present = [n for n in (PAIRS_FILE, MANIFEST) if fs.exists(posixpath.join(root.rstrip("/"), n))]
+    except (OSError, ValueError):
+        return  # prepare_output names what is wrong with the location
+    if present:
+        raise UsageError(f"--output {config.output} already holds {' and '.join(present)}; use --overwrite or another output")
+
+
+def _plan(config: RerankConfig):
+    """embed's resource plan for this cluster: the cross-encoder replicas take the encoders' places."""
+    import ray
+
+    from pipeline.config import EmbedConfig
+    from pipeline.runner import _alive_nodes, plan_resources
+
+    view = EmbedConfig(
+        input=config.texts, output=config.output, device=config.device, dtype=config.dtype,
+        num_encoders=config.num_encoders, encoder_threads=config.encoder_threads,
+    )
+    return plan_resources(view, ray.cluster_resources(), _alive_nodes())
+
+
+def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tuple[np.ndarray, int, dict, dict]:
+    """Rerank scores of `pairs` (indexed by their `pair` column), total tokens, the layout used
+    (replicas, their reservations, block and join sizes), and seconds per phase."""
+    from pipeline.pair_texts import default_parts, join_texts
+    from pipeline.runner import _explain, _keep_tracebacks_off_the_console
+    from pipeline.sources import ReadSpec
+
+    if os.environ.get("EMBEDPIPE_DEBUG") != "1":
+        _keep_tracebacks_off_the_console()
+    block_pairs = config.block_pairs or (GPU_BLOCK_PAIRS if plan.device == "cuda" else CPU_BLOCK_PAIRS)
+    block_pairs = min(block_pairs, -(-pairs.num_rows // (BLOCKS_PER_REPLICA * plan.num_encoders)))
+    ids = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
+    wanted = ids.take(pc.sort_indices(ids))
+    parts = config.join_parts or default_parts(len(wanted))
+    spec = ReadSpec(config.text_field, config.id_field, (), config.encoding_errors, config.storage_options)
+    started = time.time()
+    try:
+        blocks = join_texts(
+            pairs.select(["pair", "id_a", "id_b"]), wanted, shards, spec, parts, block_pairs, f"--texts {config.texts}"
+        )
+        joined = time.time()
+        replicas = min(plan.num_encoders, len(blocks))
+        scores, tokens = _score(config, plan, blocks, block_pairs, replicas, pairs.num_rows)
+    except EmbedpipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - turned into one clear message
+        raise _explain(exc) from None
+    layout = {
+        "device": plan.device, "num_encoders": replicas, "encoder_cpus": plan.encoder_cpus,
+        "encoder_gpus": plan.encoder_gpus, "encoder_threads": plan.encoder_threads,
+        "block_pairs": block_pairs, "blocks": len(blocks), "join_parts": parts,
+    }
+    return scores, tokens, layout, {"join_s": round(joined - started, 3), "score_s": round(time.time() - joined, 3)}
+
+
+def _score(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas: int, n: int) -> tuple[np.ndarray, int]:
+    """The joined blocks through the CrossEncodeStage actor pool: the score of each pair, and the tokens scored."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.cross_encode import CrossEncodeStage
+    from pipeline.runner import TASKS_IN_FLIGHT_PER_ACTOR
+
+    ray.wait(blocks, num_returns=len(blocks))  # the join is done before any replica starts
+    ctx = DataContext.get_current()
+    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s)
+    ctx.max_errored_blocks = 0
+    ctx.wait_for_min_actors_s = REPLICAS_START_S
+    ctx.enable_progress_bars = ctx.print_on_execution_start = not config.quiet
+    if config.quiet:
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ds = ray.data.from_arrow_refs(blocks).map_batches(
+        CrossEncodeStage,
+        fn_constructor_args=(config, plan.device, plan.encoder_threads),
+        batch_size=block_pairs,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=replicas, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+        num_cpus=plan.encoder_cpus,
+        num_gpus=plan.encoder_gpus,
+    )
+    scores = np.full(n, np.nan, np.float32)
+    tokens = 0
+    try:
+        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+            scores[batch["pair"].to_numpy()] = batch["rerank_score"].to_numpy()
+            tokens += int(pc.sum(batch["n_tokens"]).as_py() or 0)
+    finally:
+        ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s = saved
+    assert not np.isnan(scores).any(), "every pair was scored once"
+    return scores, tokens
+
+
+def _manifest(config, info, layout, total, table, tokens, started, finished, timings) -> dict[str, Any]:
+    from pipeline import __version__
+    from pipeline.runner import _versions
+
+    rerank = table["rerank_score"]
+    return {
+        "format": "embedpipe/reranked-pairs",
+        "version": 1,
+        "pairs_input": config.pairs,
+        "texts": config.texts,
+        "model": info.as_dict(),
+        "score": "cosine (bi-encoder), as mined",
+        "rerank_score": f"cross-encoder, {info.activation_fn}",
+        "counts": {"pairs_in": total, "reranked": table.num_rows, "tokens": tokens},
+        "top": config.top,
+        "min_rerank_score": float(pc.min(rerank).as_py()) if table.num_rows else None,
+        "max_rerank_score": float(pc.max(rerank).as_py()) if table.num_rows else None,
+        "config": config.public_dict(),
+        "resources": layout,
+        "timings": {
+            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
+            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
+            "seconds": round(finished - started, 3),
+            **timings,
+        },
+        "versions": _versions(__version__),
+    }
