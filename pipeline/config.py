@@ -44,8 +44,9 @@ class EmbedConfig:
     """L2-normalise the vectors; default follows the model (its Normalize module)."""
     max_seq_length: int | None = None
     """Truncate to this many tokens; default is the model's max_seq_length."""
-    max_batch_tokens: int = 16384
-    """Token budget of one forward pass (rows x padded length); bounds activation memory."""
+    max_batch_tokens: int | None = None
+    """Token budget of one forward pass (rows x padded length); bounds activation memory. Default 2048
+    on CPU (small batches stay in the cores' caches: 1.4x faster than 16384 here) and 16384 on GPU."""
     prompt_name: str | None = None
     """Name of a prompt saved with the model (e.g. 'query'), as in SentenceTransformer.encode."""
     prompt: str | None = None

@@ -27,6 +27,12 @@ from pipeline.watchdog import Progress
 
 log = logging.getLogger(__name__)
 
+# Default token budgets of one forward pass. CPU, all-MiniLM-L6-v2 on 3,072 fortunes in 1,024-row
+# blocks, one thread, CPU time: 16384 tokens 74.1 s, 4096 57.7 s, 2048 51.6 s, 1024 50.1 s
+# (BENCHMARKS.md): small batches keep their activations in the cores' caches. A GPU wants large ones.
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
+
 # A sparse model's MLM head produces rows x tokens x vocabulary logits; its token budget is cut
 # so that they stay within this many bytes (about 2,200 tokens for a 30k vocabulary).
 SPARSE_LOGITS_BYTES = 256 << 20
@@ -114,7 +120,9 @@ class EncodeStage:
             self.model.to(getattr(torch, dtype))
         self.dtype = dtype
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
-        self.max_batch_tokens = config.max_batch_tokens
+        self.max_batch_tokens = config.max_batch_tokens or (
+            GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
+        )
         self.sparse = is_sparse(self.model)
         self.sparse_top_k = sparse_top_k(self.model, config)
         prompt = resolve_prompt(self.model, config)
