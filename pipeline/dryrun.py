@@ -26,7 +26,7 @@ SAMPLE_BYTES = 1 << 20  # larger or compressed ones: documents = size / mean byt
 
 # Throughput used for the estimate, from BENCHMARKS.md (all-MiniLM-L6-v2, English fortunes of ~160
 # characters / ~41 tokens; the whole command, Ray start included).
-CPU_DOCS_PER_S_PER_CORE = 56.6 / 2  # 2026-11-25 row: 56.6 docs/s on the 2-core dev machine
+CPU_DOCS_PER_S_PER_CORE = 87.3 / 2  # 2026-11-25 row: 87.3 docs/s on the 2-core dev machine (2,048-token batches)
 GPU_TARGET_DOCS_PER_S = 100_000  # issue 6's target for one H100; NOT measured yet (no GPU row in BENCHMARKS.md)
 BENCHMARK_CHARS_PER_DOC = 160
 
