@@ -53,10 +53,11 @@ def assert_same(ours: np.ndarray, ref: np.ndarray) -> None:
 @pytest.mark.parametrize(
     "pooling",
     [
-        # mean: also the plain Hugging Face directory test; lasttoken: also the decoder test
-        "cls", ("cls", "mean", "max"),
+        # make test: cls here, mean in the plain Hugging Face directory test, lasttoken in the decoder
+        # test; every other mode and a combination in make test-all
+        "cls",
         *(pytest.param(mode, marks=pytest.mark.slow)
-          for mode in ("mean", "lasttoken", "max", "mean_sqrt_len_tokens", "weightedmean")),
+          for mode in ("mean", "lasttoken", "max", "mean_sqrt_len_tokens", "weightedmean", ("cls", "mean", "max"))),
     ],
     ids=lambda p: "+".join(p) if isinstance(p, tuple) else p,
 )
@@ -66,13 +67,13 @@ def test_pooling_modes_match_sentence_transformers(ray_cluster, tmp_path, tiny_b
     assert_same(ours, reference(model_dir, TINY_TEXTS))
 
 
-@pytest.mark.slow  # make test-all
 def test_lasttoken_decoder_with_left_padding(ray_cluster, tmp_path, tiny_decoder_dir):
     model_dir = make_st_dir(tiny_decoder_dir, str(tmp_path / "st"), pooling="lasttoken", normalize=True)
     ours, _ = embed(tmp_path, TINY_TEXTS, model_dir)
     assert_same(ours, reference(model_dir, TINY_TEXTS))
 
 
+@pytest.mark.slow  # make test-all; in make test the decoder's and the default model's tests have a Normalize module
 def test_dense_and_normalize_modules(ray_cluster, tmp_path, tiny_bert_dir):
     model_dir = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean", dense=True, normalize=True)
     ours, result = embed(tmp_path, TINY_TEXTS, model_dir)
