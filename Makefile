@@ -24,7 +24,7 @@ run: setup
 test: setup
 	$(PY) -m pytest -m "not slow" tests
 
-test-all: setup  # everything, the slow end-to-end and scale tests too (about 25 minutes on 2 cores)
+test-all: setup  # everything, the slow end-to-end, scale and cluster tests too (well over half an hour on 2 cores)
 	$(PY) -m pytest tests
 
 bench: setup
