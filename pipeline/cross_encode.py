@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.encode import plan_micro_batches, usable_device
+from pipeline.encode import padding, plan_micro_batches, to_device, usable_device
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -162,12 +162,7 @@ class CrossEncodeStage:
         self.prompt = self.model._resolve_prompt(None, None)  # what predict() does without prompt arguments
         probe = self.model.preprocess([["x", "y"]], prompt=self.prompt)
         self.extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}  # e.g. modality: text
-        tokenizer = self.model.tokenizer
-        self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-        self.pad_values = {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
+        self.left_pad, self.pad_values = padding(self.model.tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         pairs = list(zip(batch["text_a"].to_pylist(), batch["text_b"].to_pylist()))
@@ -238,6 +233,4 @@ class CrossEncodeStage:
         return out
 
     def _to_device(self, tensor):
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return to_device(tensor, self.device)

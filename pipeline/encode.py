@@ -54,6 +54,22 @@ def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple
     return spans
 
 
+def padding(tokenizer) -> tuple[bool, dict[str, int]]:
+    """(pads on the left, pad value per token feature) of a tokenizer, as its own padding would use."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    return left, {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
+
+
+def to_device(tensor, device):
+    """On CUDA, through pinned memory, so the copy is asynchronous and overlaps the previous batch."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
 def usable_device(planned: str, asked: str) -> str:
     """The device this replica runs on: the planned one, or CPU when the plan said CUDA
     only because of `--device auto` and this node's torch sees no CUDA device (a GPU that
@@ -133,12 +149,7 @@ class EncodeStage:
             self.dim = int(self._run(probe).shape[1])
         if self.sparse:
             self.max_batch_tokens = max(1, min(self.max_batch_tokens, SPARSE_LOGITS_BYTES // (4 * self.dim)))
-        tokenizer = self.model.tokenizer
-        self.left_pad = getattr(tokenizer, "padding_side", "right") == "left"
-        pad_id = getattr(tokenizer, "pad_token_id", None)
-        if pad_id is None:
-            pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-        self.pad_values = {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
+        self.left_pad, self.pad_values = padding(self.model.tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         """The block with its vectors; with a sink, the block is written and its summary rows returned.
@@ -227,10 +238,7 @@ class EncodeStage:
         return emb.cpu().numpy()
 
     def _to_device(self, tensor):
-        """On CUDA, through pinned memory, so the copy is asynchronous and overlaps the previous batch."""
-        if self.device.type != "cuda":
-            return tensor
-        return tensor.pin_memory().to(self.device, non_blocking=True)
+        return to_device(tensor, self.device)
 
     def _run(self, features: dict):
         """The model's modules on one micro-batch; with int8 the quantised graph replaces the first."""
