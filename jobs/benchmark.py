@@ -4,7 +4,8 @@ embed (default): `embedpipe embed` (whole command) against a plain
 sentence-transformers script (jobs/st_baseline.py, whole script), same texts, same model.
 
     python jobs/benchmark.py [--docs 10000] [--input FILE.txt] [--device cpu|cuda] [--repeat 1]
-           [--embed-args "--max-batch-tokens 8192" | --variants "" "--dtype int8" ...] [--markdown]
+           [--embed-args "--max-batch-tokens 8192" | --variants "" "--dtype int8" ...]
+           [--st-variants "" "--dtype float16 --batch-size 256"] [--markdown]
 
 scale: `embedpipe embed` with a tiny random model (2 layers, hidden 32) on N synthetic
 documents, sampling the proportional memory (PSS) of the whole process tree (driver, Ray's
@@ -106,6 +107,9 @@ def main() -> None:
     p.add_argument("--embed-args", default="", help="extra flags for embedpipe embed")
     p.add_argument("--variants", nargs="+", metavar="FLAGS",
                    help="several embedpipe flag sets (e.g. '' '--dtype int8'), each timed against the same baseline runs")
+    p.add_argument("--st-variants", nargs="+", metavar="FLAGS",
+                   help="several jobs/st_baseline.py flag sets (e.g. '' '--dtype float16 --batch-size 256'); "
+                        "the first one's vectors are the reference")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
     p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank"), default="embed")
     p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity, pairs to score for --task rerank")
@@ -134,17 +138,19 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         docs = corpus(args, work)
         n = sum(1 for _ in open(docs, encoding="utf-8"))
-        st_out = os.path.join(work, "st.parquet")
         variants = args.variants if args.variants is not None else [args.embed_args]
-        st_cmd = [sys.executable, os.path.join(REPO, "jobs", "st_baseline.py"), docs, st_out, "--model", args.model,
-                  "--device", args.device]
+        st_variants = args.st_variants or [""]
+        st_outs = [os.path.join(work, f"st-{k}.parquet") for k in range(len(st_variants))]
+        st_cmds = [[sys.executable, os.path.join(REPO, "jobs", "st_baseline.py"), docs, out, "--model", args.model,
+                    "--device", args.device, *shlex.split(flags)] for out, flags in zip(st_outs, st_variants)]
         ours: dict[str, list[float]] = {v: [] for v in variants}
-        theirs: list[float] = []
+        theirs: dict[str, list[float]] = {v: [] for v in st_variants}
         for _ in range(args.repeat):  # alternated, so a busy spell of the machine hits both sides
-            theirs.append(timed(st_cmd))
+            for v, cmd in zip(st_variants, st_cmds):
+                theirs[v].append(timed(cmd))
             for v in variants:
                 ours[v].append(timed(embed_command(args, docs, os.path.join(work, f"out-{variants.index(v)}"), v)))
-        ref = pq.read_table(st_out)
+        ref = pq.read_table(st_outs[0])  # the first baseline's vectors are the reference (float32 by default)
         ref_vectors = np.asarray(ref["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(ref), -1)
         ref_index = {i: k for k, i in enumerate(ref["id"].to_pylist())}
         results = []
@@ -155,34 +161,52 @@ def main() -> None:
             cos = (vectors * ref_v).sum(1) / (np.linalg.norm(vectors, axis=1) * np.linalg.norm(ref_v, axis=1))
             manifest = json.load(open(os.path.join(out, "_manifest.json")))
             tokens = manifest["rows"]["tokens"]
-            best_ours, best_theirs = min(ours[v]), min(theirs)
-            results.append({
-                "date": dt.date.today().isoformat(),
-                "machine": machine(),
-                "docs": n,
-                "tokens": tokens,
-                "embed_args": v,
-                "embedpipe_seconds": round(best_ours, 2),
-                "st_seconds": round(best_theirs, 2),
-                "embedpipe_docs_per_s": round(n / best_ours, 1),
-                "st_docs_per_s": round(n / best_theirs, 1),
-                "embedpipe_tokens_per_s": round(tokens / best_ours, 1),
-                "ratio": round(best_theirs / best_ours, 3),
-                "mean_cosine": round(float(cos.mean()), 6),
-                "min_cosine": round(float(cos.min()), 6),
-                "all_runs": {"embedpipe": [round(x, 2) for x in ours[v]], "sentence_transformers": [round(x, 2) for x in theirs]},
-                "stages": manifest["timings"].get("stages"),
-            })
+            best_ours = min(ours[v])
+            for sv in st_variants:
+                best_theirs = min(theirs[sv])
+                results.append({
+                    "date": dt.date.today().isoformat(),
+                    "machine": machine(),
+                    "docs": n,
+                    "tokens": tokens,
+                    "embed_args": v,
+                    "st_args": sv,
+                    "dtype": manifest.get("dtype"),
+                    "embedpipe_seconds": round(best_ours, 2),
+                    "st_seconds": round(best_theirs, 2),
+                    "embedpipe_docs_per_s": round(n / best_ours, 1),
+                    "st_docs_per_s": round(n / best_theirs, 1),
+                    "embedpipe_tokens_per_s": round(tokens / best_ours, 1),
+                    "encode_docs_per_s": encode_rate(manifest),
+                    "ratio": round(best_theirs / best_ours, 3),
+                    "mean_cosine": round(float(cos.mean()), 6),
+                    "min_cosine": round(float(cos.min()), 6),
+                    "all_runs": {"embedpipe": [round(x, 2) for x in ours[v]],
+                                 "sentence_transformers": [round(x, 2) for x in theirs[sv]]},
+                    "stages": manifest["timings"].get("stages"),
+                })
     print(json.dumps(results, indent=2))
     for r in results:
         if args.markdown:
             print(
                 f"| {r['date']} | {n:,} | {args.device} | {r['embedpipe_docs_per_s']:,} | "
-                f"{r['st_docs_per_s']:,} | **{r['ratio']}x** | {r['mean_cosine']:.6f} / {r['min_cosine']:.6f} | {r['embed_args'] or '-'} |"
+                f"{r['st_docs_per_s']:,} | **{r['ratio']}x** | {r['mean_cosine']:.6f} / {r['min_cosine']:.6f} | "
+                f"{r['embed_args'] or '-'} | {r['st_args'] or '-'} |"
             )
-    exact = [r for r in results if "int8" not in r["embed_args"]]
+    # float32 must reproduce the reference; float16/bfloat16/int8 report their cosine instead
+    exact = [r for r in results if r["dtype"] == "float32"]
     if any(r["min_cosine"] < 0.9999 for r in exact):
-        sys.exit("vectors disagree: min cosine < 0.9999 for a full-precision run")
+        sys.exit("vectors disagree: min cosine < 0.9999 for a float32 run")
+
+
+def encode_rate(manifest: dict) -> float | None:
+    """Documents per second while the encoders ran: rows over the span from the first encode
+    step's start to the last one's end (the steady state, without start-up and teardown)."""
+    span = (manifest["timings"].get("stages") or {}).get("encode.encoding")
+    if not span:
+        return None
+    span = span["last_s"] - span["first_s"]
+    return round(manifest["rows"]["embedded"] / span, 1) if span > 0 else None
 
 
 def embed_command(args, docs: str, out: str, flags: str) -> list[str]:

@@ -1,6 +1,6 @@
 """The baseline embedpipe is measured against: a plain sentence-transformers script.
 
-    python jobs/st_baseline.py INPUT.txt OUTPUT.parquet [--model DIR] [--device cpu|cuda] [--batch-size 32]
+    python jobs/st_baseline.py INPUT.txt OUTPUT.parquet [--model DIR] [--device cpu|cuda] [--batch-size 32] [--dtype float16]
 
 Loads the model, encodes every line with SentenceTransformer.encode, writes
 Parquet (id, embedding). What a user would write without embedpipe.
@@ -20,16 +20,21 @@ def main() -> None:
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--device", default=None)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--dtype", choices=("float32", "float16", "bfloat16"), default="float32",
+                   help="the model cast to this dtype (model.half() and the like), as a GPU user would")
     args = p.parse_args()
 
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
+    import torch
     from sentence_transformers import SentenceTransformer
 
     from pipeline.model import resolve_model_path
 
     model = SentenceTransformer(resolve_model_path(args.model), device=args.device)
+    if args.dtype != "float32":
+        model.to(getattr(torch, args.dtype))
     with open(args.input, encoding="utf-8") as f:
         texts = [line.rstrip("\n") for line in f]
     vectors = model.encode(texts, batch_size=args.batch_size, convert_to_numpy=True).astype(np.float32)

@@ -13,6 +13,7 @@ row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
 from __future__ import annotations
 
 import logging
+import threading
 import os
 
 import numpy as np
@@ -106,6 +107,9 @@ class EncodeStage:
         # Placement is reported before the model loads: a replica that Ray started counts as
         # placed even when a small run ends before it has finished loading.
         self.progress.report_placement(device=device, dtype=compute_dtype(config.dtype, device))
+        # On a GPU, Ray Data runs two calls at once (ENCODER_CALLS_ON_GPU): one encodes while
+        # the other writes its block; encoding itself stays one block at a time.
+        self._device_lock = threading.Lock()
         with self.progress.step("loading the model"):
             self._load(config, device, threads, int8_graph)
 
@@ -157,7 +161,7 @@ class EncodeStage:
         Writing here, in the encoder, keeps the vectors out of Ray's object store and saves
         a task (and often a worker process) per block.
         """
-        with self.progress.step(f"encoding {batch.num_rows} rows"):
+        with self._device_lock, self.progress.step(f"encoding {batch.num_rows} rows"):
             encoded = self._encode_block(batch)
         if self.sink is None:
             return encoded
@@ -174,10 +178,15 @@ class EncodeStage:
         if self.sparse:
             return self._encode_sparse(out, rows, copy_of, valid, lists, lengths)
         vectors = np.zeros((batch.num_rows, self.dim), np.float32)
+        # Micro-batches are queued on the device one after another and their vectors copied back
+        # once per block: on a GPU the host pads the next micro-batch while the last one runs.
+        done = []
         for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
             idx = rows[start:end]
-            vectors[idx] = self._forward(idx, lists, lengths)
+            done.append((idx, self._forward(idx, lists, lengths)))
             self.progress.tick()
+        if done:
+            vectors[np.concatenate([idx for idx, _ in done])] = self.torch.cat([e for _, e in done]).cpu().numpy()
         vectors[valid] = vectors[copy_of]  # repeated texts take the vector of their first copy
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         return out.append_column("embedding", embedding)
@@ -188,7 +197,8 @@ class EncodeStage:
         terms = [empty] * out.num_rows
         for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
             idx = rows[start:end]
-            for i, row_terms in zip(idx, sparse_terms(self._forward(idx, lists, lengths), self.sparse_top_k)):
+            dense = self._forward(idx, lists, lengths).cpu().numpy()
+            for i, row_terms in zip(idx, sparse_terms(dense, self.sparse_top_k)):
                 terms[i] = row_terms
             self.progress.tick()
         for j, i in enumerate(valid):  # repeated texts take the terms of their first copy
@@ -201,26 +211,22 @@ class EncodeStage:
         values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_val, pa.float32()))
         return out.append_column("indices", indices).append_column("values", values)
 
-    def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> np.ndarray:
+    def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray):
+        """Vectors of rows `idx` as a float32 tensor on the device (queued there, not waited for)."""
         torch = self.torch
-        width = int(lengths[idx].max())
+        row_len = lengths[idx].astype(np.int64)
+        width = int(row_len.max())
+        columns = np.arange(width)
+        if self.left_pad:
+            mask = columns[None, :] >= (width - row_len)[:, None]
+        else:
+            mask = columns[None, :] < row_len[:, None]
         features = {}
-        mask = np.zeros((len(idx), width), np.int64)
         for key, (values, offsets) in lists.items():
             padded = np.full((len(idx), width), self.pad_values.get(key, 0), np.int64)
-            for j, i in enumerate(idx):
-                row = values[offsets[i] : offsets[i + 1]]
-                if self.left_pad:
-                    padded[j, width - len(row) :] = row
-                else:
-                    padded[j, : len(row)] = row
+            padded[mask] = values[_segments(offsets[idx], row_len)]  # row after row, as the mask's True cells
             features[key] = padded
-        for j, i in enumerate(idx):
-            if self.left_pad:
-                mask[j, width - lengths[i] :] = 1
-            else:
-                mask[j, : lengths[i]] = 1
-        features["attention_mask"] = mask
+        features["attention_mask"] = mask.astype(np.int64)
         tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
         tensors.update(self.extras)
         try:
@@ -234,8 +240,8 @@ class EncodeStage:
             torch.cuda.empty_cache()
             half = len(idx) // 2
             log.warning("CUDA out of memory on %d rows x %d tokens; splitting the batch", len(idx), width)
-            return np.concatenate([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
-        return emb.cpu().numpy()
+            return torch.cat([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
+        return emb
 
     def _to_device(self, tensor):
         return to_device(tensor, self.device)
@@ -270,14 +276,48 @@ def sparse_terms(dense: np.ndarray, top_k: int | None) -> list[tuple[np.ndarray,
     return [(cols[bounds[r] : bounds[r + 1]], values[bounds[r] : bounds[r + 1]]) for r in range(dense.shape[0])]
 
 
+def _segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Indices of the slices [starts[k], starts[k] + sizes[k]), one after another."""
+    ends = np.cumsum(sizes)
+    return np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
+
+
 def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to encode (one per distinct token sequence), and for each valid row the row it copies."""
-    seen: dict[bytes, int] = {}
-    copy_of = np.empty(len(valid), np.int64)
-    for j, i in enumerate(valid):
-        key = b"|".join(values[offsets[i] : offsets[i + 1]].tobytes() for values, offsets in lists.values())
-        copy_of[j] = seen.setdefault(key, int(i))
-    return np.fromiter(seen.values(), np.int64, len(seen)), copy_of
+    """Rows to encode (one per distinct token sequence), and for each valid row the row it copies.
+
+    Rows are grouped by length and a 64-bit hash of their tokens (numpy, no per-row Python);
+    only rows that share both are compared token by token, so a hash collision never merges
+    two different texts.
+    """
+    copy_of = valid.astype(np.int64)
+    if len(valid) < 2:
+        return copy_of, copy_of
+    first_values, first_offsets = next(iter(lists.values()))
+    sizes = (first_offsets[valid + 1] - first_offsets[valid]).astype(np.int64)
+    digest = sizes.astype(np.uint64)
+    for values, offsets in lists.values():
+        flat = values[_segments(offsets[valid], sizes)].astype(np.uint64)
+        position = np.arange(len(flat), dtype=np.uint64) - np.repeat((np.cumsum(sizes) - sizes).astype(np.uint64), sizes)
+        with np.errstate(over="ignore"):
+            mixed = (flat + np.uint64(0x9E3779B97F4A7C15)) * (position * np.uint64(2) + np.uint64(0xBF58476D1CE4E5B9))
+            mixed ^= mixed >> np.uint64(29)
+            sums = np.add.reduceat(mixed, (np.cumsum(sizes) - sizes))  # valid rows have at least one token
+            digest = digest * np.uint64(0x94D049BB133111EB) + sums
+    _, first, inverse = np.unique(digest, return_index=True, return_inverse=True)
+    candidate = valid[first[inverse]]  # the first row with the same digest
+    repeated = np.flatnonzero(candidate != valid)
+    if len(repeated):  # rare in real corpora: confirm each token by token
+        def tokens(i):
+            return b"|".join(v[o[i] : o[i + 1]].tobytes() for v, o in lists.values())
+
+        same = np.array([tokens(valid[j]) == tokens(candidate[j]) for j in repeated], bool)
+        if not same.all():  # a true hash collision: fall back to exact keys
+            seen: dict[bytes, int] = {}
+            for j, i in enumerate(valid):
+                copy_of[j] = seen.setdefault(tokens(i), int(i))
+            return np.fromiter(seen.values(), np.int64, len(seen)), copy_of
+        copy_of[repeated] = candidate[repeated]
+    return valid[np.sort(first)], copy_of
 
 
 def _flat(column) -> tuple[np.ndarray, np.ndarray]:

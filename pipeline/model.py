@@ -117,17 +117,9 @@ def _weights_on_meta() -> Iterator[None]:
         yield
 
 
-def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
-    """The SentenceTransformer for `config`, with its overrides applied.
-
-    Pooling and max_seq_length overrides are applied here; a normalisation
-    override removes the model's Normalize module (the encoder normalises
-    itself when asked).
-    """
-    from sentence_transformers import SentenceTransformer, SparseEncoder
-    from sentence_transformers.base.modules import Normalize
-    from sentence_transformers.sentence_transformer.modules import Pooling
-
+def check_model(config: EmbedConfig) -> tuple[str, str]:
+    """(path, kind) of the model, and the options that kind refuses, from its files alone:
+    cheap, so that a wrong model or option is refused before anything is imported or started."""
     path = resolve_model_path(config.model)
     kind = model_kind(path)
     if kind == "cross-encoder":
@@ -139,6 +131,21 @@ def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
         _check_sparse_options(config)
     elif config.sparse_top_k is not None:
         raise UsageError(f"--sparse-top-k: model {config.model} is a dense model; it applies to sparse (SPLADE) models")
+    return path, kind
+
+
+def load_model(config: EmbedConfig, device: str = "cpu", weights: bool = True):
+    """The SentenceTransformer for `config`, with its overrides applied.
+
+    Pooling and max_seq_length overrides are applied here; a normalisation
+    override removes the model's Normalize module (the encoder normalises
+    itself when asked).
+    """
+    path, kind = check_model(config)
+    from sentence_transformers import SentenceTransformer, SparseEncoder
+    from sentence_transformers.base.modules import Normalize
+    from sentence_transformers.sentence_transformer.modules import Pooling
+
     quiet = _quiet_transformers()
     try:
         with quiet, (_weights_on_meta() if not weights else contextlib.nullcontext()):

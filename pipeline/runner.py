@@ -9,6 +9,7 @@ that Ray split across blocks, then writes `_manifest.json` last.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime as dt
 import functools
@@ -23,7 +24,7 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
-from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, sparse_top_k
+from pipeline.model import ModelInfo, check_model, describe_model, load_model, output_dimension, sparse_top_k
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
 from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
@@ -39,7 +40,9 @@ COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
 # tokenising the next block overlaps encoding this one; a GPU takes larger ones.
 CPU_BLOCK_ROWS = 1024
 GPU_BLOCK_ROWS = 8192
+TOKENIZERS_PER_GPU = 8
 OBJECT_STORE_BUDGET = 256 << 20  # bytes of blocks Ray Data may hold in the object store at once
+ENCODER_CALLS_ON_GPU = 2  # one block encoding, one writing (see _encoder_pool)
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks, little imbalance at the end
 TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
 MIN_BLOCK_BYTES = 64 << 10
@@ -113,7 +116,9 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         encoders = config.num_encoders or int(gpus)
         if encoders > gpus:
             raise UsageError(f"--num-encoders {encoders}: the cluster has only {gpus:g} GPUs")
-        tokenizers = config.num_tokenizers or max(1, min(2 * encoders, int(cpus - encoders - headroom)))
+        # One tokenizer keeps up with roughly a tenth of what an H100 encodes (BENCHMARKS.md, GPU):
+        # a GPU takes up to TOKENIZERS_PER_GPU of them, as many as the spare cores allow.
+        tokenizers = config.num_tokenizers or max(1, min(TOKENIZERS_PER_GPU * encoders, int(cpus - encoders - headroom)))
         tok_cpus, enc_cpus, threads = 1.0, 1.0, None
     else:
         # Single-threaded encoders, one per core, beat one encoder using every core:
@@ -297,40 +302,48 @@ def run_embed(config: EmbedConfig) -> RunResult:
     """Embed `config.input` into `config.output`; resume unless `config.overwrite`."""
     started = time.time()
     shards = discover_shards(config.input, config.storage_options)
-    model = load_model(config, weights=False)
-    info = describe_model(model, config)
-    fs, root = prepare_output(config.output, config.storage_options)
-    if finish_swap(fs, root):
-        log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
-    if config.overwrite:
-        target, target_uri = clear_staging(fs, root), staging_uri(config.output)
-        committed: frozenset[str] = frozenset()
-    else:
-        check_compatible(read_manifest(fs, root), info, config)
-        clear_staging(fs, root)
-        target, target_uri = root, config.output
-        committed = frozenset(committed_files(fs, root))
-    clear_leftovers(fs, target)
-    todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
-    sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype, config.storage_options)
+    check_model(config)  # a wrong model, or an option its kind refuses, is refused before anything starts
+    # The driver's model (no weights) loads in a thread while Ray starts: importing
+    # sentence-transformers and starting Ray are each several seconds. Until the model is
+    # known and a resume is found compatible, the output is only read, never changed.
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model") as pool, \
+            _output_removed_on_error(config.output):
+        loading = pool.submit(load_model, config, weights=False)
+        fs, root = prepare_output(config.output, config.storage_options)
+        if finish_swap(fs, root):
+            log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
+        previous = None if config.overwrite else read_manifest(fs, root)
+        committed = frozenset() if config.overwrite else frozenset(committed_files(fs, root))
+        todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
+        with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
+            model = loading.result()
+            info = describe_model(model, config)
+            if config.overwrite:
+                target, target_uri = clear_staging(fs, root), staging_uri(config.output)
+            else:
+                check_compatible(previous, info, config)
+                clear_staging(fs, root)
+                target, target_uri = root, config.output
+            clear_leftovers(fs, target)
+            sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype,
+                            config.storage_options)
+            written: dict[str, dict] = {}
+            stage_times: dict[str, dict] = {}
+            plan = None
+            replicas: list[dict] = []
+            if todo:
+                plan = _plan_from_cluster(config)
+                int8 = None
+                if config.dtype == "int8":
+                    import ray
 
-    written: dict[str, dict] = {}
-    stage_times: dict[str, dict] = {}
-    plan = None
-    replicas: list[dict] = []
+                    from pipeline.quantize import int8_graph
+
+                    int8 = ray.put(int8_graph(config, info.fingerprint))
+                chain_started = time.time()
+                written, stage_times, replicas = _execute(config, plan, todo, committed, sink, int8)
+                stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
-        with ray_session_for(config.ray_address, config.quiet):
-            plan = _plan_from_cluster(config)
-            int8 = None
-            if config.dtype == "int8":
-                import ray
-
-                from pipeline.quantize import int8_graph
-
-                int8 = ray.put(int8_graph(config, info.fingerprint))
-            chain_started = time.time()
-            written, stage_times, replicas = _execute(config, plan, todo, committed, sink, int8)
-            stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
 
     stats = dict(written)
@@ -364,6 +377,33 @@ def run_embed(config: EmbedConfig) -> RunResult:
         files_skipped=len(stats) - len(written),
         manifest=manifest,
     )
+
+
+def _encoder_pool(plan: Plan):
+    """A fixed pool of encoders. On GPUs each takes two calls at once, so that writing one
+    block's Parquet overlaps encoding the next (EncodeStage holds a lock around encoding);
+    on CPUs the cores are already busy encoding."""
+    from ray.data import ActorPoolStrategy
+
+    if plan.device != "cuda":
+        return ActorPoolStrategy(size=plan.num_encoders, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR)
+    return ActorPoolStrategy(
+        size=plan.num_encoders, max_tasks_in_flight_per_actor=ENCODER_CALLS_ON_GPU + 1,
+        max_concurrent_calls_per_actor=ENCODER_CALLS_ON_GPU, enable_true_multi_threading=True,
+    )
+
+
+@contextlib.contextmanager
+def _output_removed_on_error(output: str) -> Iterator[None]:
+    """A local output directory this run created is removed again if the run fails before
+    writing anything into it (a refused model option leaves no trace)."""
+    fresh = "://" not in output and not os.path.exists(output)
+    try:
+        yield
+    except BaseException:
+        if fresh and os.path.isdir(output) and not os.listdir(output):
+            os.rmdir(output)
+        raise
 
 
 def _plan_from_cluster(config: EmbedConfig) -> Plan:
@@ -436,7 +476,7 @@ def _execute(
         fn_constructor_args=(config, plan.device, plan.encoder_threads, board, int8_graph, sink),
         batch_size=plan.block_rows,
         batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.num_encoders, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+        compute=_encoder_pool(plan),
         num_cpus=plan.encoder_cpus,
         num_gpus=plan.encoder_gpus,
     )

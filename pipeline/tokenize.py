@@ -66,7 +66,7 @@ class TokenizeStage:
         n = len(texts)
         by_length = np.argsort([len(t) for t in texts], kind="stable")
         lengths = np.zeros(n, np.int64)
-        per_row: dict[str, list] = {}
+        chunks: dict[str, list[np.ndarray]] = {}  # each key's unpadded tokens, rows in by_length order
         for start in range(0, n, SUB_BATCH):
             idx = by_length[start : start + SUB_BATCH]
             feats = self.model.preprocess([texts[i] for i in idx], prompt=self.prompt)
@@ -75,9 +75,7 @@ class TokenizeStage:
             for key, value in feats.items():
                 if key == "attention_mask" or not hasattr(value, "shape") or tuple(value.shape) != mask.shape:
                     continue
-                arr = value.numpy()
-                for j, i in enumerate(idx):
-                    per_row.setdefault(key, [None] * n)[i] = arr[j][mask[j]]
+                chunks.setdefault(key, []).append(value.numpy()[mask])  # row after row, left or right padded
         truncated = np.zeros(n, bool)
         if self.max_len:
             candidates = np.flatnonzero(lengths >= self.max_len)
@@ -91,11 +89,18 @@ class TokenizeStage:
                 truncated[idx] = longer["attention_mask"].numpy().sum(axis=1) > self.max_len
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        features = {}
-        for key, rows in per_row.items():
-            values = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-            features[key] = (values.astype(np.int32), offsets)
+        gather = _row_order(lengths, by_length, offsets)
+        features = {key: (np.concatenate(parts)[gather].astype(np.int32), offsets) for key, parts in chunks.items()}
         return features, lengths.astype(np.int32), truncated
+
+
+def _row_order(lengths: np.ndarray, order: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """Indices that take tokens laid out row after row in `order` to row after row in row order."""
+    sorted_starts = np.zeros(len(order), np.int64)
+    np.cumsum(lengths[order][:-1], out=sorted_starts[1:])
+    starts = np.empty(len(order), np.int64)
+    starts[order] = sorted_starts
+    return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
 
 
 def _scatter_lists(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, n: int) -> pa.ListArray:
