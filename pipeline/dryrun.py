@@ -27,7 +27,10 @@ SAMPLE_BYTES = 1 << 20  # larger or compressed ones: documents = size / mean byt
 # Throughput used for the estimate, from BENCHMARKS.md (all-MiniLM-L6-v2, English fortunes of ~160
 # characters / ~41 tokens; the whole command, Ray start included).
 CPU_DOCS_PER_S_PER_CORE = 87.3 / 2  # 2026-11-25 row: 87.3 docs/s on the 2-core dev machine (2,048-token batches)
-GPU_TARGET_DOCS_PER_S = 100_000  # issue 6's target for one H100; NOT measured yet (no GPU row in BENCHMARKS.md)
+# GPU: steady state on one H100 (BENCHMARKS.md "GPU", 2026-11-25, run C): WordNet short sentences of
+# ~48 characters / ~11.5 tokens, float16; bound by the encoder process's host side, not the GPU.
+GPU_DOCS_PER_S = 30_303
+GPU_BENCHMARK_CHARS_PER_DOC = 48
 BENCHMARK_CHARS_PER_DOC = 160
 
 
@@ -153,11 +156,11 @@ def estimate_seconds(plan, documents: int, model: str) -> tuple[float | None, st
         return 0.0, "nothing to embed"
     other_model = "" if model == DEFAULT_MODEL else f"; measured for {DEFAULT_MODEL}, {model} may be much slower"
     if plan.device == "cuda":
-        rate = GPU_TARGET_DOCS_PER_S * plan.num_encoders
+        rate = GPU_DOCS_PER_S * plan.num_encoders
         return documents / rate, (
-            f"GPU throughput is NOT measured yet (BENCHMARKS.md has no GPU row); this uses issue 6's target of "
-            f"{GPU_TARGET_DOCS_PER_S:,} short sentences/s per GPU (H100) x {plan.num_encoders} GPU(s) = "
-            f"{rate:,.0f} docs/s, so read it as a lower bound{other_model}"
+            f"{GPU_DOCS_PER_S:,} docs/s per GPU (BENCHMARKS.md, one H100, {DEFAULT_MODEL}, short sentences of "
+            f"~{GPU_BENCHMARK_CHARS_PER_DOC} characters, start-up not counted) x {plan.num_encoders} GPU(s) = "
+            f"{rate:,.0f} docs/s; longer texts cost about in proportion to their tokens{other_model}"
         )
     cores = plan.num_encoders * (plan.encoder_threads or 1)
     rate = CPU_DOCS_PER_S_PER_CORE * cores

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EmbedConfig
-from pipeline.dryrun import CPU_DOCS_PER_S_PER_CORE, GPU_TARGET_DOCS_PER_S, count_documents, estimate_seconds
+from pipeline.dryrun import CPU_DOCS_PER_S_PER_CORE, GPU_DOCS_PER_S, count_documents, estimate_seconds
 from pipeline.runner import plan_resources
 from pipeline.sources import discover_shards
 from tests.conftest import SAMPLE, assert_one_line_error, cli
@@ -46,7 +46,7 @@ def test_large_and_compressed_shards_are_estimated_from_a_sample(tmp_path):
     assert counts["big.txt.gz"][0] == pytest.approx(300_000, rel=0.3)  # compression ratio of the first MiB only
 
 
-def test_duration_estimate_cites_measured_cpu_throughput_and_the_unmeasured_gpu_target():
+def test_duration_estimate_cites_the_measured_cpu_and_gpu_throughput():
     config = EmbedConfig(input="x", output="y")
     cpu = plan_resources(config, {"CPU": 16.0}, nodes=2)  # 7 single-threaded encoders per node
     assert (cpu.num_encoders, cpu.encoder_threads) == (14, 1)
@@ -55,8 +55,8 @@ def test_duration_estimate_cites_measured_cpu_throughput_and_the_unmeasured_gpu_
     assert "BENCHMARKS.md" in basis
     gpu = plan_resources(config, {"CPU": 32.0, "GPU": 4.0}, nodes=4)
     seconds, basis = estimate_seconds(gpu, 4_000_000, "some/other-model")
-    assert seconds == pytest.approx(4_000_000 / (4 * GPU_TARGET_DOCS_PER_S))
-    assert "NOT measured" in basis and "some/other-model may be much slower" in basis
+    assert seconds == pytest.approx(4_000_000 / (4 * GPU_DOCS_PER_S))
+    assert "one H100" in basis and "BENCHMARKS.md" in basis and "some/other-model may be much slower" in basis
     assert estimate_seconds(gpu, 0, config.model)[0] == 0
 
 

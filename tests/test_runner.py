@@ -172,6 +172,8 @@ def test_resource_plan_fits_two_cpus():
     assert plan.device == "cpu" and reserved <= 1.5  # read + commit tasks keep 0.5 CPU
     gpu = plan_resources(config, {"CPU": 16.0, "GPU": 2.0}, nodes=2)
     assert gpu.device == "cuda" and gpu.num_encoders == 2 and gpu.encoder_gpus == 1
+    assert gpu.num_tokenizers == 13  # up to 8 per GPU, capped by the CPUs the encoders and read/commit leave
+    assert plan_resources(config, {"CPU": 16.0, "GPU": 1.0}, nodes=1).num_tokenizers == 8
     with pytest.raises(UsageError, match="no GPUs"):
         plan_resources(EmbedConfig(input="x", output="y", device="cuda"), {"CPU": 2.0}, nodes=1)
     with pytest.raises(UsageError, match="do not fit"):
