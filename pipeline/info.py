@@ -12,6 +12,7 @@ from pipeline.readers import embedding_files, read_embeddings
 from pipeline.sink import MANIFEST
 from pipeline.storage import get_fs
 
+PAIRS_FORMATS = ("embedpipe/pairs", "embedpipe/reranked-pairs")  # what `mine` and `rerank` write
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
 
 
@@ -22,6 +23,8 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
         raise InputError(f"{path}: no {MANIFEST} (not an embedpipe output, or the run has not finished)")
     with fs.open(manifest_path, "r") as f:
         manifest = json.load(f)
+    if manifest.get("format") in PAIRS_FORMATS:
+        return _show_pairs_output(path, manifest, rows, pairs, fs, root)
     brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "output_dtype", "rows")}
     if manifest.get("kind") == "sparse":
         brief.update(kind="sparse", vocab_size=manifest.get("vocab_size"), sparse_top_k=manifest.get("sparse_top_k"))
@@ -46,6 +49,25 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
         raise InputError("--pairs: this output holds sparse vectors; pairs are mined from dense embeddings")
     if pairs > 0:
         _show_pairs(path, files, pairs, fs, storage_options)
+
+
+def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, root: str) -> None:
+    """A `mine` or `rerank` output: its parameters and counts, then its best pairs."""
+    if pairs > 0:
+        raise InputError(f"--pairs: {path} already holds mined pairs; show its best ones with --rows N")
+    skip = ("timings", "versions", "config", "resources", "model")
+    brief = {k: v for k, v in manifest.items() if k not in skip}
+    if isinstance(manifest.get("model"), dict):
+        brief["model"] = manifest["model"].get("name")
+    print(json.dumps(brief, indent=2, ensure_ascii=False))
+    from pipeline.mine import PAIRS_FILE
+
+    if rows > 0:
+        with fs.open(f"{root.rstrip('/')}/{PAIRS_FILE}", "rb") as f:
+            table = pq.read_table(f).slice(0, rows)
+        for row in table.to_pylist():
+            rerank = f"  rerank {row['rerank_score']:.4f}" if "rerank_score" in row else ""
+            print(f"{row['score']:.4f}{rerank}  {row['id_a']} <-> {row['id_b']}")
 
 
 def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict | None) -> None:

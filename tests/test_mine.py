@@ -76,7 +76,9 @@ def test_distributed_mining_matches_st(ray_cluster, tmp_path, make, n, top_k, ma
     assert manifest["pairs"] == result.pairs == table.num_rows and manifest["documents"] == n
 
 
-def test_many_small_blocks_and_threshold(ray_cluster, tmp_path):
+def test_many_small_blocks_and_threshold(ray_cluster, tmp_path, capsys):
+    from pipeline.info import show_info
+
     vectors = clustered_vectors(400, noise=0.2)
     ids = [f"id{k}" for k in range(400)]
     src = write_vectors(tmp_path / "emb", vectors, ids, files=4)
@@ -85,6 +87,16 @@ def test_many_small_blocks_and_threshold(ray_cluster, tmp_path):
     table = mined(out)
     assert 0 < table.num_rows and min(table["score"].to_pylist()) >= 0.95
     assert_matches_st(table, vectors, ids, 6, 5000, threshold=0.95)
+
+    capsys.readouterr()
+    show_info(str(out), rows=2)  # `embedpipe info` on a mine output: its parameters and best pairs
+    shown = capsys.readouterr().out
+    brief = json.loads(shown[: shown.rindex("}") + 1])
+    assert brief["format"] == "embedpipe/pairs" and brief["pairs"] == table.num_rows and brief["threshold"] == 0.95
+    best = table.slice(0, 1).to_pylist()[0]
+    assert f"{best['score']:.4f}  {best['id_a']} <-> {best['id_b']}" in shown
+    with pytest.raises(InputError, match="--pairs: .* already holds mined pairs"):
+        show_info(str(out), pairs=3)
 
 
 @pytest.mark.slow  # make test-all; random and clustered vectors run in make test

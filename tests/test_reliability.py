@@ -149,6 +149,47 @@ def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(
 # --------------------------------------------------------------------------- never hang silently
 
 
+def test_the_watchdog_kills_the_stage_actors_and_names_the_stalled_step(ray_cluster):
+    """The driver's watchdog on a real board and a real stage actor: a step that stops reporting
+    ends the run with one line naming it, and the stage's actors are killed (so Ray Data stops)."""
+    import ray
+
+    from pipeline.errors import PipelineError
+    from pipeline.runner import _watched
+    from pipeline.watchdog import ProgressBoard
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+
+    @ray.remote(num_cpus=0)
+    class Stage:
+        def ping(self) -> bool:
+            return True
+
+    actor = Stage.remote()
+    ray.get(board.register.remote("encode", actor))
+    ray.get(board.begin.remote("encode", "step-1", "encoding 50 rows"))
+
+    def results():  # one block, then nothing, as a hung encoder gives, until its actor is gone
+        yield "block 1"
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            ray.get(actor.ping.remote())
+            time.sleep(0.2)
+        raise AssertionError("the watchdog never ended the run")
+
+    got = []
+    try:
+        with pytest.raises(PipelineError, match="the encode stage made no progress for [0-9]+s") as err:
+            for item in _watched(results(), board, stall_timeout=2):
+                got.append(item)
+        assert got == ["block 1"] and "stuck encoding 50 rows" in str(err.value)
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(actor.ping.remote())
+    finally:
+        ray.kill(board)
+
+
+@pytest.mark.slow  # ~75 s; make test checks the watchdog itself on a real board above
 def test_a_stalled_stage_ends_the_run_with_a_message_naming_it(tmp_path, tiny_bert_dir):
     hung = make_slow_model(tiny_bert_dir, str(tmp_path / "hung"), delay=3600)
     write_lines(tmp_path / "a.txt", [f"document {i}" for i in range(50)])

@@ -208,6 +208,12 @@ def test_rerank_on_the_cluster_equals_predict_and_keeps_the_top(ray_cluster, tmp
     assert resources["num_encoders"] == 2 and resources["block_pairs"] <= 16 and resources["join_parts"] == 3
     assert resources["blocks"] >= 8 and manifest["timings"]["score_s"] > 0
 
+    shown = run_main(capsys, "info", str(out), "--rows", "1")  # info reads a rerank output too
+    assert shown.returncode == 0, shown.stderr
+    assert '"format": "embedpipe/reranked-pairs"' in shown.stdout and '"reranked": 120' in shown.stdout
+    best = pq.read_table(out / "pairs.parquet").slice(0, 1).to_pylist()[0]
+    assert f"rerank {best['rerank_score']:.4f}  {best['id_a']} <-> {best['id_b']}" in shown.stdout
+
 
 def test_embed_mine_rerank_through_the_cli(ray_cluster, tmp_path, capsys, cross_encoder_dir, reference):
     """As a user runs it: embed with the default model, then mine --rerank-model (texts from the embeddings' manifest)."""
