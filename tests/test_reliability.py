@@ -213,21 +213,22 @@ def test_asking_for_gpus_on_a_cluster_without_any_is_an_error_up_front(ray_clust
 
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluster, tmp_path, tiny_model):
+    # one encoder per run: the count does not matter here, and on 2 cores one process fewer loads torch
     src = tmp_path / "in"
     shards_input(src, 3, 20)
     out = tmp_path / "out"
-    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, num_encoders=1, quiet=True))
     old = snapshot(out)
 
     (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')  # fails after the good shards
     with pytest.raises(InputError, match="z_bad.jsonl: line 2 is not valid JSON"):
-        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, num_encoders=1, pooling="cls", overwrite=True, quiet=True))
     visible = {f: b for f, b in snapshot_files(out).items() if not f.startswith("_overwrite")}
     assert visible == old, "a failed --overwrite run changed the old output"
 
     os.remove(src / "z_bad.jsonl")
     os.remove(src / "s2.txt")  # its old vectors must not survive the overwrite
-    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, num_encoders=1, pooling="cls", overwrite=True, quiet=True))
     assert sorted(committed(out)) == ["s0.txt.parquet", "s1.txt.parquet"]
     assert result.manifest["pooling"] == "cls" and json.loads((out / "_manifest.json").read_text())["pooling"] == "cls"
     assert_exactly_once(out, [f"s{k}.txt:{i}" for k in range(2) for i in range(20)])
