@@ -15,7 +15,7 @@ def test_embed_and_mine_then_info(tmp_path, tiny_bert_dir):
     (src / "a.txt").write_text("".join(f"line {i}\n" for i in range(30)))
     out = tmp_path / "out"
     proc = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text",
-               "--mine", "--mine-top-k", "3")
+               "--mine", "--mine-top-k", "3", "--num-encoders", "1")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "embedded 30 documents" in proc.stdout and str(out) in proc.stdout
     assert "mined " in proc.stdout and (tmp_path / "out-pairs" / "pairs.parquet").is_file()

@@ -19,7 +19,7 @@ def output_dir(ray_cluster, tmp_path_factory, tiny_bert_dir):
     (src / "a.txt").write_text("".join(f"alpha {i}\n" for i in range(7)))
     (src / "b.txt").write_text("".join(f"beta {i}\n" for i in range(5)))
     out = base / "out"
-    run_embed(EmbedConfig(input=str(src), output=str(out), model=model, quiet=True))
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=model, num_encoders=1, quiet=True))  # 12 rows
     ids, vectors = read_embeddings(str(out))
     return out, ids, vectors
 

@@ -77,7 +77,8 @@ def sparse_run(ray_cluster, tmp_path_factory, splade_dir):
     write_lines(src / "a.txt", TEXTS[:40])
     write_lines(src / "b.txt", TEXTS[40:])
     out = tmp_path_factory.mktemp("sparse-out") / "out"
-    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=splade_dir, quiet=True, rows_per_file=16))
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=splade_dir, quiet=True, rows_per_file=16,
+                                     num_encoders=1))  # one encoder: one process fewer loads on 2 cores
     return src, out, result
 
 
