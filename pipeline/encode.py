@@ -13,8 +13,8 @@ row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
 from __future__ import annotations
 
 import logging
-import threading
 import os
+import threading
 
 import numpy as np
 import pyarrow as pa
@@ -23,7 +23,7 @@ from pipeline.config import EmbedConfig
 from pipeline.errors import PipelineError, UsageError
 from pipeline.model import is_sparse, load_model, model_normalizes, resolve_prompt, sparse_top_k
 from pipeline.sink import SinkSpec, commit_block
-from pipeline.tokenize import TOKEN_PREFIX
+from pipeline.tokenize import TOKEN_PREFIX, segments
 from pipeline.watchdog import Progress
 
 log = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ class EncodeStage:
         features = {}
         for key, (values, offsets) in lists.items():
             padded = np.full((len(idx), width), self.pad_values.get(key, 0), np.int64)
-            padded[mask] = values[_segments(offsets[idx], row_len)]  # row after row, as the mask's True cells
+            padded[mask] = values[segments(offsets[idx], row_len)]  # row after row, as the mask's True cells
             features[key] = padded
         features["attention_mask"] = mask.astype(np.int64)
         tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
@@ -276,12 +276,6 @@ def sparse_terms(dense: np.ndarray, top_k: int | None) -> list[tuple[np.ndarray,
     return [(cols[bounds[r] : bounds[r + 1]], values[bounds[r] : bounds[r + 1]]) for r in range(dense.shape[0])]
 
 
-def _segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Indices of the slices [starts[k], starts[k] + sizes[k]), one after another."""
-    ends = np.cumsum(sizes)
-    return np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
-
-
 def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarray]:
     """Rows to encode (one per distinct token sequence), and for each valid row the row it copies.
 
@@ -296,7 +290,7 @@ def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarr
     sizes = (first_offsets[valid + 1] - first_offsets[valid]).astype(np.int64)
     digest = sizes.astype(np.uint64)
     for values, offsets in lists.values():
-        flat = values[_segments(offsets[valid], sizes)].astype(np.uint64)
+        flat = values[segments(offsets[valid], sizes)].astype(np.uint64)
         position = np.arange(len(flat), dtype=np.uint64) - np.repeat((np.cumsum(sizes) - sizes).astype(np.uint64), sizes)
         with np.errstate(over="ignore"):
             mixed = (flat + np.uint64(0x9E3779B97F4A7C15)) * (position * np.uint64(2) + np.uint64(0xBF58476D1CE4E5B9))

@@ -89,18 +89,24 @@ class TokenizeStage:
                 truncated[idx] = longer["attention_mask"].numpy().sum(axis=1) > self.max_len
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        gather = _row_order(lengths, by_length, offsets)
+        gather = _row_order(lengths, by_length)
         features = {key: (np.concatenate(parts)[gather].astype(np.int32), offsets) for key, parts in chunks.items()}
         return features, lengths.astype(np.int32), truncated
 
 
-def _row_order(lengths: np.ndarray, order: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+def segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
+    """Indices of the slices [starts[k], starts[k] + sizes[k]), one after another."""
+    ends = np.cumsum(sizes)
+    return np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
+
+
+def _row_order(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
     """Indices that take tokens laid out row after row in `order` to row after row in row order."""
     sorted_starts = np.zeros(len(order), np.int64)
     np.cumsum(lengths[order][:-1], out=sorted_starts[1:])
     starts = np.empty(len(order), np.int64)
     starts[order] = sorted_starts
-    return np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return segments(starts, lengths)
 
 
 def _scatter_lists(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, n: int) -> pa.ListArray:

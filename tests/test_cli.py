@@ -8,11 +8,18 @@ import pytest
 from tests.conftest import assert_one_line_error, cli, make_st_dir, snapshot
 
 
-def test_embed_and_mine_then_info(tmp_path, tiny_bert_dir):
+@pytest.fixture
+def thirty_lines(tmp_path, tiny_bert_dir):
+    """(a mean-pooling tiny model, an input folder holding a.txt of 30 lines)."""
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+    return model, src
+
+
+def test_embed_and_mine_then_info(tmp_path, thirty_lines):
+    model, src = thirty_lines
     out = tmp_path / "out"
     proc = cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--keep-columns", "text",
                "--mine", "--mine-top-k", "3", "--num-encoders", "1")
@@ -31,13 +38,9 @@ def test_embed_and_mine_then_info(tmp_path, tiny_bert_dir):
     assert '"dim": 32' in info.stdout and '"replicas_per_node"' in info.stdout and "a.txt:0" in info.stdout and "most similar pairs" in info.stdout
 
 
-
 @pytest.mark.slow  # make test-all; test_bad_input checks the same worker-side errors through main() in make test
-def test_a_worker_side_error_in_a_real_process_is_one_line_and_keeps_the_output(tmp_path, tiny_bert_dir):
-    model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
-    src = tmp_path / "in"
-    src.mkdir()
-    (src / "a.txt").write_text("".join(f"line {i}\n" for i in range(30)))
+def test_a_worker_side_error_in_a_real_process_is_one_line_and_keeps_the_output(tmp_path, thirty_lines):
+    model, src = thirty_lines
     out = tmp_path / "out"
     assert cli("embed", "--input", str(src), "--output", str(out), "--model", model, "--quiet").returncode == 0
     before = snapshot(out)
