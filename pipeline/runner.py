@@ -446,7 +446,8 @@ def _execute(
     # On a multi-node cluster every replica is up before data flows, so that no node sits idle
     # and the manifest's placement lists the whole pool (a small run could end before a slow one starts).
     saved_wait = ctx.wait_for_min_actors_s
-    if _alive_nodes() > 1:
+    multi_node = _alive_nodes() > 1
+    if multi_node:
         ctx.wait_for_min_actors_s = int(config.stall_timeout) or -1
     ctx.enable_progress_bars = not config.quiet
     ctx.print_on_execution_start = not config.quiet
@@ -483,7 +484,7 @@ def _execute(
 
     if os.environ.get("EMBEDPIPE_DEBUG") != "1":
         _keep_tracebacks_off_the_console()
-    files = _FileTracker(sink)
+    files = _FileTracker(sink, spread=multi_node)
     try:
         for batch in _watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
             for row in batch.to_pylist():
@@ -493,6 +494,7 @@ def _execute(
     except Exception as exc:  # noqa: BLE001 - turned into one clear message below
         raise _explain(exc) from None
     finally:
+        files.close()
         ray.kill(board)
         ctx.target_max_block_size = saved_block_size
         ctx.execution_options.resource_limits = saved_limits
@@ -508,11 +510,18 @@ class _FileTracker:
     ends is joined then (the join itself checks that no row is missing).
     """
 
-    def __init__(self, sink: SinkSpec):
-        import ray
-
+    def __init__(self, sink: SinkSpec, spread: bool):
         self.sink = sink
-        self.merge = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces)
+        if spread:  # joins are spread over the cluster's nodes, as Ray tasks
+            import ray
+
+            self._join = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces).remote
+            self._result = ray.get
+        else:  # one node: a thread of the driver, with no worker process to start (seconds on a small machine)
+            self._threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-join")
+            self._join = functools.partial(self._threads.submit, merge_pieces)
+            self._result = concurrent.futures.Future.result
+        self.spread = spread
         self.written: dict[str, dict] = {}
         self.pieces: dict[str, dict[int, int]] = {}
         self.chunk_rows: dict[str, int] = {}
@@ -526,17 +535,20 @@ class _FileTracker:
         self.chunk_rows[name] = row["chunk_rows"]
         self.pieces.setdefault(name, {})[row["first_row"]] = row["rows"]
         if name not in self.merges and sum(self.pieces[name].values()) == row["chunk_rows"]:
-            self.merges[name] = self.merge.remote(self.sink, name, row["chunk_rows"])
+            self.merges[name] = self._join(self.sink, name, row["chunk_rows"])
 
     def finish(self) -> dict[str, dict]:
-        import ray
-
         for name in self.pieces:
             if name not in self.merges and name not in self.written:
-                self.merges[name] = self.merge.remote(self.sink, name, self.chunk_rows[name])
-        for name, ref in self.merges.items():
-            self.written[name] = ray.get(ref)
+                self.merges[name] = self._join(self.sink, name, self.chunk_rows[name])
+        for name, pending in self.merges.items():
+            self.written[name] = self._result(pending)
         return self.written
+
+    def close(self) -> None:
+        """After a failure, joins not yet started are dropped: those files are not committed, and a rerun redoes them."""
+        if not self.spread:
+            self._threads.shutdown(wait=True, cancel_futures=True)
 
 
 def _watched(batches: Iterator, board, stall_timeout: float) -> Iterator:
