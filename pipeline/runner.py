@@ -15,6 +15,7 @@ import datetime as dt
 import functools
 import json
 import logging
+import multiprocessing
 import os
 import posixpath
 import re
@@ -303,12 +304,12 @@ def run_embed(config: EmbedConfig) -> RunResult:
     started = time.time()
     shards = discover_shards(config.input, config.storage_options)
     check_model(config)  # a wrong model, or an option its kind refuses, is refused before anything starts
-    # The driver's model (no weights) loads in a thread while Ray starts: importing
-    # sentence-transformers and starting Ray are each several seconds. Until the model is
-    # known and a resume is found compatible, the output is only read, never changed.
-    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model") as pool, \
-            _output_removed_on_error(config.output):
-        loading = pool.submit(load_model, config, weights=False)
+    # The model is described by a child process while Ray starts: importing sentence-transformers
+    # and starting Ray are each several seconds, and the child's torch and sentence-transformers
+    # (~300 MiB) are gone before the stages start. Until the model is known and a resume is
+    # found compatible, the output is only read, never changed.
+    describing = _ModelFacts(config)
+    with describing, _output_removed_on_error(config.output):
         fs, root = prepare_output(config.output, config.storage_options)
         if finish_swap(fs, root):
             log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
@@ -316,8 +317,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
         committed = frozenset() if config.overwrite else frozenset(committed_files(fs, root))
         todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
         with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
-            model = loading.result()
-            info = describe_model(model, config)
+            info, vectors = describing.result()
             if config.overwrite:
                 target, target_uri = clear_staging(fs, root), staging_uri(config.output)
             else:
@@ -354,9 +354,6 @@ def run_embed(config: EmbedConfig) -> RunResult:
             if file_stats is not None and file_stats.get("shard") in shard_keys:
                 stats[name] = file_stats
     finished = time.time()
-    vectors = {"kind": info.kind}
-    if info.kind == "sparse":
-        vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
     manifest = _manifest(
         config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors
     )
@@ -391,6 +388,36 @@ def _encoder_pool(plan: Plan):
         size=plan.num_encoders, max_tasks_in_flight_per_actor=ENCODER_CALLS_ON_GPU + 1,
         max_concurrent_calls_per_actor=ENCODER_CALLS_ON_GPU, enable_true_multi_threading=True,
     )
+
+
+class _ModelFacts:
+    """`model_facts(config)` computed in a child process (spawned: the driver may hold threads)."""
+
+    def __init__(self, config: EmbedConfig):
+        self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        self._future = self._pool.submit(model_facts, config)
+
+    def result(self) -> tuple[ModelInfo, dict[str, Any]]:
+        try:
+            return self._future.result()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def __enter__(self) -> "_ModelFacts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any]]:
+    """What the manifest records about the model and its vectors, from a load without weights."""
+    model = load_model(config, weights=False)
+    info = describe_model(model, config)
+    vectors: dict[str, Any] = {"kind": info.kind}
+    if info.kind == "sparse":
+        vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
+    return info, vectors
 
 
 @contextlib.contextmanager
