@@ -1,12 +1,15 @@
 """`embedpipe mine`: paraphrase mining of an embeddings directory, spread over Ray tasks.
 
     load_block (one task per row block: reads its rows from the Parquet files, normalises)
-      -> block_pair (one task per block pair I <= J: scores, top-k of rows and columns)
-      -> reduce_rows (one task per row block: merges its candidates, keeps its best max_pairs)
+      -> diagonal_block (one task per block I: each row's top-k within I)
+      -> driver: the score floor every answer pair reaches (see `pipeline.mining.score_floor`)
+      -> off_diagonal_block (one task per block pair I < J: the scores >= floor)
+      -> reduce_rows (one task per row block: each row's top-k of its candidates, the block's best max_pairs)
       -> driver: deduplicates, keeps the global best max_pairs, writes pairs.parquet + manifest
 
 No task holds more than two blocks of vectors and one block x block score
-matrix; the driver holds at most n_blocks * max_pairs candidate pairs.
+matrix; the driver holds at most 2 * max_pairs scores for the floor, then
+n_blocks * max_pairs candidate pairs.
 """
 
 from __future__ import annotations
@@ -181,47 +184,60 @@ def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, sto
     return normalize(np.concatenate(parts)).numpy()
 
 
-def block_pair(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int):
-    import torch
+def diagonal_block(a: np.ndarray, start: int, k: int):
+    """Phase 1: the block's candidates, and their scores again for the driver's floor."""
+    from pipeline.mining import diagonal_candidates
 
-    from pipeline.mining import block_pair_topk
+    found = diagonal_candidates(_tensor(a), start, k)
+    return found, found[2]
+
+
+def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float):
+    from pipeline.mining import off_diagonal_candidates
+
+    return off_diagonal_candidates(_tensor(a), _tensor(b), a_start, b_start, k, floor)
+
+
+def _tensor(x: np.ndarray):
+    import torch
 
     torch.set_num_threads(1)
     with warnings.catch_warnings():  # blocks come read-only from the object store; they are never written
         warnings.simplefilter("ignore", UserWarning)
-        a_t, b_t = torch.from_numpy(a), torch.from_numpy(b)
-    rows, cols = block_pair_topk(a_t, b_t, a_start, b_start, k)
-    return rows, cols
+        return torch.from_numpy(x)
 
 
-def reduce_rows(row_start: int, k: int, max_pairs: int, threshold: float | None, *parts):
-    from pipeline.mining import best_pairs, candidate_pairs, merge_topk
+def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diagonal, *off_diagonal):
+    from pipeline.mining import best_pairs, row_block_pairs
 
-    top = merge_topk(list(parts), k)
-    i, j, s = candidate_pairs(top, row_start, threshold)
-    return best_pairs(i, j, s, max_pairs)
+    return best_pairs(*row_block_pairs(start, end, k, floor, diagonal, list(off_diagonal)), max_pairs)
 
 
 def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(i, j, score) of the best pairs, computed by Ray tasks on the cluster in use."""
     import ray
 
-    from pipeline.mining import best_pairs, row_blocks
+    from pipeline.mining import best_pairs, row_blocks, score_floor
 
     n = spans[-1].start + spans[-1].rows
     blocks = row_blocks(n, config.block_size)
     load = ray.remote(num_cpus=0.5)(load_block)
-    pair = ray.remote(num_cpus=1, num_returns=2)(block_pair)
+    diagonal_task = ray.remote(num_cpus=1, num_returns=2)(diagonal_block)
+    off_diagonal_task = ray.remote(num_cpus=1)(off_diagonal_block)
     reduce = ray.remote(num_cpus=0.5)(reduce_rows)
     vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
+    diagonal, scores = zip(*(diagonal_task.remote(vectors[b], a0, config.top_k) for b, (a0, _) in enumerate(blocks)))
+    floor = score_floor((ray.get(s) for s in scores), config.max_pairs, config.threshold)
     parts: list[list] = [[] for _ in blocks]
     for bi, (a0, _) in enumerate(blocks):
-        for bj in range(bi, len(blocks)):
-            rows, cols = pair.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k)
-            parts[bi].append(rows)
-            if bj != bi:
-                parts[bj].append(cols)
-    reduced = [reduce.remote(a0, config.top_k, config.max_pairs, config.threshold, *parts[b]) for b, (a0, _) in enumerate(blocks)]
+        for bj in range(bi + 1, len(blocks)):
+            part = off_diagonal_task.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor)
+            parts[bi].append(part)
+            parts[bj].append(part)
+    reduced = [
+        reduce.remote(a0, a1, config.top_k, config.max_pairs, floor, diagonal[b], *parts[b])
+        for b, (a0, a1) in enumerate(blocks)
+    ]
     found = ray.get(reduced)
     i, j, s = (np.concatenate(x) for x in zip(*found))
     return best_pairs(i, j, s, config.max_pairs)

@@ -4,33 +4,38 @@ The result is the one `sentence_transformers.util.paraphrase_mining_embeddings`
 gives for the same vectors, `top_k` and `max_pairs`: cosine scores, no self
 pairs, each unordered pair once, the best `max_pairs` by score, descending.
 
-The N x N similarity matrix is cut into blocks of `block_size` rows. It is
-symmetric, so each block pair (I <= J) is computed once and yields top-k
-candidates for the rows of I (over its rows) and for the rows of J (over its
-columns). Per-row candidates are merged into each row's top-k; the union of
-those lists, deduplicated, is ranked for the final `max_pairs`.
+The N x N similarity matrix is cut into blocks of `block_size` rows and
+computed in two phases:
+
+1. Each diagonal block (I, I) gives every row its top-k over the block's
+   columns. From those scores comes a floor (`score_floor`) that every pair of
+   the answer reaches.
+2. Each block pair I < J is computed once (the matrix is symmetric) and keeps
+   only its entries scoring at least the floor: one comparison instead of a
+   top-k selection over every score. Each kept entry is a candidate for its
+   row and for its column.
+
+Per row block, each row's top-k of its candidates gives candidate pairs
+(`row_block_pairs`); their best `max_pairs`, each pair once, are the answer
+(`best_pairs`; `pipeline.mine` first keeps each row block's best `max_pairs`).
 
 Memory per worker is two blocks of vectors and one block x block score
 matrix: `block_size` trades memory (4 * block_size^2 bytes of scores) for the
-number of tasks (n_blocks * (n_blocks + 1) / 2).
+number of tasks (n_blocks * (n_blocks + 1) / 2). A block pair yields at most
+(A + B) * top_k candidates, as many as per-row and per-column top-k lists.
 
 The functions here work on plain arrays; `pipeline.mine` spreads them over Ray.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import Iterable
 
 import numpy as np
 import torch
 
-
-@dataclass
-class TopK:
-    """Per-row best candidates: values and global column indices, shape (rows, <=k)."""
-
-    values: torch.Tensor
-    indices: torch.Tensor
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(row, column, score): global indices, float32 cosine scores."""
 
 
 def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
@@ -39,60 +44,122 @@ def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.normalize(t, p=2, dim=1)
 
 
-def block_pair_topk(a: torch.Tensor, b: torch.Tensor, a_start: int, b_start: int, k: int) -> tuple[TopK, TopK | None]:
-    """Top-k of the rows and of the columns of the block a @ b.T (normalised inputs).
+def diagonal_candidates(a: torch.Tensor, start: int, k: int) -> Candidates:
+    """Phase 1: each row's top-k over the columns of its own block a @ a.T, self excluded."""
+    scores = (a @ a.T).numpy()  # (A, A)
+    np.fill_diagonal(scores, -np.inf)
+    kk = min(k, len(a))
+    at = len(a) - kk  # each row's kk-th best, partitioning an eighth of the rows at a time (a copy each)
+    kth = np.concatenate([np.partition(part, at, axis=1)[:, at] for part in np.array_split(scores, 8)])  # (A,)
+    keep = scores >= kth[:, None]
+    np.fill_diagonal(keep, False)
+    if np.count_nonzero(keep) > len(a) * kk:  # ties at a row's kk-th best: keep kk of them
+        keep &= ~_outside_topk(scores, keep, kk)
+    return _entries(scores, keep, start, start)
 
-    On a diagonal block (a_start == b_start) self pairs are excluded and only
-    the rows are returned: by symmetry they already cover the columns.
+
+def score_floor(diagonal_scores: Iterable[np.ndarray], max_pairs: int, threshold: float | None = None) -> float:
+    """The (2 * max_pairs)-th best score of the diagonal blocks' candidates (-inf if fewer), at least `threshold`.
+
+    Every pair of the answer scores at least this, so entries below it can be
+    dropped. Why: row i's true top-k C_i is taken over a superset of the columns
+    of its diagonal-block top-k P_i, so the j-th best of C_i is at least the
+    j-th best of P_i, and the C_i hold at least 2 * max_pairs entries scoring
+    >= floor. An unordered pair appears at most twice among them, so at least
+    max_pairs candidate pairs score >= floor, and so does every pair of the
+    best max_pairs. Whether an entry is in its row's top-k depends only on the
+    entries scoring at least as much, all >= floor, so dropping those below
+    changes no top-k list above it. Entries equal to the floor are kept.
+
+    Streams the scores, holding at most 2 * max_pairs of them plus one block's.
     """
-    scores = a @ b.T  # (A, B)
-    same = a_start == b_start
-    if same:
-        scores.fill_diagonal_(float("-inf"))
-    rows = _topk(scores, k, b_start)
-    cols = None if same else _topk(scores.T.contiguous(), k, a_start)  # contiguous: ~1.4x faster topk
-    return rows, cols
+    need = 2 * max_pairs
+    best = np.empty(0, np.float32)
+    for scores in diagonal_scores:
+        best = np.concatenate([best, scores])
+        if len(best) > need:
+            best = np.partition(best, len(best) - need)[-need:]
+    floor = float(best.min()) if len(best) >= need else float("-inf")
+    return floor if threshold is None else max(floor, threshold)
 
 
-def _topk(scores: torch.Tensor, k: int, column_start: int) -> TopK:
-    kk = min(k, scores.shape[1])
-    values, indices = torch.topk(scores, kk, dim=1)
-    return TopK(values, indices + column_start)
+def off_diagonal_candidates(a: torch.Tensor, b: torch.Tensor, a_start: int, b_start: int, k: int, floor: float) -> Candidates:
+    """Phase 2: the entries of a @ b.T scoring >= floor; each is a candidate for its row and its column.
+
+    If more than (A + B) * k pass, an entry is dropped only where both its row
+    and its column have over k entries passing and it is in neither's top-k:
+    the rows and columns still get their top-k, and at most (A + B) * k remain.
+    """
+    scores = (a @ b.T).numpy()  # (A, B); numpy compares and finds ~4x faster than torch
+    keep = scores >= floor
+    if np.count_nonzero(keep) > (len(a) + len(b)) * k:
+        keep &= ~(_outside_topk(scores, keep, k) & _outside_topk(scores.T, keep.T, k).T)
+    return _entries(scores, keep, a_start, b_start)
 
 
-def merge_topk(parts: list[TopK], k: int) -> TopK:
-    """Row-wise top-k of several candidate lists for the same rows."""
-    values = torch.cat([p.values for p in parts], dim=1)
-    indices = torch.cat([p.indices for p in parts], dim=1)
-    kk = min(k, values.shape[1])
-    best, pos = torch.topk(values, kk, dim=1)
-    return TopK(best, torch.gather(indices, 1, pos))
+def _entries(scores: np.ndarray, keep: np.ndarray, a_start: int, b_start: int) -> Candidates:
+    """The kept entries of a block's scores, with global row and column indices."""
+    at = np.flatnonzero(keep)
+    rows, cols = np.divmod(at, scores.shape[1])
+    return rows + a_start, cols + b_start, scores.reshape(-1)[at]
 
 
-def candidate_pairs(top: TopK, row_start: int, threshold: float | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, score) with i < j from per-row top-k lists; self and -inf entries dropped."""
-    n, kk = top.values.shape
-    rows = np.repeat(np.arange(row_start, row_start + n), kk)
-    cols = top.indices.reshape(-1).numpy()
-    scores = top.values.reshape(-1).numpy()
-    keep = np.isfinite(scores) & (rows != cols)
-    if threshold is not None:
-        keep &= scores >= threshold
-    rows, cols, scores = rows[keep], cols[keep], scores[keep]
-    return np.minimum(rows, cols), np.maximum(rows, cols), scores.astype(np.float32)
+def _outside_topk(scores: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
+    """The kept entries of rows with over k kept entries that are not in their row's top-k."""
+    full = np.flatnonzero(np.count_nonzero(keep, axis=1) > k)  # (F,)
+    outside = np.zeros_like(keep)
+    outside[full] = keep[full]
+    outside[full[:, None], torch.topk(torch.from_numpy(scores[full]), k, dim=1).indices.numpy()] = False  # (F, k)
+    return outside
 
 
-def best_pairs(i: np.ndarray, j: np.ndarray, s: np.ndarray, max_pairs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Each unordered pair once, the `max_pairs` best by score (ties by i, then j), descending."""
+def row_block_pairs(start: int, end: int, k: int, floor: float, diagonal: Candidates, off_diagonal: list[Candidates]) -> Candidates:
+    """Candidate pairs (i < j, score) of the rows [start, end): each row's top-k of its candidates.
+
+    `diagonal` is the block's phase-1 output; `off_diagonal` the phase-2 outputs
+    of the block pairs it is part of, on either side. A pair appears once per
+    row whose top-k holds it, so at most twice, as `best_pairs` needs.
+    """
+    rows, cols, s = diagonal
+    keep = s >= floor
+    parts = [(rows[keep], cols[keep], s[keep])]
+    for rows, cols, s in off_diagonal:
+        for own, other in ((rows, cols), (cols, rows)):
+            mine = (own >= start) & (own < end)
+            parts.append((own[mine], other[mine], s[mine]))
+    rows, cols, s = _row_topk(*(np.concatenate(p) for p in zip(*parts)), start, end, k)
+    return np.minimum(rows, cols), np.maximum(rows, cols), s
+
+
+def _row_topk(rows: np.ndarray, cols: np.ndarray, s: np.ndarray, start: int, end: int, k: int) -> Candidates:
+    """The k best entries of each row of [start, end) (ties in any order)."""
+    local = (rows - start).astype(np.min_scalar_type(end - start))  # uint16 up to 65,535 rows: radix sort
+    order = np.argsort(-s)  # best first
+    order = order[np.argsort(local[order], kind="stable")]  # by row, best first within each
+    at = np.arange(len(order))
+    new_row = np.r_[True, local[order[1:]] != local[order[:-1]]]
+    first = np.maximum.accumulate(np.where(new_row, at, 0))  # each row's first position
+    keep = order[at - first < k]
+    return rows[keep], cols[keep], s[keep]
+
+
+def best_pairs(i: np.ndarray, j: np.ndarray, s: np.ndarray, max_pairs: int) -> Candidates:
+    """Each unordered pair once, the `max_pairs` best by score (ties by i, then j), descending.
+
+    The input holds each pair at most twice (once from each of its rows), so
+    the answer lies among its 2 * max_pairs best entries: only those are sorted.
+    """
+    if len(s) > 2 * max_pairs:
+        keep = s >= np.partition(s, len(s) - 2 * max_pairs)[len(s) - 2 * max_pairs]
+        i, j, s = i[keep], j[keep], s[keep]
     if len(s) == 0:
         return i, j, s
-    order = np.lexsort((j, i, -s.astype(np.float64)))
-    i, j, s = i[order], j[order], s[order]
-    key = i.astype(np.int64) * (int(max(i.max(), j.max())) + 1) + j
-    _, first = np.unique(key, return_index=True)
-    first.sort()  # keep score order
-    first = first[:max_pairs]
-    return i[first], j[first], s[first]
+    key = i.astype(np.int64) * (int(max(i.max(), j.max())) + 1) + j  # sorts as (i, j)
+    order = np.argsort(-s)  # best first
+    _, first = np.unique(key[order], return_index=True)  # each pair's best entry, by (i, j)
+    keep = order[first]
+    keep = keep[np.argsort(-s[keep], kind="stable")[:max_pairs]]  # best first, ties by (i, j)
+    return i[keep], j[keep], s[keep]
 
 
 def row_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
@@ -109,16 +176,19 @@ def paraphrase_mining_embeddings(
     """In-process blocked mining: [(score, i, j), ...] best first, as sentence-transformers returns."""
     x = normalize(embeddings)
     blocks = row_blocks(len(x), block_size)
-    tops: dict[int, list[TopK]] = {start: [] for start, _ in blocks}
-    for bi, (a0, a1) in enumerate(blocks):
-        for b0, b1 in blocks[bi:]:
-            rows, cols = block_pair_topk(x[a0:a1], x[b0:b1], a0, b0, top_k)
-            tops[a0].append(rows)
-            if cols is not None:
-                tops[b0].append(cols)
-    found = [candidate_pairs(merge_topk(tops[a0], top_k), a0, threshold) for a0, _ in blocks if tops[a0]]
-    if not found:
+    if not blocks:
         return []
-    i, j, s = (np.concatenate(parts) for parts in zip(*found))
-    i, j, s = best_pairs(i, j, s, max_pairs)
+    diagonal = [diagonal_candidates(x[a0:a1], a0, top_k) for a0, a1 in blocks]
+    floor = score_floor((s for _, _, s in diagonal), max_pairs, threshold)
+    off_diagonal: list[list[Candidates]] = [[] for _ in blocks]
+    found = []
+    for bi, (a0, a1) in enumerate(blocks):
+        for bj in range(bi + 1, len(blocks)):
+            b0, b1 = blocks[bj]
+            part = off_diagonal_candidates(x[a0:a1], x[b0:b1], a0, b0, top_k, floor)
+            off_diagonal[bi].append(part)
+            off_diagonal[bj].append(part)
+        found.append(row_block_pairs(a0, a1, top_k, floor, diagonal[bi], off_diagonal[bi]))
+        off_diagonal[bi] = []  # all its block pairs are done
+    i, j, s = best_pairs(*(np.concatenate(parts) for parts in zip(*found)), max_pairs)
     return [(float(score), int(a), int(b)) for score, a, b in zip(s, i, j)]

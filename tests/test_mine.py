@@ -15,7 +15,7 @@ from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
 from pipeline.errors import InputError, UsageError
 from pipeline.mine import MineConfig, run_mine
 from tests.conftest import SAMPLE
-from tests.test_mining_math import clustered_vectors, random_vectors
+from tests.test_mining_math import clustered_vectors, duplicate_groups, random_vectors
 
 
 def write_vectors(directory, vectors, ids, files=3):
@@ -74,6 +74,17 @@ def test_distributed_mining_matches_st(ray_cluster, tmp_path, make, n, top_k, ma
     assert_matches_st(table, vectors, ids, top_k, max_pairs)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["pairs"] == result.pairs == table.num_rows and manifest["documents"] == n
+
+
+def test_exact_duplicates_at_the_floor_are_kept(ray_cluster, tmp_path):
+    vectors, spread = duplicate_groups()  # the best pairs score exactly the floor, from off-diagonal blocks
+    ids = [f"d{k}" for k in range(len(vectors))]
+    src = write_vectors(tmp_path / "emb", vectors, ids)
+    out = tmp_path / "pairs"
+    run_mine(MineConfig(str(src), str(out), top_k=2, max_pairs=18, block_size=6, quiet=True))
+    table = mined(out)
+    assert list(zip(table["id_a"].to_pylist(), table["id_b"].to_pylist())) == [(ids[i], ids[j]) for i, j in spread]
+    assert table["score"].to_pylist() == [1.0] * 18
 
 
 def test_many_small_blocks_and_threshold(ray_cluster, tmp_path, capsys):

@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
 from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
 
-from pipeline.mining import paraphrase_mining_embeddings
+from pipeline.mining import (
+    diagonal_candidates,
+    normalize,
+    off_diagonal_candidates,
+    paraphrase_mining_embeddings,
+    row_blocks,
+    score_floor,
+)
 
 
 def random_vectors(n, d=24, seed=0):
@@ -19,6 +28,29 @@ def clustered_vectors(n, d=24, clusters=15, noise=0.05, seed=1):
     centres = rng.standard_normal((clusters, d))
     labels = rng.integers(0, clusters, n)
     return (centres[labels] + noise * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def duplicate_groups():
+    """12 groups of 3 identical one-hot vectors (scores exactly 1 or 0), and the 18 pairs mining them gives.
+
+    With blocks of 6 rows, groups 0-5 have one member in each of blocks 0, 1
+    and 2; groups 6-11 lie each within a block (rows 18-35). top_k=2 gives each
+    row its two duplicates. The diagonal blocks hold 36 scores of 1 (groups
+    6-11), so with max_pairs=18 the floor is exactly 1. Of the 36 pairs, all
+    scoring 1, the best 18 by (i, j) are those of groups 0-5: all from
+    off-diagonal blocks, all exactly at the floor.
+    """
+    group = np.r_[np.arange(18) % 6, np.repeat(np.arange(6, 12), 3)]
+    x = np.eye(12, dtype=np.float32)[group]
+    spread = [(i, j) for i in range(18) for j in range(i + 1, 18) if group[i] == group[j]]
+    return x, spread
+
+
+def diagonal_floor(x, top_k, max_pairs, block_size):
+    """The floor phase 1 gives for these vectors."""
+    x = normalize(x)
+    found = [diagonal_candidates(x[a:b], a, top_k) for a, b in row_blocks(len(x), block_size)]
+    return score_floor((s for _, _, s in found), max_pairs)
 
 
 def assert_same_pairs(ours, ref):
@@ -67,3 +99,63 @@ def test_tiny_hand_checked_case():
     pairs = paraphrase_mining_embeddings(x, top_k=1, max_pairs=10, block_size=2)
     assert [(i, j) for _, i, j in pairs] == [(0, 1), (1, 2)]
     assert pairs[0][0] == pytest.approx(np.cos(np.radians(10)), abs=1e-6)
+
+
+def test_score_floor_hand_checked():
+    blocks = [np.array([0.875, 0.75, 0.5], np.float32), np.array([0.625, 0.25], np.float32)]
+    # best first: 0.875 0.75 0.625 0.5 0.25
+    assert score_floor(blocks, max_pairs=1) == 0.75  # the 2nd best
+    assert score_floor(blocks, max_pairs=2) == 0.5  # the 4th best
+    assert score_floor(blocks, max_pairs=3) == -np.inf  # fewer than 6 scores
+    assert score_floor(blocks, max_pairs=2, threshold=0.6) == 0.6
+    assert score_floor(blocks, max_pairs=2, threshold=0.3) == 0.5
+    assert score_floor(blocks, max_pairs=3, threshold=0.3) == 0.3
+
+
+@pytest.mark.parametrize(
+    "make, top_k, max_pairs, block_size",
+    [
+        (random_vectors, 10, 200, 64),  # the floor drops most off-diagonal scores
+        (partial(clustered_vectors, clusters=2), 3, 500, 64),  # rows and columns with over top_k scores above it
+    ],
+)
+def test_active_floor_matches_sentence_transformers(make, top_k, max_pairs, block_size):
+    x = make(600)
+    assert diagonal_floor(x, top_k, max_pairs, block_size) > -np.inf
+    ref = st_mining(torch.from_numpy(x), top_k=top_k, max_pairs=max_pairs)
+    assert_same_pairs(paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs, block_size=block_size), ref)
+
+
+def test_fewer_candidates_than_twice_max_pairs():
+    x = random_vectors(200)
+    assert diagonal_floor(x, 3, 400, 50) == -np.inf  # 200 rows x 3 candidates < 2 * 400
+    ours = paraphrase_mining_embeddings(x, top_k=3, max_pairs=400, block_size=50)
+    assert_same_pairs(ours, st_mining(torch.from_numpy(x), top_k=3, max_pairs=400))
+
+
+def test_exact_duplicates_at_the_floor_are_kept():
+    x, spread = duplicate_groups()
+    assert diagonal_floor(x, 2, 18, 6) == 1.0
+    assert paraphrase_mining_embeddings(x, top_k=2, max_pairs=18, block_size=6) == [(1.0, i, j) for i, j in spread]
+    assert [s for s, _, _ in st_mining(torch.from_numpy(x), top_k=2, max_pairs=18)] == [1.0] * 18  # ST breaks ties its own way
+
+
+def test_threshold_above_and_below_the_floor():
+    x = clustered_vectors(600, noise=0.2)
+    floor = diagonal_floor(x, 5, 300, 64)
+    ref = st_mining(torch.from_numpy(x), top_k=5, max_pairs=300)
+    below, above = floor - 0.01, ref[150][0]
+    assert floor < above
+    for threshold, kept in ((below, 300), (above, 151)):
+        ours = paraphrase_mining_embeddings(x, top_k=5, max_pairs=300, block_size=64, threshold=threshold)
+        assert_same_pairs(ours, [r for r in ref if r[0] >= threshold])
+        assert len(ours) == kept
+
+
+def test_block_candidates_stay_bounded_when_every_score_ties():
+    x = normalize(np.ones((12, 4), np.float32))  # every score is exactly 1
+    rows, cols, s = diagonal_candidates(x[:6], 0, 2)
+    assert np.bincount(rows).tolist() == [2] * 6 and (rows != cols).all() and (s == 1).all()
+    rows, cols, s = off_diagonal_candidates(x[:6], x[6:], 0, 6, 2, floor=float("-inf"))
+    assert len(s) <= (6 + 6) * 2  # of the 36 scores
+    assert np.bincount(rows).min() >= 2 and np.bincount(cols - 6).min() >= 2  # each row and column keeps its top-2
