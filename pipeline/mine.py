@@ -19,7 +19,6 @@ import json
 import logging
 import posixpath
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -181,30 +180,21 @@ def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, sto
         column = column.slice(lo - span.start, hi - lo)
         dim = column.type.list_size
         parts.append(np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim))
-    return normalize(np.concatenate(parts)).numpy()
+    return normalize(np.concatenate(parts))
 
 
 def diagonal_block(a: np.ndarray, start: int, k: int):
     """Phase 1: the block's candidates, and their scores again for the driver's floor."""
     from pipeline.mining import diagonal_candidates
 
-    found = diagonal_candidates(_tensor(a), start, k)
+    found = diagonal_candidates(a, start, k)
     return found, found[2]
 
 
 def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float):
     from pipeline.mining import off_diagonal_candidates
 
-    return off_diagonal_candidates(_tensor(a), _tensor(b), a_start, b_start, k, floor)
-
-
-def _tensor(x: np.ndarray):
-    import torch
-
-    torch.set_num_threads(1)
-    with warnings.catch_warnings():  # blocks come read-only from the object store; they are never written
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.from_numpy(x)
+    return off_diagonal_candidates(a, b, a_start, b_start, k, floor)
 
 
 def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diagonal, *off_diagonal):

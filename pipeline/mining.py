@@ -24,7 +24,8 @@ matrix: `block_size` trades memory (4 * block_size^2 bytes of scores) for the
 number of tasks (n_blocks * (n_blocks + 1) / 2). A block pair yields at most
 (A + B) * top_k candidates, as many as per-row and per-column top-k lists.
 
-The functions here work on plain arrays; `pipeline.mine` spreads them over Ray.
+The functions here work on plain numpy arrays (no torch: a mining worker
+starts in a fraction of a second); `pipeline.mine` spreads them over Ray.
 """
 
 from __future__ import annotations
@@ -32,21 +33,25 @@ from __future__ import annotations
 from typing import Iterable
 
 import numpy as np
-import torch
 
 Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
 """(row, column, score): global indices, float32 cosine scores."""
 
 
-def normalize(x: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """Rows scaled to unit length, as `sentence_transformers.util.cos_sim` does (eps 1e-12)."""
-    t = torch.as_tensor(np.asarray(x, dtype=np.float32) if not isinstance(x, torch.Tensor) else x).float()
-    return torch.nn.functional.normalize(t, p=2, dim=1)
+def normalize(x) -> np.ndarray:
+    """Float32 rows scaled to unit length, as `sentence_transformers.util.cos_sim` does (eps 1e-12).
+
+    Takes a numpy array or anything numpy can read (a CPU torch tensor).
+    """
+    if hasattr(x, "detach"):  # a torch tensor, without importing torch
+        x = x.detach().cpu().numpy()
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
-def diagonal_candidates(a: torch.Tensor, start: int, k: int) -> Candidates:
+def diagonal_candidates(a: np.ndarray, start: int, k: int) -> Candidates:
     """Phase 1: each row's top-k over the columns of its own block a @ a.T, self excluded."""
-    scores = (a @ a.T).numpy()  # (A, A)
+    scores = a @ a.T  # (A, A)
     np.fill_diagonal(scores, -np.inf)
     kk = min(k, len(a))
     at = len(a) - kk  # each row's kk-th best, partitioning an eighth of the rows at a time (a copy each)
@@ -83,14 +88,14 @@ def score_floor(diagonal_scores: Iterable[np.ndarray], max_pairs: int, threshold
     return floor if threshold is None else max(floor, threshold)
 
 
-def off_diagonal_candidates(a: torch.Tensor, b: torch.Tensor, a_start: int, b_start: int, k: int, floor: float) -> Candidates:
+def off_diagonal_candidates(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float) -> Candidates:
     """Phase 2: the entries of a @ b.T scoring >= floor; each is a candidate for its row and its column.
 
     If more than (A + B) * k pass, an entry is dropped only where both its row
     and its column have over k entries passing and it is in neither's top-k:
     the rows and columns still get their top-k, and at most (A + B) * k remain.
     """
-    scores = (a @ b.T).numpy()  # (A, B); numpy compares and finds ~4x faster than torch
+    scores = a @ b.T  # (A, B)
     keep = scores >= floor
     if np.count_nonzero(keep) > (len(a) + len(b)) * k:
         keep &= ~(_outside_topk(scores, keep, k) & _outside_topk(scores.T, keep.T, k).T)
@@ -109,7 +114,7 @@ def _outside_topk(scores: np.ndarray, keep: np.ndarray, k: int) -> np.ndarray:
     full = np.flatnonzero(np.count_nonzero(keep, axis=1) > k)  # (F,)
     outside = np.zeros_like(keep)
     outside[full] = keep[full]
-    outside[full[:, None], torch.topk(torch.from_numpy(scores[full]), k, dim=1).indices.numpy()] = False  # (F, k)
+    outside[full[:, None], np.argpartition(-scores[full], k - 1, axis=1)[:, :k]] = False  # (F, k): each row's top-k
     return outside
 
 
@@ -133,14 +138,19 @@ def row_block_pairs(start: int, end: int, k: int, floor: float, diagonal: Candid
 
 def _row_topk(rows: np.ndarray, cols: np.ndarray, s: np.ndarray, start: int, end: int, k: int) -> Candidates:
     """The k best entries of each row of [start, end) (ties in any order)."""
-    local = (rows - start).astype(np.min_scalar_type(end - start))  # uint16 up to 65,535 rows: radix sort
-    order = np.argsort(-s)  # best first
-    order = order[np.argsort(local[order], kind="stable")]  # by row, best first within each
+    order = np.argsort(((rows - start).astype(np.uint64) << np.uint64(32)) | _descending_key(s))  # by row, best first
     at = np.arange(len(order))
-    new_row = np.r_[True, local[order[1:]] != local[order[:-1]]]
+    new_row = np.r_[True, rows[order[1:]] != rows[order[:-1]]]
     first = np.maximum.accumulate(np.where(new_row, at, 0))  # each row's first position
     keep = order[at - first < k]
     return rows[keep], cols[keep], s[keep]
+
+
+def _descending_key(s: np.ndarray) -> np.ndarray:
+    """uint64 keys (below 2**32) that sort float32 scores best first: one integer sort does row and score."""
+    bits = np.ascontiguousarray(s, np.float32).view(np.uint32)
+    ascending = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(1 << 31))  # IEEE order as unsigned order
+    return (~ascending).astype(np.uint64)
 
 
 def best_pairs(i: np.ndarray, j: np.ndarray, s: np.ndarray, max_pairs: int) -> Candidates:
@@ -167,7 +177,7 @@ def row_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
 
 
 def paraphrase_mining_embeddings(
-    embeddings: np.ndarray | torch.Tensor,
+    embeddings,
     top_k: int = 100,
     max_pairs: int = 500_000,
     block_size: int = 4096,
