@@ -211,10 +211,12 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
 
     n = spans[-1].start + spans[-1].rows
     blocks = row_blocks(n, config.block_size)
-    load = ray.remote(num_cpus=0.5)(load_block)
+    # One CPU per task, loads and reduces included: each core runs one task at a time, so
+    # Ray starts one worker process per core (each worker start costs seconds of imports).
+    load = ray.remote(num_cpus=1)(load_block)
     diagonal_task = ray.remote(num_cpus=1, num_returns=2)(diagonal_block)
     off_diagonal_task = ray.remote(num_cpus=1)(off_diagonal_block)
-    reduce = ray.remote(num_cpus=0.5)(reduce_rows)
+    reduce = ray.remote(num_cpus=1)(reduce_rows)
     vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
     diagonal, scores = zip(*(diagonal_task.remote(vectors[b], a0, config.top_k) for b, (a0, _) in enumerate(blocks)))
     floor = score_floor((ray.get(s) for s in scores), config.max_pairs, config.threshold)
