@@ -15,7 +15,6 @@ import datetime as dt
 import functools
 import json
 import logging
-import multiprocessing
 import os
 import posixpath
 import re
@@ -25,7 +24,8 @@ from typing import Any, Iterator, Mapping
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
-from pipeline.model import ModelInfo, check_model, describe_model, load_model, output_dimension, sparse_top_k
+from pipeline.describe import ModelFacts
+from pipeline.model import ModelInfo, check_model
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
 from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
@@ -304,11 +304,9 @@ def run_embed(config: EmbedConfig) -> RunResult:
     started = time.time()
     shards = discover_shards(config.input, config.storage_options)
     check_model(config)  # a wrong model, or an option its kind refuses, is refused before anything starts
-    # The model is described by a child process while Ray starts: importing sentence-transformers
-    # and starting Ray are each several seconds, and the child's torch and sentence-transformers
-    # (~300 MiB) are gone before the stages start. Until the model is known and a resume is
-    # found compatible, the output is only read, never changed.
-    describing = _ModelFacts(config)
+    # The model is described by a child process while Ray starts (see pipeline.describe).
+    # Until the model is known and a resume is found compatible, the output is only read.
+    describing = ModelFacts(config)
     with describing, _output_removed_on_error(config.output):
         fs, root = prepare_output(config.output, config.storage_options)
         if finish_swap(fs, root):
@@ -388,36 +386,6 @@ def _encoder_pool(plan: Plan):
         size=plan.num_encoders, max_tasks_in_flight_per_actor=ENCODER_CALLS_ON_GPU + 1,
         max_concurrent_calls_per_actor=ENCODER_CALLS_ON_GPU, enable_true_multi_threading=True,
     )
-
-
-class _ModelFacts:
-    """`model_facts(config)` computed in a child process (spawned: the driver may hold threads)."""
-
-    def __init__(self, config: EmbedConfig):
-        self._pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        self._future = self._pool.submit(model_facts, config)
-
-    def result(self) -> tuple[ModelInfo, dict[str, Any]]:
-        try:
-            return self._future.result()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> "_ModelFacts":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
-
-
-def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any]]:
-    """What the manifest records about the model and its vectors, from a load without weights."""
-    model = load_model(config, weights=False)
-    info = describe_model(model, config)
-    vectors: dict[str, Any] = {"kind": info.kind}
-    if info.kind == "sparse":
-        vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
-    return info, vectors
 
 
 @contextlib.contextmanager

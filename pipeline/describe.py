@@ -1,0 +1,93 @@
+"""The model's description for the manifest, computed by a child Python process.
+
+The driver needs what a load without weights tells (pooling, normalisation,
+max_seq_length, prompt, kind) before the stages may write, and importing
+sentence-transformers costs seconds and ~300 MiB. A child process does it
+while the driver starts Ray, and exits: its memory is gone before the
+stages start. A plain `python -m pipeline.describe` child, not
+multiprocessing's spawn, which would import the caller's `__main__` again
+(a script without an `if __name__ == "__main__":` guard would run twice).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from pipeline.config import EmbedConfig
+from pipeline.errors import EmbedpipeError, PipelineError
+from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, sparse_top_k
+
+
+def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any]]:
+    """What the manifest records about the model and its vectors, from a load without weights."""
+    model = load_model(config, weights=False)
+    info = describe_model(model, config)
+    vectors: dict[str, Any] = {"kind": info.kind}
+    if info.kind == "sparse":
+        vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
+    return info, vectors
+
+
+class ModelFacts:
+    """`model_facts(config)`, started in a child process now; `result()` waits for it."""
+
+    def __init__(self, config: EmbedConfig):
+        self._dir = tempfile.mkdtemp(prefix="embedpipe-describe-")
+        with open(os.path.join(self._dir, "config"), "wb") as f:
+            pickle.dump(config, f)
+        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        self._child = subprocess.Popen([sys.executable, "-m", "pipeline.describe", self._dir], env=env,
+                                       stdin=subprocess.DEVNULL)
+
+    def result(self) -> tuple[ModelInfo, dict[str, Any]]:
+        code = self._child.wait()
+        try:
+            with open(os.path.join(self._dir, "result"), "rb") as f:
+                ok, value = pickle.load(f)
+        except OSError:
+            raise PipelineError(f"describing the model failed: its process exited with code {code}") from None
+        finally:
+            self.close()
+        if not ok:
+            raise value
+        return value
+
+    def close(self) -> None:
+        if self._child.poll() is None:
+            self._child.kill()
+            self._child.wait()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "ModelFacts":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _main(directory: str) -> None:
+    with open(os.path.join(directory, "config"), "rb") as f:
+        config = pickle.load(f)
+    try:
+        outcome = (True, model_facts(config))
+    except EmbedpipeError as exc:  # the user's to fix: passed on as it is
+        outcome = (False, exc)
+    except Exception as exc:  # noqa: BLE001 - named in one line
+        outcome = (False, PipelineError(f"describing the model failed: {exc.__class__.__name__}: {exc}"[:500]))
+    with open(os.path.join(directory, "result.tmp"), "wb") as f:
+        pickle.dump(outcome, f)
+    os.replace(os.path.join(directory, "result.tmp"), os.path.join(directory, "result"))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown of torch and sentence-transformers: the driver is waiting
+
+
+if __name__ == "__main__":
+    _main(sys.argv[1])
