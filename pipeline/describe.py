@@ -7,10 +7,12 @@ while the driver starts Ray, and exits: its memory is gone before the
 stages start. A plain `python -m pipeline.describe` child, not
 multiprocessing's spawn, which would import the caller's `__main__` again
 (a script without an `if __name__ == "__main__":` guard would run twice).
+A process that has imported sentence-transformers already uses a thread.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import pickle
 import shutil
@@ -35,9 +37,20 @@ def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any]]:
 
 
 class ModelFacts:
-    """`model_facts(config)`, started in a child process now; `result()` waits for it."""
+    """`model_facts(config)`, started now; `result()` waits for it.
 
-    def __init__(self, config: EmbedConfig):
+    In a child process, unless this process has already imported sentence-transformers (a
+    notebook, a test run): then a thread does it, as there is nothing left to save.
+    """
+
+    def __init__(self, config: EmbedConfig, child: bool | None = None):
+        self._child = None
+        if child is None:
+            child = "sentence_transformers" not in sys.modules
+        if not child:
+            self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model")
+            self._future = self._thread.submit(model_facts, config)
+            return
         self._dir = tempfile.mkdtemp(prefix="embedpipe-describe-")
         with open(os.path.join(self._dir, "config"), "wb") as f:
             pickle.dump(config, f)
@@ -47,6 +60,11 @@ class ModelFacts:
                                        stdin=subprocess.DEVNULL)
 
     def result(self) -> tuple[ModelInfo, dict[str, Any]]:
+        if self._child is None:
+            try:
+                return self._future.result()
+            finally:
+                self.close()
         code = self._child.wait()
         try:
             with open(os.path.join(self._dir, "result"), "rb") as f:
@@ -60,6 +78,9 @@ class ModelFacts:
         return value
 
     def close(self) -> None:
+        if self._child is None:
+            self._thread.shutdown(wait=False)
+            return
         if self._child.poll() is None:
             self._child.kill()
             self._child.wait()

@@ -21,16 +21,17 @@ def prompted_model(tmp_path_factory, tiny_bert_dir):
 
 def test_the_child_describes_the_model_as_a_load_in_process_does(prompted_model, tmp_path):
     config = EmbedConfig(input=str(tmp_path), output=str(tmp_path / "out"), model=prompted_model, prompt_name="query")
-    info, vectors = ModelFacts(config).result()
-    assert (info, vectors) == model_facts(config)
+    info, vectors = ModelFacts(config, child=True).result()
+    assert (info, vectors) == model_facts(config) == ModelFacts(config, child=False).result()
     assert (info.pooling, info.normalize, info.max_seq_length, info.prompt) == ("cls", True, 48, "query: ")
     assert vectors == {"kind": "dense"}
 
 
 def test_an_option_the_model_refuses_comes_back_from_the_child_as_the_same_error(prompted_model, tmp_path):
     config = EmbedConfig(input=str(tmp_path), output=str(tmp_path / "out"), model=prompted_model, prompt_name="nope")
-    with pytest.raises(UsageError, match=r"^--prompt-name 'nope': the model has prompts \['document', 'query'\]$"):
-        ModelFacts(config).result()
+    for child in (True, False):
+        with pytest.raises(UsageError, match=r"^--prompt-name 'nope': the model has prompts \['document', 'query'\]$"):
+            ModelFacts(config, child=child).result()
 
 
 def test_a_script_without_a_main_guard_is_not_run_again_by_the_child(prompted_model, tmp_path):
