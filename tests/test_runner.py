@@ -84,9 +84,20 @@ def assert_replicas_recorded(ray_cluster, manifest):
         assert encoder["node_id"] == node and encoder["node_ip"]
 
 
-def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model):
-    """Tiny Ray blocks force chunks to be split across blocks: the pieces are joined, once each."""
+@pytest.mark.parametrize("spread", [False, True], ids=["joined-by-the-driver", "joined-by-ray-tasks"])
+def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model, monkeypatch, spread):
+    """Tiny Ray blocks force chunks to be split across blocks: the pieces are joined, once each,
+    by a driver thread (one node) or by Ray tasks (what a multi-node cluster does)."""
     from ray.data import DataContext
+
+    from pipeline import runner
+
+    class Tracker(runner._FileTracker):
+        def __init__(self, sink, **options):
+            assert options == {"spread": False}  # the local cluster has one node
+            super().__init__(sink, spread=spread)
+
+    monkeypatch.setattr(runner, "_FileTracker", Tracker)
 
     src = tmp_path / "in"
     src.mkdir()
