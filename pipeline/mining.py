@@ -132,12 +132,12 @@ def row_block_pairs(start: int, end: int, k: int, floor: float, diagonal: Candid
         for own, other in ((rows, cols), (cols, rows)):
             mine = (own >= start) & (own < end)
             parts.append((own[mine], other[mine], s[mine]))
-    rows, cols, s = _row_topk(*(np.concatenate(p) for p in zip(*parts)), start, end, k)
+    rows, cols, s = _row_topk(*(np.concatenate(p) for p in zip(*parts)), start, k)
     return np.minimum(rows, cols), np.maximum(rows, cols), s
 
 
-def _row_topk(rows: np.ndarray, cols: np.ndarray, s: np.ndarray, start: int, end: int, k: int) -> Candidates:
-    """The k best entries of each row of [start, end) (ties in any order)."""
+def _row_topk(rows: np.ndarray, cols: np.ndarray, s: np.ndarray, start: int, k: int) -> Candidates:
+    """The k best entries of each row (rows numbered from `start`; ties in any order)."""
     order = np.argsort(((rows - start).astype(np.uint64) << np.uint64(32)) | _descending_key(s))  # by row, best first
     at = np.arange(len(order))
     new_row = np.r_[True, rows[order[1:]] != rows[order[:-1]]]
