@@ -291,7 +291,7 @@ def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarr
     digest = sizes.astype(np.uint64)
     for values, offsets in lists.values():
         flat = values[segments(offsets[valid], sizes)].astype(np.uint64)
-        position = np.arange(len(flat), dtype=np.uint64) - np.repeat((np.cumsum(sizes) - sizes).astype(np.uint64), sizes)
+        position = segments(np.zeros_like(sizes), sizes).astype(np.uint64)  # each token's place in its row
         with np.errstate(over="ignore"):
             mixed = (flat + np.uint64(0x9E3779B97F4A7C15)) * (position * np.uint64(2) + np.uint64(0xBF58476D1CE4E5B9))
             mixed ^= mixed >> np.uint64(29)
