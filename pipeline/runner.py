@@ -507,6 +507,7 @@ class _FileTracker:
 
     def __init__(self, sink: SinkSpec, spread: bool):
         self.sink = sink
+        self._threads = None
         if spread:  # joins are spread over the cluster's nodes, as Ray tasks
             import ray
 
@@ -516,7 +517,6 @@ class _FileTracker:
             self._threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-join")
             self._join = functools.partial(self._threads.submit, merge_pieces)
             self._result = concurrent.futures.Future.result
-        self.spread = spread
         self.written: dict[str, dict] = {}
         self.pieces: dict[str, dict[int, int]] = {}
         self.chunk_rows: dict[str, int] = {}
@@ -542,7 +542,7 @@ class _FileTracker:
 
     def close(self) -> None:
         """After a failure, joins not yet started are dropped: those files are not committed, and a rerun redoes them."""
-        if not self.spread:
+        if self._threads is not None:
             self._threads.shutdown(wait=True, cancel_futures=True)
 
 
