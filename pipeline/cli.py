@@ -224,7 +224,7 @@ def _run_mine(config, **rerank_options: Any) -> int:
         return 0
     from pipeline.cross_encode import check_cross_encoder
     from pipeline.rerank import rerank_after_mine
-    from pipeline.runner import ray_session_for
+    from pipeline.cluster import ray_session_for
 
     check_cross_encoder(config.rerank_model, bool(rerank_options.get("trust_remote_code")))  # before mining
     with ray_session_for(config.ray_address, config.quiet):  # one cluster for both steps

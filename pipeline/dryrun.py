@@ -172,7 +172,8 @@ def estimate_seconds(plan, documents: int, model: str) -> tuple[float | None, st
 
 def dry_run(config: EmbedConfig) -> str:
     """The report `embedpipe embed --dry-run` prints."""
-    from pipeline.runner import plan_resources, ray_session_for
+    from pipeline.cluster import ray_session_for
+    from pipeline.runner import plan_resources
 
     shards = discover_shards(config.input, config.storage_options)
     counts = count_all(shards, config.storage_options)

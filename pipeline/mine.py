@@ -263,7 +263,7 @@ class MineResult:
 
 
 def run_mine(config: MineConfig) -> MineResult:
-    from pipeline.runner import prepare_output, ray_session_for
+    from pipeline.cluster import prepare_output, ray_session_for
 
     started = time.time()
     spans = plan_files(config)

@@ -230,7 +230,7 @@ class RerankResult:
 def run_rerank(config: RerankConfig) -> RerankResult:
     """Score `config.pairs` with the cross-encoder and write them, best rerank_score first, to `config.output`."""
     from pipeline.cross_encode import check_cross_encoder
-    from pipeline.runner import prepare_output, ray_session_for
+    from pipeline.cluster import prepare_output, ray_session_for
     from pipeline.sources import discover_shards
 
     started = time.time()

@@ -20,8 +20,9 @@ import posixpath
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator
 
+from pipeline.cluster import prepare_output, ray_session_for
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 from pipeline.describe import ModelFacts
@@ -29,7 +30,7 @@ from pipeline.model import ModelInfo, check_model
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
 from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
-from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local, write_bytes_atomic
+from pipeline.storage import write_bytes_atomic
 from pipeline.watchdog import ProgressBoard
 
 log = logging.getLogger(__name__)
@@ -48,7 +49,6 @@ TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks,
 TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
 MIN_BLOCK_BYTES = 64 << 10
 STOP_WAIT_S = 60  # how long a failed run waits for Ray Data's executor to wind down
-WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 
 
 @dataclass(frozen=True)
@@ -148,98 +148,6 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), 1.0 if device == "cuda" else 0.0, threads,
         GPU_BLOCK_ROWS if device == "cuda" else CPU_BLOCK_ROWS,
     )
-
-
-def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
-    """How embedpipe starts or joins Ray: a local cluster runs without a dashboard (bound to
-    127.0.0.1 should it start); the runtime_env carries only non-secret worker settings."""
-    job_env = _job_env_vars()  # under `ray job submit`, Ray refuses a key set by both the job and ray.init
-    kwargs: dict[str, Any] = {
-        "runtime_env": {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}},
-        "log_to_driver": os.environ.get("EMBEDPIPE_DEBUG") == "1",
-    }
-    if address:
-        kwargs["address"] = address
-    else:
-        # "local", not None: with None, ray.init joins whatever cluster `ray start` last left
-        # running on this machine (/tmp/ray/ray_current_cluster) instead of starting our own.
-        kwargs.update(address="local", include_dashboard=False, dashboard_host="127.0.0.1")
-    if quiet:
-        kwargs["logging_level"] = logging.WARNING
-    return kwargs
-
-
-def check_reachable(address: str, timeout: float = 10.0) -> None:
-    """Fail fast, in one line, when a cluster address (host:port, ray://host:port) does not answer:
-    ray.init would otherwise retry for minutes. 'auto' is left to Ray, which fails at once."""
-    import socket
-
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, sep, port = hostport.rpartition(":")
-    if not sep or not port.isdigit() or address == "auto":
-        return
-    try:
-        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise PipelineError(
-            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc.__class__.__name__}); "
-            "embedpipe joins the cluster it is given and never starts one in its place"
-        ) from None
-
-
-def _job_env_vars() -> dict[str, str]:
-    """env_vars of the runtime_env of the Ray job this driver runs in (none outside a job)."""
-    try:
-        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
-        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
-    except (ValueError, AttributeError, TypeError):
-        return {}
-
-
-@contextlib.contextmanager
-def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
-    """Join the cluster the user named, reuse one already initialised, or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        yield
-        return
-    if address:
-        check_reachable(address)
-    try:
-        ray.init(**ray_init_kwargs(address, quiet))
-    except (ConnectionError, RuntimeError, ValueError) as exc:
-        raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None
-    try:
-        yield
-    finally:
-        ray.shutdown()
-
-
-def prepare_output(output: str, storage_options: Mapping[str, Any] | None = None):
-    """Check the output location up front; returns (filesystem, root).
-
-    Local: the directory is created, and proven writable by writing a probe
-    file. S3: the bucket must exist and be listable with these credentials;
-    nothing is created (keys need no directories, and a bucket is never made).
-    A file where the directory should be is refused on both.
-    """
-    try:
-        fs, root = get_fs(output, storage_options)
-    except (ImportError, ValueError) as exc:
-        raise UsageError(f"--output {output}: {exc}") from None
-    root = root.rstrip("/") or root
-    where = f"--output {output}"
-    check_bucket(fs, root, where)
-    try:
-        is_file = fs.isfile(root)
-    except (OSError, ValueError) as exc:
-        raise InputError(f"{where}: {first_line(exc)}") from None
-    if is_file:
-        raise InputError(f"{where}: is a file, expected a directory")
-    if is_local(fs):
-        check_local_dir_writable(root, where)
-    return fs, root
 
 
 def committed_files(fs, root: str) -> dict[str, str]:

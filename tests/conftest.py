@@ -24,7 +24,7 @@ def ray_cluster():
     """A real 2-CPU local Ray cluster (Ray 2.55+ has no local_mode)."""
     import ray
 
-    from pipeline.runner import WORKER_ENV
+    from pipeline.cluster import WORKER_ENV
 
     ray.init(
         num_cpus=2,

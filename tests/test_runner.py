@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import textwrap
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,8 +14,9 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
+from pipeline.cluster import WORKER_ENV
 from pipeline.runner import plan_resources, run_embed
-from tests.conftest import make_st_dir, snapshot
+from tests.conftest import REPO, make_st_dir, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -192,15 +196,41 @@ def test_resource_plan_fits_two_cpus():
 
 
 def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_env(monkeypatch):
-    from pipeline.runner import ray_init_kwargs
+    from pipeline.cluster import ray_init_kwargs
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
     local = ray_init_kwargs(None, quiet=True)
     assert local["include_dashboard"] is False and local["dashboard_host"] == "127.0.0.1"
     assert local["address"] == "local"  # never silently joins a cluster `ray start` left running
-    assert "do-not-ship-me" not in repr(local) and "AWS" not in repr(local["runtime_env"])
+    assert "do-not-ship-me" not in repr(local) and "runtime_env" not in local  # workers inherit WORKER_ENV
     joined = ray_init_kwargs("auto", quiet=False)
     assert joined["address"] == "auto" and "include_dashboard" not in joined  # the cluster's own settings stand
+    assert "do-not-ship-me" not in repr(joined) and "AWS" not in repr(joined["runtime_env"])
+
+
+def test_a_local_cluster_passes_the_worker_settings_to_its_workers_and_leaves_the_callers_environment():
+    """Without a runtime_env the workers Ray prestarted serve the first tasks; the settings reach
+    them through the raylet's environment, set only while ray.init starts it."""
+    script = textwrap.dedent(
+        """
+        import json, os
+        import ray
+        from pipeline.cluster import WORKER_ENV, ray_session_for
+
+        os.environ["TRANSFORMERS_VERBOSITY"] = "info"  # the caller's own value
+        with ray_session_for(None, quiet=True):
+            seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).remote())
+        print(json.dumps({"worker": seen, "caller": {k: os.environ.get(k) for k in WORKER_ENV}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAY_ADDRESS")}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["worker"] == WORKER_ENV
+    assert out["caller"] == {"TOKENIZERS_PARALLELISM": None, "TRANSFORMERS_VERBOSITY": "info"}
 
 
 def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
@@ -232,7 +262,7 @@ def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_au
 def test_a_job_runtime_env_and_ray_init_never_set_the_same_variable(monkeypatch):
     """Under `ray job submit --runtime-env configs/runtime_env.yaml`, Ray refuses a ray.init runtime_env
     that sets a variable the job's runtime_env sets too ("Failed to merge the Job's runtime env")."""
-    from pipeline.runner import WORKER_ENV, ray_init_kwargs
+    from pipeline.cluster import ray_init_kwargs
 
     job = {"runtime_env": {"working_dir": "gcs://pkg.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
@@ -247,7 +277,7 @@ def test_an_unreachable_cluster_address_fails_fast():
     import time
 
     from pipeline.errors import PipelineError
-    from pipeline.runner import check_reachable
+    from pipeline.cluster import check_reachable
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens
         s.bind(("127.0.0.1", 0))

@@ -18,7 +18,8 @@ import pytest
 
 from pipeline import build_config, read_embeddings
 from pipeline.errors import InputError
-from pipeline.runner import committed_files, prepare_output, read_manifest
+from pipeline.cluster import prepare_output
+from pipeline.runner import committed_files, read_manifest
 from pipeline.storage import check_bucket, get_fs, write_bytes_atomic
 from tests.conftest import (
     kill_cli_when,

@@ -13,7 +13,7 @@ import os
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.runner import prepare_output
+from pipeline.cluster import prepare_output
 from pipeline.storage import get_fs, write_bytes_atomic
 from tests.conftest import assert_one_line_error, cli
 

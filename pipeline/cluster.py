@@ -1,0 +1,134 @@
+"""Starting or joining Ray, and checking the output location, for every command.
+
+Kept apart from `pipeline.runner` so that `embedpipe mine` and `embedpipe rerank`
+start without importing Ray Data (~0.7 s of a run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+from typing import Any, Iterator, Mapping
+
+from pipeline.errors import InputError, PipelineError, UsageError
+from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local
+
+WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+
+
+def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
+    """How embedpipe starts or joins Ray: a local cluster runs without a dashboard (bound to
+    127.0.0.1 should it start); the runtime_env carries only non-secret worker settings.
+
+    A local cluster gets no runtime_env: its workers inherit WORKER_ENV from the raylet
+    (see `_inherited_env`). A job-level runtime_env makes Ray start new workers for the
+    job instead of using the ones it prestarted, which cost ~2 s of a 2-core machine.
+    """
+    kwargs: dict[str, Any] = {"log_to_driver": os.environ.get("EMBEDPIPE_DEBUG") == "1"}
+    if address:
+        job_env = _job_env_vars()  # under `ray job submit`, Ray refuses a key set by both the job and ray.init
+        kwargs["address"] = address
+        kwargs["runtime_env"] = {"env_vars": {k: v for k, v in WORKER_ENV.items() if k not in job_env}}
+    else:
+        # "local", not None: with None, ray.init joins whatever cluster `ray start` last left
+        # running on this machine (/tmp/ray/ray_current_cluster) instead of starting our own.
+        kwargs.update(address="local", include_dashboard=False, dashboard_host="127.0.0.1")
+    if quiet:
+        kwargs["logging_level"] = logging.WARNING
+    return kwargs
+
+
+@contextlib.contextmanager
+def _inherited_env(values: Mapping[str, str]) -> Iterator[None]:
+    """Set `values` in this process's environment for the block, then restore it.
+
+    Around the ray.init that starts a local cluster: the raylet is started with this
+    environment and passes it to every worker it starts, while the caller's own
+    environment is left as it was.
+    """
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast, in one line, when a cluster address (host:port, ray://host:port) does not answer:
+    ray.init would otherwise retry for minutes. 'auto' is left to Ray, which fails at once."""
+    import socket
+
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, sep, port = hostport.rpartition(":")
+    if not sep or not port.isdigit() or address == "auto":
+        return
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise PipelineError(
+            f"cannot reach the Ray cluster at {address} ({exc.strerror or exc.__class__.__name__}); "
+            "embedpipe joins the cluster it is given and never starts one in its place"
+        ) from None
+
+
+def _job_env_vars() -> dict[str, str]:
+    """env_vars of the runtime_env of the Ray job this driver runs in (none outside a job)."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+        return dict((job.get("runtime_env") or {}).get("env_vars") or {})
+    except (ValueError, AttributeError, TypeError):
+        return {}
+
+
+@contextlib.contextmanager
+def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
+    """Join the cluster the user named, reuse one already initialised, or start a local one."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    if address:
+        check_reachable(address)
+    try:
+        with contextlib.nullcontext() if address else _inherited_env(WORKER_ENV):
+            ray.init(**ray_init_kwargs(address, quiet))
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def prepare_output(output: str, storage_options: Mapping[str, Any] | None = None):
+    """Check the output location up front; returns (filesystem, root).
+
+    Local: the directory is created, and proven writable by writing a probe
+    file. S3: the bucket must exist and be listable with these credentials;
+    nothing is created (keys need no directories, and a bucket is never made).
+    A file where the directory should be is refused on both.
+    """
+    try:
+        fs, root = get_fs(output, storage_options)
+    except (ImportError, ValueError) as exc:
+        raise UsageError(f"--output {output}: {exc}") from None
+    root = root.rstrip("/") or root
+    where = f"--output {output}"
+    check_bucket(fs, root, where)
+    try:
+        is_file = fs.isfile(root)
+    except (OSError, ValueError) as exc:
+        raise InputError(f"{where}: {first_line(exc)}") from None
+    if is_file:
+        raise InputError(f"{where}: is a file, expected a directory")
+    if is_local(fs):
+        check_local_dir_writable(root, where)
+    return fs, root
