@@ -235,20 +235,20 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
     return best_pairs(i, j, s, config.max_pairs)
 
 
-def read_ids(config: MineConfig, spans: list[FileSpan], wanted: np.ndarray) -> dict[int, str]:
-    """Ids of the rows in `wanted`, reading only the id column."""
+def pair_ids(config: MineConfig, spans: list[FileSpan], i: np.ndarray, j: np.ndarray) -> tuple[pa.Array, pa.Array]:
+    """The ids of global rows i and j, as strings, reading only the id column of the files that hold them."""
     fs, _ = get_fs(config.embeddings, config.storage_options)
-    wanted = np.unique(wanted)
-    out: dict[int, str] = {}
+    wanted = np.unique(np.concatenate([i, j]))
+    found = []  # the ids of `wanted`, in its order
     for span in spans:
-        mine = wanted[(wanted >= span.start) & (wanted < span.start + span.rows)]
-        if len(mine) == 0:
+        lo, hi = np.searchsorted(wanted, [span.start, span.start + span.rows])
+        if lo == hi:
             continue
         with fs.open(span.path, "rb") as f:
             ids = pq.read_table(f, columns=["id"])["id"]
-        for g, value in zip(mine, ids.take(pa.array(mine - span.start)).to_pylist()):
-            out[int(g)] = value
-    return out
+        found.append(ids.take(pa.array(wanted[lo:hi] - span.start)).combine_chunks().cast(pa.string()))
+    ids = pa.concat_arrays(found) if found else pa.array([], pa.string())
+    return ids.take(pa.array(np.searchsorted(wanted, i))), ids.take(pa.array(np.searchsorted(wanted, j)))
 
 
 @dataclass
@@ -270,11 +270,8 @@ def run_mine(config: MineConfig) -> MineResult:
     fs, root = prepare_output(config.output, config.storage_options)
     with ray_session_for(config.ray_address, config.quiet):
         i, j, s = mine_pairs(config, spans)
-    ids = read_ids(config, spans, np.concatenate([i, j]))
-    table = pa.table(
-        {"id_a": [ids[int(x)] for x in i], "id_b": [ids[int(x)] for x in j], "score": pa.array(s, pa.float32())},
-        schema=PAIRS_SCHEMA,
-    )
+    id_a, id_b = pair_ids(config, spans, i, j)
+    table = pa.table({"id_a": id_a, "id_b": id_b, "score": pa.array(s, pa.float32())}, schema=PAIRS_SCHEMA)
     write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
     finished = time.time()
     n = spans[-1].start + spans[-1].rows
