@@ -4,12 +4,12 @@
       -> diagonal_block (one task per block I: each row's top-k within I)
       -> driver: the score floor every answer pair reaches (see `pipeline.mining.score_floor`)
       -> off_diagonal_block (one task per block pair I < J: the scores >= floor)
-      -> reduce_rows (one task per row block: each row's top-k of its candidates, the block's best max_pairs)
+      -> reduce_rows (one task per row block: each row's top-k of its candidates, the block's best 2 * max_pairs)
       -> driver: deduplicates, keeps the global best max_pairs, writes pairs.parquet + manifest
 
 No task holds more than two blocks of vectors and one block x block score
 matrix; the driver holds at most 2 * max_pairs scores for the floor, then
-n_blocks * max_pairs candidate pairs.
+n_blocks * 2 * max_pairs candidate pairs.
 """
 
 from __future__ import annotations
@@ -198,9 +198,9 @@ def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int,
 
 
 def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diagonal, *off_diagonal):
-    from pipeline.mining import best_pairs, row_block_pairs
+    from pipeline.mining import best_entries, row_block_pairs
 
-    return best_pairs(*row_block_pairs(start, end, k, floor, diagonal, list(off_diagonal)), max_pairs)
+    return best_entries(*row_block_pairs(start, end, k, floor, diagonal, list(off_diagonal)), 2 * max_pairs)
 
 
 def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -17,7 +17,8 @@ computed in two phases:
 
 Per row block, each row's top-k of its candidates gives candidate pairs
 (`row_block_pairs`); their best `max_pairs`, each pair once, are the answer
-(`best_pairs`; `pipeline.mine` first keeps each row block's best `max_pairs`).
+(`best_pairs`; `pipeline.mine` first cuts each row block's to its best
+2 * max_pairs entries with `best_entries`, which needs no sort).
 
 Memory per worker is two blocks of vectors and one block x block score
 matrix: `block_size` trades memory (4 * block_size^2 bytes of scores) for the
@@ -153,15 +154,25 @@ def _descending_key(s: np.ndarray) -> np.ndarray:
     return (~ascending).astype(np.uint64)
 
 
+def best_entries(i: np.ndarray, j: np.ndarray, s: np.ndarray, n: int) -> Candidates:
+    """The entries scoring at least the n-th best score (all of them if there are at most n), unsorted.
+
+    Any subset of the candidates can be cut this way before `best_pairs`: an
+    entry beaten by n others here is beaten by them in the whole set too.
+    """
+    if len(s) <= n:
+        return i, j, s
+    keep = s >= np.partition(s, len(s) - n)[len(s) - n]
+    return i[keep], j[keep], s[keep]
+
+
 def best_pairs(i: np.ndarray, j: np.ndarray, s: np.ndarray, max_pairs: int) -> Candidates:
     """Each unordered pair once, the `max_pairs` best by score (ties by i, then j), descending.
 
     The input holds each pair at most twice (once from each of its rows), so
     the answer lies among its 2 * max_pairs best entries: only those are sorted.
     """
-    if len(s) > 2 * max_pairs:
-        keep = s >= np.partition(s, len(s) - 2 * max_pairs)[len(s) - 2 * max_pairs]
-        i, j, s = i[keep], j[keep], s[keep]
+    i, j, s = best_entries(i, j, s, 2 * max_pairs)
     if len(s) == 0:
         return i, j, s
     key = i.astype(np.int64) * (int(max(i.max(), j.max())) + 1) + j  # sorts as (i, j)

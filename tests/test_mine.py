@@ -60,6 +60,7 @@ def assert_matches_st(table, vectors, ids, top_k, max_pairs, threshold=None):
     [
         (random_vectors, 600, 10, 100_000, 128),  # 5 blocks, the last one short
         (clustered_vectors, 600, 5, 300, 100),  # many near-duplicates, max_pairs binds
+        (clustered_vectors, 600, 8, 150, 100),  # each reduce cuts its 800 candidates to the best 300
         (clustered_vectors, 90, 20, 10_000, 1000),  # N smaller than one block
     ],
 )

@@ -10,6 +10,8 @@ import torch
 from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
 
 from pipeline.mining import (
+    best_entries,
+    best_pairs,
     diagonal_candidates,
     normalize,
     off_diagonal_candidates,
@@ -159,3 +161,23 @@ def test_block_candidates_stay_bounded_when_every_score_ties():
     rows, cols, s = off_diagonal_candidates(x[:6], x[6:], 0, 6, 2, floor=float("-inf"))
     assert len(s) <= (6 + 6) * 2  # of the 36 scores
     assert np.bincount(rows).min() >= 2 and np.bincount(cols - 6).min() >= 2  # each row and column keeps its top-2
+
+
+def test_each_part_cut_to_its_best_entries_gives_the_same_best_pairs():
+    """The reduce tasks cut their candidates with best_entries(2 * max_pairs) before the driver's
+    best_pairs: the same answer, ties at the cut and a pair's two copies in different parts included."""
+    rng = np.random.default_rng(3)
+    n, max_pairs = 60, 40
+    i, j = np.triu_indices(n, 1)
+    scores = np.round(rng.random(len(i)), 2).astype(np.float32)  # two decimals: many ties
+    twice = rng.random(len(i)) < 0.5  # half the pairs come from both of their rows
+    a, b = np.r_[i, i[twice]], np.r_[j, j[twice]]
+    s = np.r_[scores, scores[twice] - np.float32(1e-7) * rng.integers(0, 2, twice.sum())]  # a copy may score a hair less
+    parts = np.array_split(rng.permutation(len(s)), 4)
+    assert all(len(p) > 2 * max_pairs for p in parts)  # every part is really cut
+    cut = [best_entries(a[p], b[p], s[p], 2 * max_pairs) for p in parts]
+    assert all(len(c[2]) < len(p) for c, p in zip(cut, parts))
+    whole = best_pairs(a, b, s, max_pairs)
+    pieced = best_pairs(*(np.concatenate(x) for x in zip(*cut)), max_pairs)
+    for got, want in zip(pieced, whole):
+        np.testing.assert_array_equal(got, want)
