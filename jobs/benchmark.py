@@ -435,22 +435,36 @@ def tiny_model(path: str) -> str:
     return os.path.join(path, "st")
 
 
-def tree_pss(root_pid: int) -> int:
-    """Proportional set size of a process and all its descendants (shared pages counted once overall)."""
+def tree_pss(root_pid: int) -> tuple[int, dict[str, int]]:
+    """Proportional set size of a process and all its descendants (shared pages counted once
+    overall), in total and by kind of process (the driver, each Ray daemon, each actor class)."""
     import psutil
 
-    total = 0
+    total, by_kind = 0, {}
     try:
         root = psutil.Process(root_pid)
         procs = [root, *root.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return 0, {}
     for proc in procs:
         try:
-            total += proc.memory_full_info().pss
+            pss = proc.memory_full_info().pss
+            kind = "driver" if proc.pid == root_pid else process_kind(proc.cmdline(), proc.name())
         except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return total
+            continue
+        total += pss
+        by_kind[kind] = by_kind.get(kind, 0) + pss
+    return total, by_kind
+
+
+def process_kind(cmdline: list[str], name: str) -> str:
+    """'raylet', 'gcs_server', 'ray::MapWorker(...)', 'ray::IDLE', a Ray script's file name, ..."""
+    if cmdline and cmdline[0].startswith("ray::"):
+        return cmdline[0].split(" ")[0]
+    if "-m" in cmdline[1:-1]:
+        return cmdline[cmdline.index("-m") + 1]
+    script = next((os.path.basename(a) for a in cmdline[1:3] if a.endswith(".py")), None)
+    return script or name
 
 
 def bench_scale(args) -> None:
@@ -479,10 +493,15 @@ def bench_scale(args) -> None:
             proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                     start_new_session=True)
             samples: list[tuple[float, int]] = []
+            at_peak: dict[str, int] = {}
 
             def sample() -> None:
                 while proc.poll() is None:
-                    samples.append((time.perf_counter() - start, tree_pss(proc.pid)))
+                    total, by_kind = tree_pss(proc.pid)
+                    if total > max((b for _, b in samples), default=0):
+                        at_peak.clear()
+                        at_peak.update(by_kind)
+                    samples.append((time.perf_counter() - start, total))
                     time.sleep(0.5)
 
             sampler = threading.Thread(target=sample, daemon=True)
@@ -503,6 +522,7 @@ def bench_scale(args) -> None:
                 "peak_tree_pss_mib": round(peak / 2**20, 1),
                 "peak_second_half_mib": round(max(half) / 2**20, 1) if half else None,
                 "samples": len(samples),
+                "at_peak_mib": {k: round(v / 2**20, 1) for k, v in sorted(at_peak.items(), key=lambda kv: -kv[1])},
             })
             print(json.dumps(results[-1]), flush=True)
             shutil.rmtree(src)
