@@ -105,7 +105,30 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     try:
         yield
     finally:
+        if not address:
+            _kill_local_monitor()
         ray.shutdown()
+
+
+def _kill_local_monitor() -> None:
+    """Kill the autoscaler monitor of the local cluster this process started, before ray.shutdown.
+
+    ray.shutdown stops the GCS before the monitor, then sends the monitor SIGTERM, whose
+    handler tries to report to the stopped GCS; Ray kills it after waiting one second (1.0 s
+    of a 1.5 s shutdown, measured). A local cluster has nothing to autoscale, so the monitor
+    is killed at once. Private Ray structures: if they change, shutdown is only slower.
+    """
+    try:
+        from ray._private import ray_constants, worker
+
+        node = worker._global_node
+        monitors = node.all_processes.get(ray_constants.PROCESS_TYPE_MONITOR, []) if node is not None else []
+    except (ImportError, AttributeError):
+        return
+    for info in monitors:
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait(timeout=5)
 
 
 def prepare_output(output: str, storage_options: Mapping[str, Any] | None = None):
