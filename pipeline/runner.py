@@ -327,7 +327,7 @@ def _execute(
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
 
     from pipeline.encode import EncodeStage
     from pipeline.tokenize import TokenizeStage
@@ -366,6 +366,9 @@ def _execute(
         ShardDatasource(shards, spec, config.rows_per_file, committed),
         num_cpus=READ_CPUS,
         override_num_blocks=len(shards),  # one read task per shard; no splitting of its chunks
+        # One shard read in flight per tokenizer keeps each fed; more only adds worker processes
+        # (~95 MiB each) that outlive their reads: the peak memory of a long run (BENCHMARKS.md).
+        compute=TaskPoolStrategy(size=plan.num_tokenizers),
     )
     ds = ds.map_batches(
         TokenizeStage,

@@ -27,6 +27,15 @@ def encode_in_process(config: EmbedConfig, texts: list[str], graph: bytes | None
     return vectors[order]
 
 
+def float_matmul_weights(graph: bytes) -> list[tuple[int, ...]]:
+    """Shapes of the float32 weights that MatMul nodes of an ONNX graph still multiply by."""
+    import onnx
+
+    model = onnx.load_from_string(graph)
+    floats = {t.name: tuple(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
+    return [floats[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in floats]
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
@@ -48,6 +57,8 @@ def test_int8_vectors_of_the_real_model_stay_close_to_float32(tmp_path, monkeypa
     cos = cosines(int8, fp32)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
     assert not np.array_equal(int8, fp32)  # the quantised graph really ran
+    kept = float_matmul_weights(graph)
+    assert kept == [(1536, 384)] * 6, kept  # the 6 feed-forward output projections stay float32, no other
     assert len(list((tmp_path / "cache" / "int8").glob("*.onnx"))) == 1
     assert int8_graph(config, info.fingerprint) == graph  # the second run reads the cache
 
