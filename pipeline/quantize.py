@@ -3,15 +3,17 @@
 The transformer of the SentenceTransformer (its first module) is exported to
 ONNX once, on the driver, and its MatMul weights are quantised to int8 per
 output channel by ONNX Runtime (activations are quantised per batch at run
-time). Pooling, Dense and Normalize stay sentence-transformers' own modules,
-in float32. Encoders receive the graph's bytes through the object store, so
-every node of a cluster gets the same graph without a shared disk.
+time), except the feed-forward output projections (`down_projections`), which
+stay float32. Pooling, Dense and Normalize stay sentence-transformers' own
+modules, in float32. Encoders receive the graph's bytes through the object
+store, so every node of a cluster gets the same graph without a shared disk.
 
-Measured on all-MiniLM-L6-v2 (BENCHMARKS.md): about 1.9x the float32 encoder's
-speed on this machine's AVX2 cores, mean cosine 0.991 and minimum 0.975 to the
-float32 vectors. Per-channel MatMul-only quantisation is the choice that keeps
-the minimum cosine above 0.97: quantising every Linear per tensor dropped it
-to 0.80, and torch's own dynamic quantisation to 0.91.
+Measured on all-MiniLM-L6-v2 (BENCHMARKS.md, in process, 2,000 fortunes): with
+every MatMul quantised, 1.61x the float32 graph's speed but minimum cosine
+0.968 to the float32 vectors; with the feed-forward outputs in float32, 1.36x
+and minimum 0.981 (mean 0.995). Per-channel MatMul-only quantisation is the
+base: quantising every Linear per tensor dropped the minimum to 0.80, and
+torch's own dynamic quantisation to 0.91.
 
 The export runs attention in its "eager" form: the default SDPA path has
 data-dependent branches that tracing freezes into the graph (its vectors then
