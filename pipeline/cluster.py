@@ -16,6 +16,9 @@ from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+# A local cluster's GCS keeps the events of the last this-many tasks and actor calls (Ray's
+# default: 100,000, which a long run reaches and holds in memory); a variable the user set wins.
+LOCAL_GCS_ENV = {"RAY_task_events_max_num_task_in_gcs": "1000"}
 
 
 def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
@@ -44,9 +47,9 @@ def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
 def _inherited_env(values: Mapping[str, str]) -> Iterator[None]:
     """Set `values` in this process's environment for the block, then restore it.
 
-    Around the ray.init that starts a local cluster: the raylet is started with this
-    environment and passes it to every worker it starts, while the caller's own
-    environment is left as it was.
+    Around the ray.init that starts a local cluster: the GCS and the raylet are started
+    with this environment, and the raylet passes it to every worker it starts, while the
+    caller's own environment is left as it was.
     """
     before = {k: os.environ.get(k) for k in values}
     os.environ.update(values)
@@ -98,7 +101,8 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     if address:
         check_reachable(address)
     try:
-        with contextlib.nullcontext() if address else _inherited_env(WORKER_ENV):
+        local_env = {**{k: v for k, v in LOCAL_GCS_ENV.items() if k not in os.environ}, **WORKER_ENV}
+        with contextlib.nullcontext() if address else _inherited_env(local_env):
             ray.init(**ray_init_kwargs(address, quiet))
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None

@@ -14,7 +14,7 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
-from pipeline.cluster import WORKER_ENV
+from pipeline.cluster import LOCAL_GCS_ENV, WORKER_ENV
 from pipeline.runner import plan_resources, run_embed
 from tests.conftest import REPO, make_st_dir, snapshot
 
@@ -215,22 +215,23 @@ def test_a_local_cluster_passes_the_worker_settings_to_its_workers_and_leaves_th
         """
         import json, os
         import ray
-        from pipeline.cluster import WORKER_ENV, ray_session_for
+        from pipeline.cluster import LOCAL_GCS_ENV, WORKER_ENV, ray_session_for
 
+        names = [*WORKER_ENV, *LOCAL_GCS_ENV]
         os.environ["TRANSFORMERS_VERBOSITY"] = "info"  # the caller's own value
         with ray_session_for(None, quiet=True):
-            seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in WORKER_ENV}).remote())
-        print(json.dumps({"worker": seen, "caller": {k: os.environ.get(k) for k in WORKER_ENV}}))
+            seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in names}).remote())
+        print(json.dumps({"worker": seen, "caller": {k: os.environ.get(k) for k in names}}))
         """
     )
-    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAY_ADDRESS")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAY_ADDRESS", *LOCAL_GCS_ENV)}
     done = subprocess.run(
         [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
-    assert out["worker"] == WORKER_ENV
-    assert out["caller"] == {"TOKENIZERS_PARALLELISM": None, "TRANSFORMERS_VERBOSITY": "info"}
+    assert out["worker"] == {**WORKER_ENV, **LOCAL_GCS_ENV}  # what the GCS and raylet started with
+    assert out["caller"] == {"TOKENIZERS_PARALLELISM": None, "TRANSFORMERS_VERBOSITY": "info", **dict.fromkeys(LOCAL_GCS_ENV)}
 
 
 def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
