@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import subprocess
 from typing import Any, Iterator, Mapping
 
 from pipeline.errors import InputError, PipelineError, UsageError
@@ -132,7 +133,8 @@ def _kill_local_monitor() -> None:
     for info in monitors:
         if info.process.poll() is None:
             info.process.kill()
-            info.process.wait(timeout=5)
+            with contextlib.suppress(subprocess.TimeoutExpired):  # ray.shutdown must still run
+                info.process.wait(timeout=5)
 
 
 def prepare_output(output: str, storage_options: Mapping[str, Any] | None = None):
