@@ -5,11 +5,12 @@
       -> driver: the score floor every answer pair reaches (see `pipeline.mining.score_floor`)
       -> off_diagonal_block (one task per block pair I < J: the scores >= floor)
       -> reduce_rows (one task per row block: each row's top-k of its candidates, the block's best 2 * max_pairs)
-      -> driver: deduplicates, keeps the global best max_pairs, writes pairs.parquet + manifest
+      -> driver: keeps the best 2 * max_pairs entries as the reduces finish, deduplicates, keeps
+         the global best max_pairs, writes pairs.parquet + manifest
 
 No task holds more than two blocks of vectors and one block x block score
 matrix; the driver holds at most 2 * max_pairs scores for the floor, then
-n_blocks * 2 * max_pairs candidate pairs.
+2 * max_pairs candidate entries and one reduce task's output.
 """
 
 from __future__ import annotations
@@ -230,9 +231,22 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
         reduce.remote(a0, a1, config.top_k, config.max_pairs, floor, diagonal[b], *parts[b])
         for b, (a0, a1) in enumerate(blocks)
     ]
-    found = ray.get(reduced)
-    i, j, s = (np.concatenate(x) for x in zip(*found))
-    return best_pairs(i, j, s, config.max_pairs)
+    return best_pairs(*_best_as_they_finish(reduced, 2 * config.max_pairs), config.max_pairs)
+
+
+def _best_as_they_finish(refs: list, n: int):
+    """The best n entries (`best_entries`) of the tasks' outputs, cut again as each task finishes:
+    the driver holds at most n entries and one task's output, however many blocks there are."""
+    import ray
+
+    from pipeline.mining import best_entries
+
+    kept = (np.empty(0, np.int64), np.empty(0, np.int64), np.empty(0, np.float32))
+    pending = list(refs)
+    while pending:
+        done, pending = ray.wait(pending, num_returns=1)
+        kept = best_entries(*(np.concatenate(pair) for pair in zip(kept, ray.get(done[0]))), n)
+    return kept
 
 
 def pair_ids(config: MineConfig, spans: list[FileSpan], i: np.ndarray, j: np.ndarray) -> tuple[pa.Array, pa.Array]:

@@ -88,7 +88,11 @@ def assert_replicas_recorded(ray_cluster, manifest):
         assert encoder["node_id"] == node and encoder["node_ip"]
 
 
-@pytest.mark.parametrize("spread", [False, True], ids=["joined-by-the-driver", "joined-by-ray-tasks"])
+@pytest.mark.parametrize(
+    "spread",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # the multi-node join path, in make test-all (keeps make test < 15 min)
+    ids=["joined-by-the-driver", "joined-by-ray-tasks"],
+)
 def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model, monkeypatch, spread):
     """Tiny Ray blocks force chunks to be split across blocks: the pieces are joined, once each,
     by a driver thread (one node) or by Ray tasks (what a multi-node cluster does)."""
