@@ -1,8 +1,9 @@
 """The model's description for the manifest, computed by a child Python process.
 
 The driver needs what a load without weights tells (pooling, normalisation,
-max_seq_length, prompt, kind) before the stages may write, and importing
-sentence-transformers costs seconds and ~300 MiB. A child process does it
+max_seq_length, prompt, kind, the tokenizer actors' TokenizerSpec) before
+the stages may write, and importing sentence-transformers costs seconds and
+~300 MiB. A child process does it
 while the driver starts Ray, and exits: its memory is gone before the
 stages start. A plain `python -m pipeline.describe` child, not
 multiprocessing's spawn, which would import the caller's `__main__` again
@@ -24,16 +25,18 @@ from typing import Any
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, PipelineError
 from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, sparse_top_k
+from pipeline.plain_tokenizer import TokenizerSpec, spec_for
 
 
-def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any]]:
-    """What the manifest records about the model and its vectors, from a load without weights."""
+def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
+    """What the manifest records about the model and its vectors, from a load without weights, and
+    the tokenizer actors' torch-free tokenisation where it reproduces `preprocess` (pipeline.plain_tokenizer)."""
     model = load_model(config, weights=False)
     info = describe_model(model, config)
     vectors: dict[str, Any] = {"kind": info.kind}
     if info.kind == "sparse":
         vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
-    return info, vectors
+    return info, vectors, spec_for(model, info.prompt)
 
 
 class ModelFacts:
@@ -59,7 +62,7 @@ class ModelFacts:
         self._child = subprocess.Popen([sys.executable, "-m", "pipeline.describe", self._dir], env=env,
                                        stdin=subprocess.DEVNULL)
 
-    def result(self) -> tuple[ModelInfo, dict[str, Any]]:
+    def result(self) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
         if self._child is None:
             try:
                 return self._future.result()

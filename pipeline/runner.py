@@ -223,7 +223,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
         committed = frozenset() if config.overwrite else frozenset(committed_files(fs, root))
         todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
         with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
-            info, vectors = describing.result()
+            info, vectors, tokenizer_spec = describing.result()
             if config.overwrite:
                 target, target_uri = clear_staging(fs, root), staging_uri(config.output)
             else:
@@ -247,7 +247,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
 
                     int8 = ray.put(int8_graph(config, info.fingerprint))
                 chain_started = time.time()
-                written, stage_times, replicas = _execute(config, plan, todo, committed, sink, int8)
+                written, stage_times, replicas = _execute(config, plan, todo, committed, sink, int8, tokenizer_spec)
                 stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
@@ -324,6 +324,7 @@ def _alive_nodes() -> int:
 
 def _execute(
     config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, int8_graph=None,
+    tokenizer_spec=None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
     import ray
@@ -372,7 +373,7 @@ def _execute(
     )
     ds = ds.map_batches(
         TokenizeStage,
-        fn_constructor_args=(config, board),
+        fn_constructor_args=(config, board, tokenizer_spec),
         batch_size=plan.block_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),

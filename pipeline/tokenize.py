@@ -1,8 +1,11 @@
 """Tokenize stage: text -> token ids on CPU actors, with truncation counted.
 
 Tokenisation is sentence-transformers' own `preprocess` (lower-casing,
-prompts, max_seq_length, special tokens), called on a model whose weights
-were never loaded. Rows leave grouped by output file and, inside each file's
+prompts, max_seq_length, special tokens). Given a `TokenizerSpec` (the
+driver's describe child builds one for a fast text tokenizer and checks it
+against `preprocess`), the actor runs that Rust tokenizer alone and never
+imports torch or sentence-transformers; otherwise it calls `preprocess` on
+a model whose weights were never loaded. Rows leave grouped by output file and, inside each file's
 rows, sorted by token length: the encoder batches rows of similar length,
 and each file's rows reach the sink together, so files commit one after
 another rather than all at the end of a large block.
@@ -15,6 +18,7 @@ import pyarrow as pa
 
 from pipeline.config import EmbedConfig
 from pipeline.model import load_model, resolve_prompt
+from pipeline.plain_tokenizer import PlainTokenizer, TokenizerSpec
 from pipeline.watchdog import Progress
 
 TOKEN_PREFIX = "tok_"
@@ -24,14 +28,19 @@ SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays 
 class TokenizeStage:
     """Adds `tok_<feature>` list columns, `_n_tokens` and `_truncated`; drops the text."""
 
-    def __init__(self, config: EmbedConfig, board=None):
+    def __init__(self, config: EmbedConfig, board=None, spec: TokenizerSpec | None = None):
         self.progress = Progress(board, "tokenize")
         self.progress.register_actor()
+        self.plain = self.model = None
         with self.progress.step("loading the tokenizer"):
-            self.model = load_model(config, weights=False)
-        self.progress.report_placement()
-        self.prompt = resolve_prompt(self.model, config)
-        self.max_len = self.model.max_seq_length
+            if spec is not None:
+                self.plain = PlainTokenizer(spec)
+                self.max_len = spec.max_len
+            else:
+                self.model = load_model(config, weights=False)
+                self.prompt = resolve_prompt(self.model, config)
+                self.max_len = self.model.max_seq_length
+        self.progress.report_placement(tokenizer="tokenizers" if self.plain else "sentence-transformers")
         self.keep_text = config.text_field in config.keep_columns
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -63,6 +72,8 @@ class TokenizeStage:
 
     def tokenize(self, texts: list[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
         """Token features per text, unpadded: {key: (flat values, offsets)}, lengths, truncated."""
+        if self.plain is not None:
+            return self._tokenize_plain(texts)
         n = len(texts)
         by_length = np.argsort([len(t) for t in texts], kind="stable")
         lengths = np.zeros(n, np.int64)
@@ -91,6 +102,19 @@ class TokenizeStage:
         np.cumsum(lengths, out=offsets[1:])
         gather = _row_order(lengths, by_length)
         features = {key: (np.concatenate(parts)[gather].astype(np.int32), offsets) for key, parts in chunks.items()}
+        return features, lengths.astype(np.int32), truncated
+
+    def _tokenize_plain(self, texts: list[str]):
+        values, lengths = self.plain.encode(texts)
+        truncated = np.zeros(len(texts), bool)
+        if self.max_len:
+            candidates = np.flatnonzero(lengths >= self.max_len)
+            if len(candidates):
+                _, longer = self.plain.encode([texts[i] for i in candidates], longer=True)
+                truncated[candidates] = longer > self.max_len
+        offsets = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        features = {key: (flat.astype(np.int32), offsets) for key, flat in values.items()}
         return features, lengths.astype(np.int32), truncated
 
 

@@ -21,8 +21,9 @@ def prompted_model(tmp_path_factory, tiny_bert_dir):
 
 def test_the_child_describes_the_model_as_a_load_in_process_does(prompted_model, tmp_path):
     config = EmbedConfig(input=str(tmp_path), output=str(tmp_path / "out"), model=prompted_model, prompt_name="query")
-    info, vectors = ModelFacts(config, child=True).result()
-    assert (info, vectors) == model_facts(config) == ModelFacts(config, child=False).result()
+    info, vectors, spec = ModelFacts(config, child=True).result()
+    assert (info, vectors, spec) == model_facts(config) == ModelFacts(config, child=False).result()
+    assert spec is not None and spec.prompt == "query: " and spec.max_len == 48
     assert (info.pooling, info.normalize, info.max_seq_length, info.prompt) == ("cls", True, 48, "query: ")
     assert vectors == {"kind": "dense"}
 
@@ -40,7 +41,7 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_child(prompted_mo
         "from pipeline import EmbedConfig\n"
         "from pipeline.describe import ModelFacts\n"
         "print('script ran', flush=True)\n"
-        f"info, _ = ModelFacts(EmbedConfig(input='.', output='out', model={prompted_model!r})).result()\n"
+        f"info, _, _ = ModelFacts(EmbedConfig(input='.', output='out', model={prompted_model!r})).result()\n"
         "print('pooling', info.pooling)\n"
     )
     proc = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=cli_env(), timeout=300,

@@ -83,6 +83,8 @@ def assert_replicas_recorded(ray_cluster, manifest):
     encoders = replicas["encode"]["actors"]
     assert 1 <= len(encoders) <= 2 and replicas["encode"]["per_node"] == {node: len(encoders)}
     assert replicas["tokenize"]["per_node"] == {node: manifest["resources"]["num_tokenizers"]}
+    # the tokenizer actors ran the model's Rust tokenizer alone (pipeline.plain_tokenizer), no torch
+    assert {t["tokenizer"] for t in replicas["tokenize"]["actors"]} == {"tokenizers"}
     for encoder in encoders:
         assert encoder["device"] == "cpu" and encoder["dtype"] == "float32" and encoder["gpu_ids"] == []
         assert encoder["node_id"] == node and encoder["node_ip"]
