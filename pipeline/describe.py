@@ -14,6 +14,9 @@ A process that has imported sentence-transformers already uses a thread.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
+import hashlib
+import json
 import os
 import pickle
 import shutil
@@ -22,9 +25,10 @@ import sys
 import tempfile
 from typing import Any
 
+from pipeline import cache
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, PipelineError
-from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, sparse_top_k
+from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, resolve_model_path, sparse_top_k
 from pipeline.plain_tokenizer import TokenizerSpec, spec_for
 
 
@@ -42,12 +46,18 @@ def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any], Tokeniz
 class ModelFacts:
     """`model_facts(config)`, started now; `result()` waits for it.
 
-    In a child process, unless this process has already imported sentence-transformers (a
+    From the cache (pipeline.cache) when this model directory, unchanged since, was described
+    with the same options and library versions: then nothing is imported or started. Otherwise
+    in a child process, unless this process has already imported sentence-transformers (a
     notebook, a test run): then a thread does it, as there is nothing left to save.
     """
 
-    def __init__(self, config: EmbedConfig, child: bool | None = None):
-        self._child = None
+    def __init__(self, config: EmbedConfig, child: bool | None = None, cached: bool = True):
+        self._child = self._thread = None
+        self._cache_path = _cache_path(config) if cached else None
+        self._cached = _read_cached(self._cache_path)
+        if self._cached is not None:
+            return
         if child is None:
             child = "sentence_transformers" not in sys.modules
         if not child:
@@ -62,7 +72,19 @@ class ModelFacts:
         self._child = subprocess.Popen([sys.executable, "-m", "pipeline.describe", self._dir], env=env,
                                        stdin=subprocess.DEVNULL)
 
+    @property
+    def from_cache(self) -> bool:
+        return self._cached is not None
+
     def result(self) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
+        if self._cached is not None:
+            return self._cached
+        facts = self._computed()
+        if self._cache_path is not None:
+            cache.write(self._cache_path, _to_json(facts).encode())
+        return facts
+
+    def _computed(self) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
         if self._child is None:
             try:
                 return self._future.result()
@@ -81,8 +103,9 @@ class ModelFacts:
         return value
 
     def close(self) -> None:
-        if self._child is None:
+        if self._thread is not None:
             self._thread.shutdown(wait=False)
+        if self._child is None:
             return
         if self._child.poll() is None:
             self._child.kill()
@@ -94,6 +117,56 @@ class ModelFacts:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# The options that change what model_facts returns; any other option cannot.
+_FACT_OPTIONS = ("model", "trust_remote_code", "max_seq_length", "pooling", "normalize", "prompt", "prompt_name",
+                 "sparse_top_k", "dtype")
+_LIBRARIES = ("embedpipe", "sentence-transformers", "transformers", "tokenizers")
+
+
+def _cache_path(config: EmbedConfig) -> str | None:
+    """The cache entry of this description: for a model directory (a hub id's files may change
+    under the same name), keyed by its files' names, sizes and times, the options and versions."""
+    path = resolve_model_path(config.model)
+    if not os.path.isdir(path):
+        return None
+    from importlib import metadata
+
+    versions = {}
+    for name in _LIBRARIES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    code = hashlib.sha256()
+    for name in ("describe.py", "model.py", "plain_tokenizer.py"):  # an edited checkout describes anew
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            code.update(f.read())
+    key = json.dumps({
+        "path": path, "files": cache.directory_signature(path), "versions": versions, "code": code.hexdigest(),
+        "options": {name: getattr(config, name) for name in _FACT_OPTIONS},
+    }, sort_keys=True)
+    return cache.entry_path("describe", key, ".json")
+
+
+def _to_json(facts: tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]) -> str:
+    info, vectors, spec = facts
+    return json.dumps({"info": info.as_dict(), "vectors": vectors, "spec": spec and dataclasses.asdict(spec)})
+
+
+def _read_cached(path: str | None) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None] | None:
+    data = cache.read(path) if path else None
+    if data is None:
+        return None
+    try:
+        entry = json.loads(data)
+        spec = entry["spec"]
+        if spec is not None:
+            spec = TokenizerSpec(**{**spec, "fields": tuple(tuple(f) for f in spec["fields"])})
+        return ModelInfo(**entry["info"]), entry["vectors"], spec
+    except (ValueError, KeyError, TypeError):  # a damaged or older entry: described again
+        return None
 
 
 def _main(directory: str) -> None:

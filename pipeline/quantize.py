@@ -22,13 +22,11 @@ disagreed with PyTorch's, mean cosine 0.956).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import tempfile
 
-import torch
-
+from pipeline import cache
 from pipeline.config import EmbedConfig
 from pipeline.errors import UsageError
 
@@ -38,26 +36,15 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 OPSET = 17
 
 
-def cache_dir() -> str:
-    return os.environ.get("EMBEDPIPE_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "embedpipe")
-
-
 def int8_graph(config: EmbedConfig, fingerprint: str) -> bytes:
-    """The quantised ONNX graph of the model's transformer, built once and cached by model fingerprint."""
-    key = hashlib.sha256(f"{fingerprint}|{config.trust_remote_code}|opset{OPSET}|int8-matmul-per-channel-down-fp32".encode())
-    path = os.path.join(cache_dir(), "int8", key.hexdigest()[:32] + ".onnx")
-    if os.path.isfile(path):
-        with open(path, "rb") as f:
-            return f.read()
-    data = build_int8_graph(config)
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except OSError as exc:  # a read-only home only costs the next run another export
-        log.warning("could not cache the int8 graph in %s: %s", path, exc)
+    """The quantised ONNX graph of the model's transformer, built once and cached by model fingerprint
+    (pipeline.cache; a cached graph is read without importing torch)."""
+    key = f"{fingerprint}|{config.trust_remote_code}|opset{OPSET}|int8-matmul-per-channel-down-fp32"
+    path = cache.entry_path("int8", key, ".onnx")
+    data = cache.read(path)
+    if data is None:
+        data = build_int8_graph(config)
+        cache.write(path, data)
     return data
 
 
@@ -70,6 +57,7 @@ def require_onnxruntime() -> None:
 
 def build_int8_graph(config: EmbedConfig) -> bytes:
     require_onnxruntime()
+    import torch
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from sentence_transformers.base.modules import Transformer
 
@@ -83,7 +71,7 @@ def build_int8_graph(config: EmbedConfig) -> bytes:
     _use_eager_attention(hf)
     example = model.preprocess(["an example sentence to trace", "a second, rather longer example sentence to trace"])
     names = [n for n in INPUT_NAMES if n in example]
-    wrapper = _LastHiddenState(hf, names).eval()
+    wrapper = _last_hidden_state(hf, names).eval()
     with tempfile.TemporaryDirectory() as work:
         fp32, int8 = os.path.join(work, "fp32.onnx"), os.path.join(work, "int8.onnx")
         axes = {n: {0: "batch", 1: "tokens"} for n in [*names, "token_embeddings"]}
@@ -130,16 +118,19 @@ def _use_eager_attention(hf) -> None:
         hf.config._attn_implementation = "eager"
 
 
-class _LastHiddenState(torch.nn.Module):
-    """Calls the Hugging Face model with named inputs, given positionally as tracing wants."""
+def _last_hidden_state(hf, names: list[str]):
+    """The Hugging Face model called with named inputs, given positionally as tracing wants."""
+    import torch
 
-    def __init__(self, hf, names: list[str]):
-        super().__init__()
-        self.hf = hf
-        self.names = names
+    class LastHiddenState(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.hf = hf
 
-    def forward(self, *inputs):
-        return self.hf(**dict(zip(self.names, inputs)), return_dict=True).last_hidden_state
+        def forward(self, *inputs):
+            return self.hf(**dict(zip(names, inputs)), return_dict=True).last_hidden_state
+
+    return LastHiddenState()
 
 
 class Int8Transformer:
@@ -155,6 +146,8 @@ class Int8Transformer:
         self.inputs = [i.name for i in self.session.get_inputs()]
 
     def __call__(self, features: dict) -> dict:
+        import torch
+
         feeds = {name: features[name].numpy() for name in self.inputs}
         (hidden,) = self.session.run(["token_embeddings"], feeds)
         return {**features, "token_embeddings": torch.from_numpy(hidden)}

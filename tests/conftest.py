@@ -12,6 +12,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may need the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+if "EMBEDPIPE_CACHE" not in os.environ:  # the tests' int8 graphs and model descriptions stay out of ~/.cache
+    import tempfile
+
+    os.environ["EMBEDPIPE_CACHE"] = tempfile.mkdtemp(prefix="embedpipe-test-cache-")
 
 import pytest
 
