@@ -28,15 +28,13 @@ def ray_cluster():
     """A real 2-CPU local Ray cluster (Ray 2.55+ has no local_mode)."""
     import ray
 
-    from pipeline.cluster import WORKER_ENV
+    from pipeline.cluster import WORKER_ENV, _inherited_env
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {**WORKER_ENV, "HF_HUB_OFFLINE": "1"}},
-        logging_level="WARNING",
-        log_to_driver=False,
-    )
+    # As pipeline.cluster starts a local cluster: the workers inherit their settings from the
+    # raylet (HF_HUB_OFFLINE and EMBEDPIPE_CACHE are in this process's environment already);
+    # a job runtime_env would make Ray leave its prestarted workers idle.
+    with _inherited_env(WORKER_ENV):
+        ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     yield ray
     ray.shutdown()
 
