@@ -4,7 +4,7 @@ embed (default): `embedpipe embed` (whole command) against a plain
 sentence-transformers script (jobs/st_baseline.py, whole script), same texts, same model.
 
     python jobs/benchmark.py [--docs 10000] [--input FILE.txt] [--device cpu|cuda] [--repeat 1]
-           [--embed-args "--max-batch-tokens 8192" | --variants "" "--dtype int8" ...]
+           [--embed-args "--max-batch-tokens 8192" | --variants "" "--dtype int8" ...] [--cache warm|cold]
            [--st-variants "" "--dtype float16 --batch-size 256"] [--markdown]
 
 scale: `embedpipe embed` with a tiny random model (2 layers, hidden 32) on N synthetic
@@ -87,8 +87,10 @@ def corpus(args, workdir: str) -> str:
     return path
 
 
-def timed(cmd: list[str]) -> float:
+def timed(cmd: list[str], cache: str | None = None) -> float:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
+    if cache is not None:
+        env["EMBEDPIPE_CACHE"] = cache
     start = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     seconds = time.perf_counter() - start
@@ -105,6 +107,10 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeat", type=int, default=1, help="alternate the two commands this many times; best of each")
     p.add_argument("--embed-args", default="", help="extra flags for embedpipe embed")
+    p.add_argument("--cache", choices=("warm", "cold"), default="warm",
+                   help="warm: embedpipe's cache (the model's description, the int8 graph) is filled by an untimed "
+                        "20-document run of each variant first, as on any run after a model's first; "
+                        "cold: every timed run starts from an empty cache, as a model's first run does")
     p.add_argument("--variants", nargs="+", metavar="FLAGS",
                    help="several embedpipe flag sets (e.g. '' '--dtype int8'), each timed against the same baseline runs")
     p.add_argument("--st-variants", nargs="+", metavar="FLAGS",
@@ -145,11 +151,23 @@ def main() -> None:
                     "--device", args.device, *shlex.split(flags)] for out, flags in zip(st_outs, st_variants)]
         ours: dict[str, list[float]] = {v: [] for v in variants}
         theirs: dict[str, list[float]] = {v: [] for v in st_variants}
+        warm = os.path.join(work, "cache")
+        if args.cache == "warm":
+            few = os.path.join(work, "few.txt")
+            with open(docs, encoding="utf-8") as src, open(few, "w", encoding="utf-8") as dst:
+                dst.writelines(line for _, line in zip(range(20), src))
+            for v in variants:
+                timed(embed_command(args, few, os.path.join(work, "warm-up"), v), warm)
+
+        def cache_for_run() -> str:
+            return warm if args.cache == "warm" else tempfile.mkdtemp(dir=work, prefix="cold-cache-")
+
         for _ in range(args.repeat):  # alternated, so a busy spell of the machine hits both sides
             for v, cmd in zip(st_variants, st_cmds):
                 theirs[v].append(timed(cmd))
             for v in variants:
-                ours[v].append(timed(embed_command(args, docs, os.path.join(work, f"out-{variants.index(v)}"), v)))
+                out = os.path.join(work, f"out-{variants.index(v)}")
+                ours[v].append(timed(embed_command(args, docs, out, v), cache_for_run()))
         ref = pq.read_table(st_outs[0])  # the first baseline's vectors are the reference (float32 by default)
         ref_vectors = np.asarray(ref["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(ref), -1)
         ref_index = {i: k for k, i in enumerate(ref["id"].to_pylist())}
@@ -171,6 +189,7 @@ def main() -> None:
                     "tokens": tokens,
                     "embed_args": v,
                     "st_args": sv,
+                    "cache": args.cache,
                     "dtype": manifest.get("dtype"),
                     "embedpipe_seconds": round(best_ours, 2),
                     "st_seconds": round(best_theirs, 2),
@@ -191,7 +210,7 @@ def main() -> None:
             print(
                 f"| {r['date']} | {n:,} | {args.device} | {r['embedpipe_docs_per_s']:,} | "
                 f"{r['st_docs_per_s']:,} | **{r['ratio']}x** | {r['mean_cosine']:.6f} / {r['min_cosine']:.6f} | "
-                f"{r['embed_args'] or '-'} | {r['st_args'] or '-'} |"
+                f"{r['embed_args'] or '-'} ({r['cache']} cache) | {r['st_args'] or '-'} |"
             )
     # float32 must reproduce the reference; float16/bfloat16/int8 report their cosine instead
     exact = [r for r in results if r["dtype"] == "float32"]
