@@ -38,13 +38,12 @@ log = logging.getLogger(__name__)
 READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
 COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
 # Rows per block: the unit handed to a tokenizer or encoder call, and balanced over the actors.
-# Small enough that a 10,000-document shard keeps two CPU encoders busy to the end and that
-# tokenising the next block overlaps encoding this one; a GPU takes larger ones.
-# Ray Data hands an actor a whole block (of at least batch_size rows) per task, and the rows of a
-# shard arrive longest first, so a block's cost follows its rows' lengths. With 1,024-row blocks the
-# first block of 10,000 fortunes held 153,562 tokens (3.7x an average one) and took one encoder 89 s
-# of a 164 s run, while the other finished the rest and waited. 256-row blocks bound the costliest
-# to a quarter of that, and it comes first. A GPU takes larger ones.
+# Ray Data hands an actor a whole block (of at least batch_size rows) per task, and a shard's rows
+# arrive longest first, so a block's cost follows its rows' lengths: with 1,024-row blocks the first
+# block of 10,000 fortunes held 153,562 tokens (3.7x an average one) and took one encoder 89 s of a
+# 164 s run while the other finished the rest and waited. 256-row blocks bound the costliest to a
+# quarter of that, it comes first, and tokenising the next block overlaps encoding this one.
+# A GPU takes larger ones.
 CPU_BLOCK_ROWS = 256
 GPU_BLOCK_ROWS = 8192
 TOKENIZERS_PER_GPU = 8
@@ -52,7 +51,7 @@ OBJECT_STORE_BUDGET = 256 << 20  # bytes of blocks Ray Data may hold in the obje
 ENCODER_CALLS_ON_GPU = 2  # one block encoding, one writing (see _encoder_pool)
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks, little imbalance at the end
 # A CPU encoder takes its next block only when it is free: a block queued behind a long one would
-# wait there while the other encoders run dry (the gap between two calls is milliseconds).
+# wait there while the other encoders run dry (the gap between two calls is about 0.1 s).
 CPU_ENCODER_TASKS_IN_FLIGHT = 1
 TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
 MIN_BLOCK_BYTES = 64 << 10
