@@ -1,6 +1,4 @@
-import sys
-
-from pipeline.cli import main
+from pipeline.cli import run
 
 if __name__ == "__main__":  # not when imported (multiprocessing's spawn imports __main__)
-    sys.exit(main())
+    run()

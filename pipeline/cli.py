@@ -7,12 +7,14 @@ Exit codes: 0 success; 2 bad usage or bad input, with one line on stderr;
 from __future__ import annotations
 
 import argparse
+import atexit
 import json
 import logging
 import os
 import sys
+import threading
 import traceback
-from typing import Any, Sequence
+from typing import Any, NoReturn, Sequence
 
 from pipeline.errors import EmbedpipeError, UsageError
 
@@ -271,6 +273,36 @@ def job_main(command: str, argv: Sequence[str]) -> int:
     return main([command, "--ray-address", os.environ.get("RAY_ADDRESS") or "auto", *args])
 
 
+def run() -> NoReturn:
+    """The `embedpipe` command (and `python -m pipeline`): main(), then out of the process with its code.
+
+    Everything Python registered for exit runs (Ray's shutdown, logging's flush, finalizers),
+    then the process ends without the interpreter's native teardown: Arrow's thread pools,
+    destroyed there while a worker thread is alive, intermittently abort a command that has
+    finished its work ("terminate called without an active exception", exit -6; CI saw it
+    on `embedpipe info`; apache/arrow#34314).
+    """
+    try:
+        code = main()
+    except SystemExit as exc:  # --help
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    _exit_now(code)
+
+
+def _exit_now(code: int) -> NoReturn:
+    main_thread = threading.main_thread()
+    for thread in threading.enumerate():  # what a normal exit waits for first
+        if thread is not main_thread and not thread.daemon:
+            thread.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a closed pipe: nothing more can reach it
+            pass
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
@@ -310,4 +342,4 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, debug: bo
         return 1
 
 if __name__ == "__main__":  # pragma: no cover
-    sys.exit(main())
+    run()

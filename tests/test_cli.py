@@ -92,3 +92,37 @@ def test_mine_on_a_missing_directory(tmp_path):
 def test_info_on_a_directory_without_manifest(tmp_path):
     proc = cli("info", str(tmp_path))
     assert_one_line_error(proc, 2, "no _manifest.json")
+
+
+EXIT_PROBE = """
+import atexit, sys, threading, time
+from pipeline import cli
+
+class Teardown:  # collected only by the interpreter's own teardown, where Arrow's thread pools die
+    def __del__(self):
+        print("interpreter teardown ran", flush=True)
+
+sys.modules["__main__"].keep = Teardown()
+atexit.register(lambda: print("atexit ran", flush=True))
+threading.Thread(target=lambda: (time.sleep(0.5), print("worker thread finished")), daemon=False).start()
+sys.argv = ["embedpipe", *sys.argv[1:]]
+cli.run()
+"""
+
+
+@pytest.mark.parametrize("args, code", [(["info", "--help"], 0), (["info", "/no/such/output"], 2)])
+def test_the_command_exits_with_its_code_after_atexit_but_before_native_teardown(tmp_path, args, code):
+    """run(): threads joined and atexit handlers run (Ray's shutdown is one), piped output flushed,
+    then no interpreter teardown, where Arrow's pools intermittently aborted a finished command (exit -6)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env
+
+    proc = subprocess.run([sys.executable, "-c", EXIT_PROBE, *args], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env=cli_env())
+    assert proc.returncode == code, proc.stderr[-2000:]
+    assert "worker thread finished" in proc.stdout and "atexit ran" in proc.stdout  # unflushed print got through
+    assert proc.stdout.index("worker thread finished") < proc.stdout.index("atexit ran")
+    assert "interpreter teardown ran" not in proc.stdout
+    assert ("usage: embedpipe info" in proc.stdout) if code == 0 else ("no such" in proc.stderr or "no _manifest" in proc.stderr)
