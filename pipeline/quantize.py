@@ -1,23 +1,21 @@
 """The int8 CPU path (`--dtype int8`): the model's transformer as a dynamically quantised ONNX graph.
 
 The transformer of the SentenceTransformer (its first module) is exported to
-ONNX once, on the driver, and its MatMul weights are quantised to int8 per
-output channel by ONNX Runtime (activations are quantised per batch at run
-time), except those that cost the most accuracy: the feed-forward output
-projections (`down_projections`) and every MatMul of the first block
-(`first_block`), which stay float32. Pooling, Dense and Normalize stay
-sentence-transformers' own modules, in float32. Encoders receive the graph's
-bytes through the object store, so every node of a cluster gets the same graph
-without a shared disk.
+ONNX once, on the driver, and every MatMul by a weight is rewritten to int8
+(`quantize_per_token`): weights per output channel, activations per token at
+run time. Pooling, Dense and Normalize stay sentence-transformers' own
+modules, in float32. Encoders receive the graph's bytes through the object
+store, so every node of a cluster gets the same graph without a shared disk.
 
-Measured on all-MiniLM-L6-v2 (BENCHMARKS.md, in process, 10,000 fortunes,
-cosine to sentence-transformers' float32 `encode`): every MatMul quantised,
-1.62x the float32 graph's speed; the feed-forward outputs in float32, 1.35x,
-mean 0.99511, minimum 0.96969 (short texts such as "Huh?" fare worst); the
-first block too, 1.39x (the same, within noise), mean 0.99575, minimum
-0.97978. Per-channel MatMul-only quantisation is the base: quantising every
-Linear per tensor dropped the minimum to 0.80, and torch's own dynamic
-quantisation to 0.91.
+Measured on all-MiniLM-L6-v2 (BENCHMARKS.md, 10,000 fortunes in the
+pipeline's blocks, cosine to sentence-transformers' float32 `encode`): per
+token, mean 0.99584 and minimum 0.97721 at 1.41x the float32 graph's speed
+(one thread). ONNX Runtime's dynamic quantisation, per batch, was as fast only
+with the feed-forward output projections and the first block left in float32,
+and still reached only 0.95945: its scale is set by the batch's largest value,
+so a text's vector depended on its batch mates. Quantising every Linear per
+tensor had dropped the minimum to 0.80, and torch's own dynamic quantisation
+to 0.91.
 
 The export runs attention in its "eager" form: the default SDPA path has
 data-dependent branches that tracing freezes into the graph (its vectors then
@@ -43,7 +41,7 @@ OPSET = 17
 def int8_graph(config: EmbedConfig, fingerprint: str) -> bytes:
     """The quantised ONNX graph of the model's transformer, built once and cached by model fingerprint
     (pipeline.cache; a cached graph is read without importing torch)."""
-    key = f"{fingerprint}|{config.trust_remote_code}|opset{OPSET}|int8-matmul-per-channel-down-and-first-block-fp32"
+    key = f"{fingerprint}|{config.trust_remote_code}|opset{OPSET}|int8-weights-per-channel-activations-per-token"
     path = cache.entry_path("int8", key, ".onnx")
     data = cache.read(path)
     if data is None:
@@ -62,7 +60,6 @@ def require_onnxruntime() -> None:
 def build_int8_graph(config: EmbedConfig) -> bytes:
     require_onnxruntime()
     import torch
-    from onnxruntime.quantization import QuantType, quantize_dynamic
     from sentence_transformers.base.modules import Transformer
 
     from pipeline.model import load_model
@@ -77,71 +74,83 @@ def build_int8_graph(config: EmbedConfig) -> bytes:
     names = [n for n in INPUT_NAMES if n in example]
     wrapper = _last_hidden_state(hf, names).eval()
     with tempfile.TemporaryDirectory() as work:
-        fp32, int8 = os.path.join(work, "fp32.onnx"), os.path.join(work, "int8.onnx")
+        fp32 = os.path.join(work, "fp32.onnx")
         axes = {n: {0: "batch", 1: "tokens"} for n in [*names, "token_embeddings"]}
         with torch.inference_mode(False), torch.no_grad():
             torch.onnx.export(
                 wrapper, tuple(example[n] for n in names), fp32, input_names=names,
                 output_names=["token_embeddings"], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
             )
-        quantize_dynamic(
-            fp32, int8, per_channel=True, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-            nodes_to_exclude=float32_matmuls(fp32),
-            extra_options={"DefaultTensorType": 1},  # FLOAT, for outputs shape inference cannot type
-        )
-        with open(int8, "rb") as f:
-            return f.read()
+        return quantize_per_token(fp32)
 
 
-def float32_matmuls(path: str) -> list[str]:
-    """The MatMul nodes left in float32: every feed-forward output projection, and the whole first block."""
-    down = down_projections(path)
-    first = first_block(path, down)
-    return [*first, *(n for n in down if n not in first)]
+def quantize_per_token(path: str) -> bytes:
+    """The float32 graph at `path` with every MatMul by a weight in int8: the weight per output
+    channel, the activations per token, both symmetric.
 
-
-def first_block(path: str, down: list[str]) -> list[str]:
-    """The weight MatMuls up to and including the first down projection, in graph order: the first
-    transformer block, found by structure rather than by a model's node names.
-
-    Keeping it in float32 lifted the minimum cosine on 10,000 fortunes from 0.970 to 0.980 at a
-    speed within noise (BENCHMARKS.md): its inputs are the embeddings, whose range per batch is
-    set by a few outlier tokens.
+    x @ W becomes (q(x) @ Wq) * s(x) * s(W), where s(x) is each token's largest |x| / 127 and
+    s(W) each output column's. Per token, a text's vector does not depend on the texts that
+    share its micro-batch; ONNX Runtime's dynamic quantisation scales a whole batch by its
+    largest value, and one outlier token in it coarsened every other row (a long fortune: cosine
+    0.9966 to float32 alone, 0.9685 beside 7 others; BENCHMARKS.md). q(x) is computed once per
+    activation and shared by the MatMuls that read it (query, key, value), and held as uint8
+    with zero point 128: ONNX Runtime's int8 x int8 kernel ran 4x slower here than uint8 x int8.
     """
+    import numpy as np
     import onnx
+    from onnx import TensorProto, helper, numpy_helper
 
-    if not down:
-        return []
-    graph = onnx.load(path, load_external_data=False).graph
-    weights = {t.name for t in graph.initializer}
-    block = []
-    for node in graph.node:  # ONNX keeps nodes topologically sorted
-        if node.op_type == "MatMul" and node.input[1] in weights:
-            block.append(node.name)
-            if node.name == down[0]:
-                return block
-    return block
+    model = onnx.load(path, load_external_data=False)
+    graph = model.graph
+    weights = {t.name: t for t in graph.initializer}
+    added: list = []
 
+    def const(name: str, value) -> str:
+        added.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
 
-def down_projections(path: str) -> list[str]:
-    """The MatMul nodes whose weight maps a wider input to a narrower output: in a BERT-like
-    transformer, each feed-forward block's output projection, which stays in float32.
+    one, eps, levels = const("q_one", np.float32(1)), const("q_eps", np.float32(1e-12)), const("q_127", np.float32(127))
+    offset, zero_point = const("q_128", np.float32(128)), const("q_zero_point", np.uint8(128))
+    nodes: list = []
+    scaled: dict[str, str] = {}  # activation -> prefix of its quantised form
 
-    Their inputs come out of GELU and have the widest range of any activation, so quantising
-    them per batch costs the most accuracy (BENCHMARKS.md: min cosine 0.968 -> 0.981 on
-    2,000 fortunes, for 1.61x -> 1.36x the float32 graph's speed).
-    """
-    import onnx
+    def op(kind: str, inputs: list[str], output: str, **attrs) -> str:
+        nodes.append(helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs))
+        return output
 
-    graph = onnx.load(path, load_external_data=False).graph
-    shapes = {t.name: tuple(t.dims) for t in graph.initializer}
-    return [
-        node.name
-        for node in graph.node
-        if node.op_type == "MatMul"
-        and len(shapes.get(node.input[1], ())) == 2
-        and shapes[node.input[1]][0] > shapes[node.input[1]][1]
-    ]
+    for node in graph.node:
+        if node.op_type != "MatMul" or node.input[1] not in weights:
+            nodes.append(node)
+            continue
+        x, w_name = node.input
+        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
+        if w.ndim != 2:
+            nodes.append(node)
+            continue
+        w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
+        w_q = const(f"{w_name}/int8", np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
+        w_s = const(f"{w_name}/scale", w_scale.astype(np.float32))
+        if x not in scaled:
+            p = f"q{len(scaled)}"
+            top = op("ReduceMax", [op("Abs", [x], f"{p}/abs")], f"{p}/max", axes=[-1], keepdims=1)
+            scale = op("Div", [op("Max", [top, eps], f"{p}/max_eps"), levels], f"{p}/scale")
+            ints = op("Round", [op("Mul", [x, op("Div", [one, scale], f"{p}/inverse")], f"{p}/scaled")], f"{p}/round")
+            op("Cast", [op("Add", [ints, offset], f"{p}/shifted")], f"{p}/uint8", to=TensorProto.UINT8)
+            scaled[x] = p
+        p = scaled[x]
+        out = node.output[0]
+        acc = op("MatMulInteger", [f"{p}/uint8", w_q, zero_point], f"{out}/int32")
+        tokens = op("Mul", [op("Cast", [acc], f"{out}/float", to=TensorProto.FLOAT), f"{p}/scale"], f"{out}/token_scaled")
+        op("Mul", [tokens, w_s], out)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(added)
+    used = {name for n in graph.node for name in n.input}
+    kept = [t for t in graph.initializer if t.name in used]  # the float32 weights are gone
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
 
 
 def _use_eager_attention(hf) -> None:

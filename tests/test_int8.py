@@ -57,10 +57,12 @@ def test_int8_vectors_of_the_real_model_stay_close_to_float32(tmp_path, monkeypa
     cos = cosines(int8, fp32)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
     assert not np.array_equal(int8, fp32)  # the quantised graph really ran
-    kept = float_matmul_weights(graph)
-    # float32 stay: the first block's 6 weight MatMuls (Q, K, V, attention output, feed-forward in and out),
-    # then the other 5 blocks' feed-forward output projections; no other
-    assert kept == [(384, 384)] * 4 + [(384, 1536), (1536, 384)] + [(1536, 384)] * 5, kept
+    assert float_matmul_weights(graph) == []  # every MatMul by a weight runs in int8
+    # per-token scales: a text's vector does not depend on the texts beside it in a micro-batch
+    # (ONNX Runtime's per-batch scales moved a long text's cosine to float32 from 0.997 alone to 0.969)
+    alone = np.concatenate([encode_in_process(config, [t], graph) for t in texts[:12]])
+    together = int8[:12]
+    assert cosines(alone, together).min() >= 0.99999, cosines(alone, together)
     assert len(list((tmp_path / "cache" / "int8").glob("*.onnx"))) == 1
     assert int8_graph(config, info.fingerprint) == graph  # the second run reads the cache
 
