@@ -113,6 +113,7 @@ def quantize_per_token(path: str) -> bytes:
     offset, zero_point = const("q_128", np.float32(128)), const("q_zero_point", np.uint8(128))
     nodes: list = []
     scaled: dict[str, str] = {}  # activation -> prefix of its quantised form
+    done: set[str] = set()  # weights already quantised
 
     def op(kind: str, inputs: list[str], output: str, **attrs) -> str:
         nodes.append(helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs))
@@ -127,9 +128,12 @@ def quantize_per_token(path: str) -> bytes:
         if w.ndim != 2:
             nodes.append(node)
             continue
-        w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
-        w_q = const(f"{w_name}/int8", np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
-        w_s = const(f"{w_name}/scale", w_scale.astype(np.float32))
+        w_q, w_s = f"{w_name}/int8", f"{w_name}/scale"
+        if w_name not in done:  # a weight shared by two MatMuls is quantised once
+            w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
+            const(w_q, np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
+            const(w_s, w_scale.astype(np.float32))
+            done.add(w_name)
         if x not in scaled:
             p = f"q{len(scaled)}"
             top = op("ReduceMax", [op("Abs", [x], f"{p}/abs")], f"{p}/max", axes=[-1], keepdims=1)
