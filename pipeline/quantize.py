@@ -124,12 +124,12 @@ def quantize_per_token(path: str) -> bytes:
             nodes.append(node)
             continue
         x, w_name = node.input
-        w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
-        if w.ndim != 2:
+        if len(weights[w_name].dims) != 2:
             nodes.append(node)
             continue
         w_q, w_s = f"{w_name}/int8", f"{w_name}/scale"
         if w_name not in done:  # a weight shared by two MatMuls is quantised once
+            w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
             w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
             const(w_q, np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
             const(w_s, w_scale.astype(np.float32))
