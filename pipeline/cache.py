@@ -43,6 +43,24 @@ def write(path: str, data: bytes) -> None:
         log.warning("could not write the cache entry %s: %s", path, exc)
 
 
+def versions_and_code(libraries: tuple[str, ...], modules: tuple[str, ...]) -> dict:
+    """The installed versions of `libraries` and a hash of embedpipe's own `modules` (file names in
+    pipeline/): part of an entry's key, so that an upgrade or an edited checkout derives it anew."""
+    from importlib import metadata
+
+    versions = {}
+    for name in libraries:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    code = hashlib.sha256()
+    for name in modules:
+        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
+            code.update(f.read())
+    return {"versions": versions, "code": code.hexdigest()}
+
+
 def directory_signature(path: str) -> str:
     """Names, sizes and modification times of a directory's files: changes whenever a file does,
     without reading them (a model's weights are hundreds of MiB)."""

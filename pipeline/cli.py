@@ -44,6 +44,7 @@ def _embed_parser(sub) -> None:
     p.add_argument("--prompt")
     p.add_argument("--device", help="auto|cpu|cuda")
     p.add_argument("--dtype", help="auto|float32|float16|bfloat16|int8 (int8: CPU, ONNX Runtime, close not equal)")
+    p.add_argument("--backend", help="auto|torch|onnx: what runs the model on CPU (auto: onnx where its checked graph gives the same vectors)")
     p.add_argument("--output-dtype", help="float32|float16")
     p.add_argument("--sparse-top-k", type=int, help="sparse (SPLADE) models: strongest terms kept per document")
     p.add_argument("--num-encoders", type=int)

@@ -19,6 +19,7 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+BACKENDS = ("auto", "torch", "onnx")
 OUTPUT_DTYPES = ("float32", "float16")
 
 
@@ -55,7 +56,13 @@ class EmbedConfig:
     """auto (cuda when the cluster has GPUs), cpu or cuda."""
     dtype: str = "auto"
     """Compute dtype: auto (float16 on GPU, float32 on CPU), float32, float16, bfloat16, or int8 (CPU:
-    the transformer's MatMuls quantised per channel with ONNX Runtime; faster, vectors close but not equal)."""
+    the model's MatMuls quantised per channel and per token, run by ONNX Runtime; faster, vectors close
+    but not equal)."""
+    backend: str = "auto"
+    """What runs the model on CPU: onnx (the model's own modules traced once into an ONNX graph, checked
+    against PyTorch and cached; the encoders then import neither torch nor sentence-transformers), torch,
+    or auto (onnx for a float32 or int8 dense model whose graph passes the check, unless it runs its own
+    code (trust_remote_code); else torch). GPUs always run torch."""
     output_dtype: str = "float32"
     """Stored vector dtype: float32 or float16 (for a sparse model: of its values)."""
     sparse_top_k: int | None = None
@@ -69,7 +76,7 @@ class EmbedConfig:
     num_tokenizers: int | None = None
     """Tokenizer actors; default scales with the cluster's CPUs."""
     encoder_threads: int | None = None
-    """torch threads per CPU encoder; default the CPUs of its node."""
+    """Threads per CPU encoder (ONNX Runtime or torch); default the CPUs of its node."""
     rows_per_file: int = 50_000
     """Largest number of rows in one output file; a bigger shard is written as several files."""
     ray_address: str | None = None
@@ -136,6 +143,7 @@ class EmbedConfig:
             raise UsageError(f"{'--rerank-top' if self.rerank_top else '--rerank-output'} is only used with --rerank-model")
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
+        _choice("--backend", self.backend, BACKENDS)
         _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
         _choice("--encoding-errors", self.encoding_errors, ("strict", "replace"))
         _choice("--on-invalid", self.on_invalid, ("skip", "error"))
@@ -145,6 +153,12 @@ class EmbedConfig:
             raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
         if self.device == "cuda" and self.dtype == "int8":
             raise UsageError("--dtype int8 is the CPU path; use float16 or bfloat16 with --device cuda")
+        if self.backend == "onnx" and self.device == "cuda":
+            raise UsageError("--backend onnx is the CPU path; GPUs run torch (--device cpu, or --backend auto)")
+        if self.backend == "onnx" and self.dtype in ("float16", "bfloat16"):
+            raise UsageError(f"--backend onnx runs float32 or int8, not --dtype {self.dtype}")
+        if self.backend == "torch" and self.dtype == "int8":
+            raise UsageError("--dtype int8 runs on ONNX Runtime; drop --backend torch")
         reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")

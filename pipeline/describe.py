@@ -3,31 +3,23 @@
 The driver needs what a load without weights tells (pooling, normalisation,
 max_seq_length, prompt, kind, the tokenizer actors' TokenizerSpec) before
 the stages may write, and importing sentence-transformers costs seconds and
-~300 MiB. A child process does it
-while the driver starts Ray, and exits: its memory is gone before the
-stages start. A plain `python -m pipeline.describe` child, not
-multiprocessing's spawn, which would import the caller's `__main__` again
-(a script without an `if __name__ == "__main__":` guard would run twice).
-A process that has imported sentence-transformers already uses a thread.
+~300 MiB. A child process (pipeline.child) does it while the driver
+starts Ray, and exits: its memory is gone before the stages start. A
+process that has imported sentence-transformers already uses a thread.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
-import hashlib
 import json
 import os
-import pickle
-import shutil
-import subprocess
 import sys
-import tempfile
 from typing import Any
 
 from pipeline import cache
+from pipeline.child import ChildCall
 from pipeline.config import EmbedConfig
-from pipeline.errors import EmbedpipeError, PipelineError
 from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, resolve_model_path, sparse_top_k
 from pipeline.plain_tokenizer import TokenizerSpec, spec_for
 
@@ -64,13 +56,7 @@ class ModelFacts:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model")
             self._future = self._thread.submit(model_facts, config)
             return
-        self._dir = tempfile.mkdtemp(prefix="embedpipe-describe-")
-        with open(os.path.join(self._dir, "config"), "wb") as f:
-            pickle.dump(config, f)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self._child = subprocess.Popen([sys.executable, "-m", "pipeline.describe", self._dir], env=env,
-                                       stdin=subprocess.DEVNULL)
+        self._child = ChildCall("pipeline.describe:model_facts", config, what="describing the model")
 
     @property
     def from_cache(self) -> bool:
@@ -85,32 +71,18 @@ class ModelFacts:
         return facts
 
     def _computed(self) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
-        if self._child is None:
-            try:
-                return self._future.result()
-            finally:
-                self.close()
-        code = self._child.wait()
+        if self._child is not None:
+            return self._child.result()
         try:
-            with open(os.path.join(self._dir, "result"), "rb") as f:
-                ok, value = pickle.load(f)
-        except OSError:
-            raise PipelineError(f"describing the model failed: its process exited with code {code}") from None
+            return self._future.result()
         finally:
             self.close()
-        if not ok:
-            raise value
-        return value
 
     def close(self) -> None:
         if self._thread is not None:
             self._thread.shutdown(wait=False)
-        if self._child is None:
-            return
-        if self._child.poll() is None:
-            self._child.kill()
-            self._child.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._child is not None:
+            self._child.close()
 
     def __enter__(self) -> "ModelFacts":
         return self
@@ -131,20 +103,9 @@ def _cache_path(config: EmbedConfig) -> str | None:
     path = resolve_model_path(config.model)
     if not os.path.isdir(path):
         return None
-    from importlib import metadata
-
-    versions = {}
-    for name in _LIBRARIES:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    code = hashlib.sha256()
-    for name in ("describe.py", "model.py", "plain_tokenizer.py"):  # an edited checkout describes anew
-        with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), name), "rb") as f:
-            code.update(f.read())
     key = json.dumps({
-        "path": path, "files": cache.directory_signature(path), "versions": versions, "code": code.hexdigest(),
+        "path": path, "files": cache.directory_signature(path),
+        **cache.versions_and_code(_LIBRARIES, ("describe.py", "model.py", "plain_tokenizer.py")),
         "options": {name: getattr(config, name) for name in _FACT_OPTIONS},
     }, sort_keys=True)
     return cache.entry_path("describe", key, ".json")
@@ -167,24 +128,3 @@ def _read_cached(path: str | None) -> tuple[ModelInfo, dict[str, Any], Tokenizer
         return ModelInfo(**entry["info"]), entry["vectors"], spec
     except (ValueError, KeyError, TypeError):  # a damaged or older entry: described again
         return None
-
-
-def _main(directory: str) -> None:
-    with open(os.path.join(directory, "config"), "rb") as f:
-        config = pickle.load(f)
-    try:
-        outcome = (True, model_facts(config))
-    except EmbedpipeError as exc:  # the user's to fix: passed on as it is
-        outcome = (False, exc)
-    except Exception as exc:  # noqa: BLE001 - named in one line
-        outcome = (False, PipelineError(f"describing the model failed: {exc.__class__.__name__}: {exc}"[:500]))
-    with open(os.path.join(directory, "result.tmp"), "wb") as f:
-        pickle.dump(outcome, f)
-    os.replace(os.path.join(directory, "result.tmp"), os.path.join(directory, "result"))
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter teardown of torch and sentence-transformers: the driver is waiting
-
-
-if __name__ == "__main__":
-    _main(sys.argv[1])

@@ -241,7 +241,7 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
         per_node = f"{plan.num_encoders / max(1, cpu_nodes):g} per node on {cpu_nodes} node(s)"
         lines.append(
             f"  encode:   {plan.num_encoders} actor(s) x {plan.encoder_cpus:g} CPU, "
-            f"{plan.encoder_threads} torch thread(s) each ({per_node})"
+            f"{plan.encoder_threads} thread(s) each ({per_node})"
         )
     lines.append(f"  read and commit: Ray tasks of {READ_CPUS:g} / {COMMIT_CPUS:g} CPU, one read task per shard")
     lines.append(f"estimated duration: {_duration(seconds)} (an estimate: {basis})")

@@ -2,8 +2,9 @@
 
 Rows arrive sorted by length. They are cut into micro-batches by a token
 budget (rows x longest row <= max_batch_tokens), padded only to the longest
-row of each micro-batch, and run through the SentenceTransformer's modules
-under `torch.inference_mode`. Output vectors are float32.
+row of each micro-batch, and run through the SentenceTransformer's modules:
+on CPU as their traced ONNX graph on ONNX Runtime (pipeline.onnx_export),
+else on PyTorch under `torch.inference_mode`. Output vectors are float32.
 
 A sparse (SPLADE) model's output is vocabulary-sized and mostly zero: each
 row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
@@ -75,9 +76,11 @@ def usable_device(planned: str, asked: str) -> str:
     """The device this replica runs on: the planned one, or CPU when the plan said CUDA
     only because of `--device auto` and this node's torch sees no CUDA device (a GPU that
     Ray counts but torch cannot use). With `--device cuda` that is an error instead."""
+    if planned != "cuda":
+        return planned
     import torch
 
-    if planned != "cuda" or torch.cuda.is_available():
+    if torch.cuda.is_available():
         return planned
     if asked == "cuda":
         raise PipelineError("--device cuda: Ray gave this encoder a GPU, but torch on its node sees no CUDA device")
@@ -93,50 +96,69 @@ def compute_dtype(asked: str, device: str) -> str:
 
 
 class EncodeStage:
-    """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`."""
+    """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`.
+
+    With `graph` (pipeline.onnx_export: the model as a checked ONNX graph, float32 or int8) the
+    encoder runs it on ONNX Runtime and imports neither torch nor sentence-transformers; without
+    it, the SentenceTransformer's modules run on PyTorch.
+    """
 
     def __init__(
         self, config: EmbedConfig, device: str = "cpu", threads: int | None = None, board=None,
-        int8_graph: bytes | None = None, sink: SinkSpec | None = None,
+        graph: bytes | None = None, sink: SinkSpec | None = None,
     ):
         self.board = board
         self.sink = sink
         self.progress = Progress(board, "encode")
         self.progress.register_actor()
         device = usable_device(device, config.device)
+        if graph is None and config.dtype == "int8":
+            raise UsageError("--dtype int8: the encoder got no quantised graph")
+        backend = "onnxruntime" if graph is not None else "torch"
+        if backend == "onnxruntime" and device != "cpu":
+            raise PipelineError("an ONNX graph was given to an encoder on a GPU; GPUs run torch")
         # Placement is reported before the model loads: a replica that Ray started counts as
         # placed even when a small run ends before it has finished loading.
-        self.progress.report_placement(device=device, dtype=compute_dtype(config.dtype, device))
+        self.progress.report_placement(device=device, dtype=compute_dtype(config.dtype, device), backend=backend)
         # On a GPU, Ray Data runs two calls at once (ENCODER_CALLS_ON_GPU): one encodes while
         # the other writes its block; encoding itself stays one block at a time.
         self._device_lock = threading.Lock()
+        threads = threads or config.encoder_threads or os.cpu_count() or 1
         with self.progress.step("loading the model"):
-            self._load(config, device, threads, int8_graph)
+            if graph is not None:
+                self._load_graph(config, graph, threads)
+            else:
+                self._load(config, device, threads)
 
-    def _load(self, config: EmbedConfig, device: str, threads: int | None, int8_graph: bytes | None) -> None:
+    def _load_graph(self, config: EmbedConfig, graph, threads: int) -> None:
+        from pipeline.onnx_export import OnnxEncoder
+
+        if not isinstance(graph, (bytes, bytearray)):  # an ObjectRef: Ray Data passes constructor arguments as they are
+            import ray
+
+            graph = ray.get(graph)
+        self.onnx = OnnxEncoder(graph, threads)
+        self.torch = self.model = None
+        self.dtype = self.onnx.dtype
+        self.dim = self.onnx.dim
+        self.left_pad, self.pad_values = self.onnx.left_pad, self.onnx.pad_values
+        self.extras = {}
+        self.normalize = False  # in the graph
+        self.sparse, self.sparse_top_k = False, None
+        self.max_batch_tokens = config.max_batch_tokens or CPU_BATCH_TOKENS
+
+    def _load(self, config: EmbedConfig, device: str, threads: int) -> None:
         import torch
 
-        threads = threads or config.encoder_threads or os.cpu_count() or 1
         if device == "cpu":
             torch.set_num_threads(threads)
+        self.onnx = None
         self.torch = torch
         self.device = torch.device("cuda" if device == "cuda" else "cpu")
         self.model = load_model(config, device=str(self.device), weights=True)
         self.model.eval()
         dtype = compute_dtype(config.dtype, self.device.type)
-        self.int8 = None
-        if dtype == "int8":
-            if int8_graph is None:
-                raise UsageError("--dtype int8: the encoder got no quantised graph")
-            import ray
-
-            from pipeline.quantize import Int8Transformer
-
-            if isinstance(int8_graph, ray.ObjectRef):  # Ray Data passes constructor arguments as they are
-                int8_graph = ray.get(int8_graph)
-            self.int8 = Int8Transformer(int8_graph, threads)
-            self.after_int8 = list(self.model)[1:]  # the modules that follow the quantised transformer
-        elif dtype != "float32":
+        if dtype != "float32":
             self.model.to(getattr(torch, dtype))
         self.dtype = dtype
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
@@ -186,7 +208,11 @@ class EncodeStage:
             done.append((idx, self._forward(idx, lists, lengths)))
             self.progress.tick()
         if done:
-            vectors[np.concatenate([idx for idx, _ in done])] = self.torch.cat([e for _, e in done]).cpu().numpy()
+            rows_done = np.concatenate([idx for idx, _ in done])
+            if self.onnx is not None:
+                vectors[rows_done] = np.concatenate([e for _, e in done])
+            else:
+                vectors[rows_done] = self.torch.cat([e for _, e in done]).cpu().numpy()
         vectors[valid] = vectors[copy_of]  # repeated texts take the vector of their first copy
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         return out.append_column("embedding", embedding)
@@ -212,8 +238,30 @@ class EncodeStage:
         return out.append_column("indices", indices).append_column("values", values)
 
     def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray):
-        """Vectors of rows `idx` as a float32 tensor on the device (queued there, not waited for)."""
+        """Vectors of rows `idx`: a float32 array from the ONNX graph, or a float32 tensor on the
+        device from PyTorch (queued there, not waited for)."""
+        features = self._features(idx, lists, lengths)
+        if self.onnx is not None:
+            return self.onnx(features)
         torch = self.torch
+        tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
+        tensors.update(self.extras)
+        try:
+            with torch.inference_mode():
+                emb = self._run(tensors).float()
+                if self.normalize:
+                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        except torch.cuda.OutOfMemoryError:
+            if len(idx) == 1:
+                raise
+            torch.cuda.empty_cache()
+            half = len(idx) // 2
+            log.warning("CUDA out of memory on %d rows x %d tokens; splitting the batch", len(idx), features["attention_mask"].shape[1])
+            return torch.cat([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
+        return emb
+
+    def _features(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> dict[str, np.ndarray]:
+        """The token features of rows `idx`, padded to the longest of them, and their attention mask (int64)."""
         row_len = lengths[idx].astype(np.int64)
         width = int(row_len.max())
         columns = np.arange(width)
@@ -227,33 +275,14 @@ class EncodeStage:
             padded[mask] = values[segments(offsets[idx], row_len)]  # row after row, as the mask's True cells
             features[key] = padded
         features["attention_mask"] = mask.astype(np.int64)
-        tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
-        tensors.update(self.extras)
-        try:
-            with torch.inference_mode():
-                emb = self._run(tensors).float()
-                if self.normalize:
-                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-        except torch.cuda.OutOfMemoryError:
-            if len(idx) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(idx) // 2
-            log.warning("CUDA out of memory on %d rows x %d tokens; splitting the batch", len(idx), width)
-            return torch.cat([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
-        return emb
+        return features
 
     def _to_device(self, tensor):
         return to_device(tensor, self.device)
 
     def _run(self, features: dict):
-        """The model's modules on one micro-batch; with int8 the quantised graph replaces the first."""
-        if self.int8 is None:
-            return self.model(features)["sentence_embedding"]
-        features = self.int8(features)
-        for module in self.after_int8:
-            features = module(features)
-        return features["sentence_embedding"]
+        """The model's modules on one micro-batch (PyTorch)."""
+        return self.model(features)["sentence_embedding"]
 
 
 def sparse_terms(dense: np.ndarray, top_k: int | None) -> list[tuple[np.ndarray, np.ndarray]]:

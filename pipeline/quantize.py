@@ -1,11 +1,9 @@
-"""The int8 CPU path (`--dtype int8`): the model's transformer as a dynamically quantised ONNX graph.
+"""The int8 CPU path (`--dtype int8`): every MatMul by a weight of the model's ONNX graph in int8.
 
-The transformer of the SentenceTransformer (its first module) is exported to
-ONNX once, on the driver, and every MatMul by a weight is rewritten to int8
-(`quantize_per_token`): weights per output channel, activations per token at
-run time. Pooling, Dense and Normalize stay sentence-transformers' own
-modules, in float32. Encoders receive the graph's bytes through the object
-store, so every node of a cluster gets the same graph without a shared disk.
+pipeline.onnx_export traces the model into one float32 graph and checks it;
+`quantize_per_token` then rewrites its weight MatMuls: weights per output
+channel, activations per token at run time. Everything else (attention's
+softmax, layer norms, pooling, Normalize) stays float32.
 
 Measured on all-MiniLM-L6-v2 (BENCHMARKS.md, 10,000 fortunes in the
 pipeline's blocks, cosine to sentence-transformers' float32 `encode`): per
@@ -16,72 +14,9 @@ and still reached only 0.95945: its scale is set by the batch's largest value,
 so a text's vector depended on its batch mates. Quantising every Linear per
 tensor had dropped the minimum to 0.80, and torch's own dynamic quantisation
 to 0.91.
-
-The export runs attention in its "eager" form: the default SDPA path has
-data-dependent branches that tracing freezes into the graph (its vectors then
-disagreed with PyTorch's, mean cosine 0.956).
 """
 
 from __future__ import annotations
-
-import logging
-import os
-import tempfile
-
-from pipeline import cache
-from pipeline.config import EmbedConfig
-from pipeline.errors import UsageError
-
-log = logging.getLogger(__name__)
-
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
-OPSET = 17
-
-
-def int8_graph(config: EmbedConfig, fingerprint: str) -> bytes:
-    """The quantised ONNX graph of the model's transformer, built once and cached by model fingerprint
-    (pipeline.cache; a cached graph is read without importing torch)."""
-    key = f"{fingerprint}|{config.trust_remote_code}|opset{OPSET}|int8-weights-per-channel-activations-per-token"
-    path = cache.entry_path("int8", key, ".onnx")
-    data = cache.read(path)
-    if data is None:
-        data = build_int8_graph(config)
-        cache.write(path, data)
-    return data
-
-
-def require_onnxruntime() -> None:
-    import importlib.util
-
-    if not all(importlib.util.find_spec(name) for name in ("onnx", "onnxruntime")):
-        raise UsageError("--dtype int8 needs ONNX Runtime: pip install 'embedpipe[int8]'")
-
-
-def build_int8_graph(config: EmbedConfig) -> bytes:
-    require_onnxruntime()
-    import torch
-    from sentence_transformers.base.modules import Transformer
-
-    from pipeline.model import load_model
-
-    model = load_model(config, device="cpu", weights=True)
-    first = model[0]
-    if not isinstance(first, Transformer):
-        raise UsageError(f"--dtype int8: model {config.model} does not start with a Transformer module")
-    hf = first.auto_model
-    _use_eager_attention(hf)
-    example = model.preprocess(["an example sentence to trace", "a second, rather longer example sentence to trace"])
-    names = [n for n in INPUT_NAMES if n in example]
-    wrapper = _last_hidden_state(hf, names).eval()
-    with tempfile.TemporaryDirectory() as work:
-        fp32 = os.path.join(work, "fp32.onnx")
-        axes = {n: {0: "batch", 1: "tokens"} for n in [*names, "token_embeddings"]}
-        with torch.inference_mode(False), torch.no_grad():
-            torch.onnx.export(
-                wrapper, tuple(example[n] for n in names), fp32, input_names=names,
-                output_names=["token_embeddings"], dynamic_axes=axes, opset_version=OPSET, dynamo=False,
-            )
-        return quantize_per_token(fp32)
 
 
 def quantize_per_token(path: str) -> bytes:
@@ -155,46 +90,3 @@ def quantize_per_token(path: str) -> bytes:
     graph.initializer.extend(kept)
     onnx.checker.check_model(model)
     return model.SerializeToString()
-
-
-def _use_eager_attention(hf) -> None:
-    """Eager attention: traceable without data-dependent branches frozen into the graph."""
-    if hasattr(hf, "set_attn_implementation"):
-        hf.set_attn_implementation("eager")
-    else:  # pragma: no cover - older transformers
-        hf.config._attn_implementation = "eager"
-
-
-def _last_hidden_state(hf, names: list[str]):
-    """The Hugging Face model called with named inputs, given positionally as tracing wants."""
-    import torch
-
-    class LastHiddenState(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.hf = hf
-
-        def forward(self, *inputs):
-            return self.hf(**dict(zip(names, inputs)), return_dict=True).last_hidden_state
-
-    return LastHiddenState()
-
-
-class Int8Transformer:
-    """Runs the quantised graph in place of the model's first module; the rest stay as they are."""
-
-    def __init__(self, graph: bytes, threads: int):
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = max(1, threads)
-        options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
-        self.inputs = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, features: dict) -> dict:
-        import torch
-
-        feeds = {name: features[name].numpy() for name in self.inputs}
-        (hidden,) = self.session.run(["token_embeddings"], feeds)
-        return {**features, "token_embeddings": torch.from_numpy(hidden)}

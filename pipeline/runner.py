@@ -117,6 +117,8 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         raise UsageError("--device cuda: the Ray cluster has no GPUs")
     if device == "cuda" and config.dtype == "int8":
         raise UsageError("--dtype int8 is the CPU path, and this cluster has GPUs; add --device cpu, or use float16")
+    if device == "cuda" and config.backend == "onnx":
+        raise UsageError("--backend onnx is the CPU path, and this cluster has GPUs; add --device cpu")
     if cpus < 1:
         raise UsageError(f"the Ray cluster has {cpus:g} CPUs; embedpipe needs at least 1")
     headroom = READ_CPUS + COMMIT_CPUS
@@ -246,15 +248,9 @@ def run_embed(config: EmbedConfig) -> RunResult:
             replicas: list[dict] = []
             if todo:
                 plan = _plan_from_cluster(config)
-                int8 = None
-                if config.dtype == "int8":
-                    import ray
-
-                    from pipeline.quantize import int8_graph
-
-                    int8 = ray.put(int8_graph(config, info.fingerprint))
+                graph = _onnx_graph(config, plan, info)
                 chain_started = time.time()
-                written, stage_times, replicas = _execute(config, plan, todo, committed, sink, int8, tokenizer_spec)
+                written, stage_times, replicas = _execute(config, plan, todo, committed, sink, graph, tokenizer_spec)
                 stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
@@ -287,6 +283,29 @@ def run_embed(config: EmbedConfig) -> RunResult:
         files_skipped=len(stats) - len(written),
         manifest=manifest,
     )
+
+
+def _onnx_graph(config: EmbedConfig, plan: Plan, info):
+    """The model's checked ONNX graph in the object store, for CPU encoders (every node gets the
+    same graph without a shared disk); None where PyTorch runs the model."""
+    if plan.device != "cpu" or config.backend == "torch" or info.kind != "dense":
+        if config.backend == "onnx" and info.kind != "dense":
+            raise UsageError(f"--backend onnx: model {config.model} is a {info.kind} model; onnx is for dense models")
+        return None
+    if config.dtype not in ("auto", "float32", "int8"):
+        return None  # bfloat16 on CPU: PyTorch
+    if config.trust_remote_code and config.backend == "auto" and config.dtype != "int8":
+        # A model's own code may branch in Python on its inputs (or do more than compute), which a
+        # trace freezes and probe texts cannot all reach: auto leaves it on PyTorch.
+        return None
+    from pipeline.onnx_export import graph_for
+
+    graph = graph_for(config, info.fingerprint, required=config.backend == "onnx" or config.dtype == "int8")
+    if graph is None:
+        return None
+    import ray
+
+    return ray.put(graph)
 
 
 def _encoder_pool(plan: Plan):
@@ -330,7 +349,7 @@ def _alive_nodes() -> int:
 
 
 def _execute(
-    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, int8_graph=None,
+    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, graph=None,
     tokenizer_spec=None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
@@ -388,7 +407,7 @@ def _execute(
     )
     ds = ds.map_batches(
         EncodeStage,
-        fn_constructor_args=(config, plan.device, plan.encoder_threads, board, int8_graph, sink),
+        fn_constructor_args=(config, plan.device, plan.encoder_threads, board, graph, sink),
         batch_size=plan.block_rows,
         batch_format="pyarrow",
         compute=_encoder_pool(plan),
@@ -606,6 +625,7 @@ def _manifest(
         "normalize": info.normalize,
         "max_seq_length": info.max_seq_length,
         "dtype": _compute_dtype(config, plan, replicas),
+        "backend": _backend(replicas),
         "output_dtype": config.output_dtype,
         "rows": totals,
         "shards": list(per_shard.values()),
@@ -632,6 +652,12 @@ def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:
     if config.dtype != "auto":
         return config.dtype
     return "float16" if plan and plan.device == "cuda" else "float32"
+
+
+def _backend(replicas) -> str | None:
+    """What ran the model: 'onnxruntime', 'torch', both joined by '+' (a resumed run), or None (nothing encoded)."""
+    used = sorted({r["backend"] for r in replicas if r.get("stage") == "encode" and r.get("backend")})
+    return "+".join(used) or None
 
 
 def _replicas(replicas) -> dict[str, Any]:

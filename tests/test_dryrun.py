@@ -68,7 +68,7 @@ def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
     assert "3 shard(s)" in text and "en.txt (txt, 110.9 KiB): 1,000 documents (counted)" in text
     assert "documents: 1,500 in all" in text and "3 to embed, about 1,500 documents" in text
     assert "tokenize: 1 actor(s) x 0.5 CPU" in text
-    assert "encode:   2 actor(s) x 0.5 CPU, 1 torch thread(s) each (2 per node on 1 node(s))" in text
+    assert "encode:   2 actor(s) x 0.5 CPU, 1 thread(s) each (2 per node on 1 node(s))" in text
     assert "estimated duration: about" in text and "an estimate" in text
     assert not out.exists()
 

@@ -45,14 +45,14 @@ def test_int8_vectors_of_the_real_model_stay_close_to_float32(tmp_path, monkeypa
 
     On the German and Chinese sample texts the mean falls to about 0.985 (BENCHMARKS.md)."""
     from pipeline.model import describe_model, load_model
-    from pipeline.quantize import int8_graph
+    from pipeline.onnx_export import graph_for
 
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     texts = sample_texts()[:1000:4]  # the English part
     fp32 = encode_in_process(EmbedConfig(input="x", output="y"), texts)
     config = EmbedConfig(input="x", output="y", dtype="int8")
     info = describe_model(load_model(config, weights=False), config)
-    graph = int8_graph(config, info.fingerprint)
+    graph = graph_for(config, info.fingerprint, required=True)
     int8 = encode_in_process(config, texts, graph)
     cos = cosines(int8, fp32)
     assert cos.mean() >= 0.99 and cos.min() >= 0.97, (cos.mean(), cos.min())
@@ -63,8 +63,8 @@ def test_int8_vectors_of_the_real_model_stay_close_to_float32(tmp_path, monkeypa
     alone = np.concatenate([encode_in_process(config, [t], graph) for t in texts[:12]])
     together = int8[:12]
     assert cosines(alone, together).min() >= 0.99999, cosines(alone, together)
-    assert len(list((tmp_path / "cache" / "int8").glob("*.onnx"))) == 1
-    assert int8_graph(config, info.fingerprint) == graph  # the second run reads the cache
+    assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 1
+    assert graph_for(config, info.fingerprint, required=True) == graph  # the second run reads the cache
 
 
 def test_int8_end_to_end_then_a_float32_resume_is_refused(ray_cluster, tmp_path, tiny_bert_dir, monkeypatch):
@@ -78,7 +78,7 @@ def test_int8_end_to_end_then_a_float32_resume_is_refused(ray_cluster, tmp_path,
     ids, vectors = read_embeddings(str(out))
     assert sorted(ids) == sorted(f"a.txt:{i}" for i in range(300))
     manifest = json.loads((out / "_manifest.json").read_text())
-    assert manifest["dtype"] == "int8"
+    assert manifest["dtype"] == "int8" and manifest["backend"] == "onnxruntime"
     reference = encode_in_process(EmbedConfig(input="x", output="y", model=model), texts)
     order = [int(i.rsplit(":", 1)[1]) for i in ids]
     assert cosines(vectors, reference[order]).min() >= 0.95  # a random tiny model: close, not equal
