@@ -80,10 +80,9 @@ def graph_for(config: EmbedConfig, fingerprint: str, required: bool) -> bytes | 
     if data is None:
         reason = cache.read(refused)
         if reason is None:
-            try:
-                data = _build(config)
-            except Unsupported as exc:
-                reason = str(exc).encode()
+            data, why = _build(config)
+            if data is None:
+                reason = why.encode()
                 cache.write(refused, reason)
             else:
                 cache.write(path, data)
@@ -103,14 +102,23 @@ def _cache_key(config: EmbedConfig, fingerprint: str) -> str:
     }, sort_keys=True)
 
 
-def _build(config: EmbedConfig) -> bytes:
-    """In this process when it has imported sentence-transformers already (a notebook, a test run),
-    else in a child whose torch and sentence-transformers are gone when it exits."""
+def _build(config: EmbedConfig) -> tuple[bytes | None, str | None]:
+    """build_or_reason, in this process when it has imported sentence-transformers already (a notebook,
+    a test run), else in a child whose torch and sentence-transformers are gone when it exits."""
     if "sentence_transformers" in sys.modules:
-        return build_graph(config)
+        return build_or_reason(config)
     from pipeline.child import ChildCall
 
-    return ChildCall("pipeline.onnx_export:build_graph", config, what="exporting the model to ONNX").result()
+    return ChildCall("pipeline.onnx_export:build_or_reason", config, what="exporting the model to ONNX").result()
+
+
+def build_or_reason(config: EmbedConfig) -> tuple[bytes | None, str | None]:
+    """(graph, None), or (None, why the model has none): a verdict, returned as a value so that it
+    comes back from a child process as it is (the child passes on only embedpipe's own errors)."""
+    try:
+        return build_graph(config), None
+    except Unsupported as exc:
+        return None, str(exc)
 
 
 def build_graph(config: EmbedConfig) -> bytes:

@@ -655,7 +655,8 @@ def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:
 
 
 def _backend(replicas) -> str | None:
-    """What ran the model: 'onnxruntime', 'torch', both joined by '+' (a resumed run), or None (nothing encoded)."""
+    """What ran the model in this run's encoders: 'onnxruntime' or 'torch' ('+'-joined should they differ),
+    or None when nothing was encoded."""
     used = sorted({r["backend"] for r in replicas if r.get("stage") == "encode" and r.get("backend")})
     return "+".join(used) or None
 

@@ -115,7 +115,7 @@ def test_a_graph_is_cached_per_model_and_option(tiny_bert_dir, tmp_path, monkeyp
     config = EmbedConfig(input="x", output="y", model=model)
     graph = onnx_export.graph_for(config, fingerprint(config), required=True)
     builds = []
-    monkeypatch.setattr(onnx_export, "_build", lambda c: builds.append(c) or b"")
+    monkeypatch.setattr(onnx_export, "_build", lambda c: builds.append(c) or (b"", None))
     assert onnx_export.graph_for(config, fingerprint(config), required=True) == graph  # read, not built
     assert builds == []
     monkeypatch.undo()
@@ -153,6 +153,22 @@ def test_a_model_whose_graph_fails_the_check_runs_on_torch_or_is_refused(tiny_be
                                          r"its traced vectors differ from PyTorch's \(min cosine"):
         onnx_export.graph_for(config, fingerprint(config), required=True)  # the cached verdict
     assert len(list((tmp_path / "cache" / "onnx").glob("*.unsupported"))) == 1
+
+
+def test_a_child_process_builds_the_same_checked_graph(tiny_bert_dir, tmp_path):
+    """What a CLI driver (no sentence-transformers imported) does: the export in a child, whose
+    (graph, verdict) comes back as a value."""
+    from pipeline.child import ChildCall
+    from pipeline.onnx_export import OnnxEncoder, build_or_reason
+
+    model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
+    config = EmbedConfig(input="x", output="y", model=model)
+    graph, why = ChildCall("pipeline.onnx_export:build_or_reason", config, what="exporting").result()
+    assert why is None and graph is not None
+    here, _ = build_or_reason(config)
+    texts = varied_texts(60)
+    assert OnnxEncoder(graph, 1).dim == OnnxEncoder(here, 1).dim == 32
+    np.testing.assert_array_equal(encode_stage(config, texts, graph), encode_stage(config, texts, here))
 
 
 def test_end_to_end_the_backend_is_recorded_and_both_give_the_same_vectors(ray_cluster, tiny_bert_dir, tmp_path):
