@@ -26,7 +26,12 @@ SAMPLE_BYTES = 1 << 20  # larger or compressed ones: documents = size / mean byt
 
 # Throughput used for the estimate, from BENCHMARKS.md (all-MiniLM-L6-v2, English fortunes of ~160
 # characters / ~41 tokens; the whole command, Ray start included).
-CPU_DOCS_PER_S_PER_CORE = 87.3 / 2  # 2026-11-25 row: 87.3 docs/s on the 2-core dev machine (2,048-token batches)
+# Per core, by the encoders' path: BENCHMARKS.md 2026-12-02 at 98b6a7f, 10,000 fortunes on the 2-core dev machine.
+CPU_DOCS_PER_S_PER_CORE = {
+    "onnx": 117.8 / 2,  # float32 graph on ONNX Runtime (--backend auto, the default)
+    "torch": 102.4 / 2,  # --backend torch (and models auto leaves on PyTorch)
+    "int8": 218.3 / 2,  # --dtype int8
+}
 # GPU: steady state on one H100 (BENCHMARKS.md "GPU", 2026-11-25, run C): WordNet short sentences of
 # ~48 characters / ~11.5 tokens, float16; bound by the encoder process's host side, not the GPU.
 GPU_DOCS_PER_S = 30_303
@@ -150,10 +155,24 @@ def joined_cluster(address: str) -> ClusterView:
     return ClusterView(f"the Ray cluster at {address}", dict(ray.cluster_resources()), nodes)
 
 
-def estimate_seconds(plan, documents: int, model: str) -> tuple[float | None, str]:
+def cpu_path(config: EmbedConfig) -> str:
+    """Which measured CPU rate applies: "int8", "onnx" or "torch", as the runner will choose
+    (runner._onnx_graph; a model whose graph fails its check falls back to torch, which a dry run
+    cannot know)."""
+    if config.dtype == "int8":
+        return "int8"
+    if config.backend == "torch" or config.dtype not in ("auto", "float32"):
+        return "torch"
+    if config.trust_remote_code and config.backend == "auto":
+        return "torch"
+    return "onnx"
+
+
+def estimate_seconds(plan, documents: int, config: EmbedConfig) -> tuple[float | None, str]:
     """(seconds, how it was estimated) for embedding `documents` with `plan`; an estimate only."""
     if documents <= 0:
         return 0.0, "nothing to embed"
+    model = config.model
     other_model = "" if model == DEFAULT_MODEL else f"; measured for {DEFAULT_MODEL}, {model} may be much slower"
     if plan.device == "cuda":
         rate = GPU_DOCS_PER_S * plan.num_encoders
@@ -163,9 +182,12 @@ def estimate_seconds(plan, documents: int, model: str) -> tuple[float | None, st
             f"{rate:,.0f} docs/s; longer texts cost about in proportion to their tokens{other_model}"
         )
     cores = plan.num_encoders * (plan.encoder_threads or 1)
-    rate = CPU_DOCS_PER_S_PER_CORE * cores
+    path = cpu_path(config)
+    per_core = CPU_DOCS_PER_S_PER_CORE[path]
+    rate = per_core * cores
+    how = {"onnx": "float32 on ONNX Runtime", "torch": "float32 on PyTorch", "int8": "int8 on ONNX Runtime"}[path]
     return documents / rate, (
-        f"{CPU_DOCS_PER_S_PER_CORE:.1f} docs/s per CPU core (BENCHMARKS.md, {DEFAULT_MODEL}, texts of "
+        f"{per_core:.1f} docs/s per CPU core ({how}; BENCHMARKS.md, {DEFAULT_MODEL}, texts of "
         f"~{BENCHMARK_CHARS_PER_DOC} characters) x {cores} encoder core(s) = {rate:,.0f} docs/s{other_model}"
     )
 
@@ -187,7 +209,7 @@ def dry_run(config: EmbedConfig) -> str:
     cpu_nodes = sum(1 for n in cluster.nodes if n["CPU"] > 0)
     plan = plan_resources(config, cluster.resources, cpu_nodes)
     documents = sum(c.documents for c in todo)
-    seconds, basis = estimate_seconds(plan, documents, config.model)
+    seconds, basis = estimate_seconds(plan, documents, config)
     return "\n".join(_report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, basis))
 
 

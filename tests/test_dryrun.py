@@ -50,14 +50,22 @@ def test_duration_estimate_cites_the_measured_cpu_and_gpu_throughput():
     config = EmbedConfig(input="x", output="y")
     cpu = plan_resources(config, {"CPU": 16.0}, nodes=2)  # 7 single-threaded encoders per node
     assert (cpu.num_encoders, cpu.encoder_threads) == (14, 1)
-    seconds, basis = estimate_seconds(cpu, 100_000, config.model)
-    assert seconds == pytest.approx(100_000 / (CPU_DOCS_PER_S_PER_CORE * 14))
-    assert "BENCHMARKS.md" in basis
+    seconds, basis = estimate_seconds(cpu, 100_000, config)
+    assert seconds == pytest.approx(100_000 / (CPU_DOCS_PER_S_PER_CORE["onnx"] * 14))
+    assert "BENCHMARKS.md" in basis and "float32 on ONNX Runtime" in basis
+    # The rate follows the path the encoders will take: int8 and PyTorch were measured apart.
+    int8 = EmbedConfig(input="x", output="y", dtype="int8")
+    torch_cfg = EmbedConfig(input="x", output="y", backend="torch")
+    remote = EmbedConfig(input="x", output="y", trust_remote_code=True)  # auto leaves it on PyTorch
+    int8_s, int8_basis = estimate_seconds(cpu, 100_000, int8)
+    torch_s, torch_basis = estimate_seconds(cpu, 100_000, torch_cfg)
+    assert int8_s < seconds < torch_s and "int8 on ONNX Runtime" in int8_basis and "on PyTorch" in torch_basis
+    assert estimate_seconds(cpu, 100_000, remote)[0] == torch_s
     gpu = plan_resources(config, {"CPU": 32.0, "GPU": 4.0}, nodes=4)
-    seconds, basis = estimate_seconds(gpu, 4_000_000, "some/other-model")
+    seconds, basis = estimate_seconds(gpu, 4_000_000, EmbedConfig(input="x", output="y", model="some/other-model"))
     assert seconds == pytest.approx(4_000_000 / (4 * GPU_DOCS_PER_S))
     assert "one H100" in basis and "BENCHMARKS.md" in basis and "some/other-model may be much slower" in basis
-    assert estimate_seconds(gpu, 0, config.model)[0] == 0
+    assert estimate_seconds(gpu, 0, config)[0] == 0
 
 
 def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
