@@ -26,11 +26,12 @@ SAMPLE_BYTES = 1 << 20  # larger or compressed ones: documents = size / mean byt
 
 # Throughput used for the estimate, from BENCHMARKS.md (all-MiniLM-L6-v2, English fortunes of ~160
 # characters / ~41 tokens; the whole command, Ray start included).
-# Per core, by the encoders' path: BENCHMARKS.md 2026-12-02 at 98b6a7f, 10,000 fortunes on the 2-core dev machine.
+# Per core, by the encoders' path: BENCHMARKS.md 2026-12-02 at 98b6a7f, 10,000 fortunes on the 2-core dev machine
+# (float32 and int8: best of 3 passes; torch: one pass).
 CPU_DOCS_PER_S_PER_CORE = {
-    "onnx": 117.8 / 2,  # float32 graph on ONNX Runtime (--backend auto, the default)
+    "onnx": 119.7 / 2,  # float32 graph on ONNX Runtime (--backend auto, the default)
     "torch": 102.4 / 2,  # --backend torch (and models auto leaves on PyTorch)
-    "int8": 218.3 / 2,  # --dtype int8
+    "int8": 174.6 / 2,  # --dtype int8
 }
 # GPU: steady state on one H100 (BENCHMARKS.md "GPU", 2026-11-25, run C): WordNet short sentences of
 # ~48 characters / ~11.5 tokens, float16; bound by the encoder process's host side, not the GPU.
