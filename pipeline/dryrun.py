@@ -33,6 +33,7 @@ CPU_DOCS_PER_S_PER_CORE = {
     "torch": 102.4 / 2,  # --backend torch (and models auto leaves on PyTorch)
     "int8": 174.6 / 2,  # --dtype int8
 }
+CPU_PATH_NAMES = {"onnx": "float32 on ONNX Runtime", "torch": "float32 on PyTorch", "int8": "int8 on ONNX Runtime"}
 # GPU: steady state on one H100 (BENCHMARKS.md "GPU", 2026-11-25, run C): WordNet short sentences of
 # ~48 characters / ~11.5 tokens, float16; bound by the encoder process's host side, not the GPU.
 GPU_DOCS_PER_S = 30_303
@@ -156,19 +157,6 @@ def joined_cluster(address: str) -> ClusterView:
     return ClusterView(f"the Ray cluster at {address}", dict(ray.cluster_resources()), nodes)
 
 
-def cpu_path(config: EmbedConfig) -> str:
-    """Which measured CPU rate applies: "int8", "onnx" or "torch", as the runner will choose
-    (runner._onnx_graph; a model whose graph fails its check falls back to torch, which a dry run
-    cannot know)."""
-    if config.dtype == "int8":
-        return "int8"
-    if config.backend == "torch" or config.dtype not in ("auto", "float32"):
-        return "torch"
-    if config.trust_remote_code and config.backend == "auto":
-        return "torch"
-    return "onnx"
-
-
 def estimate_seconds(plan, documents: int, config: EmbedConfig) -> tuple[float | None, str]:
     """(seconds, how it was estimated) for embedding `documents` with `plan`; an estimate only."""
     if documents <= 0:
@@ -183,12 +171,15 @@ def estimate_seconds(plan, documents: int, config: EmbedConfig) -> tuple[float |
             f"{rate:,.0f} docs/s; longer texts cost about in proportion to their tokens{other_model}"
         )
     cores = plan.num_encoders * (plan.encoder_threads or 1)
-    path = cpu_path(config)
+    from pipeline.runner import cpu_encoder_path
+
+    # The model's kind is not known without describing it: a dense model is assumed, and a graph
+    # that fails its check (which falls back to torch) cannot be foreseen.
+    path = cpu_encoder_path(config)
     per_core = CPU_DOCS_PER_S_PER_CORE[path]
     rate = per_core * cores
-    how = {"onnx": "float32 on ONNX Runtime", "torch": "float32 on PyTorch", "int8": "int8 on ONNX Runtime"}[path]
     return documents / rate, (
-        f"{per_core:.1f} docs/s per CPU core ({how}; BENCHMARKS.md, {DEFAULT_MODEL}, texts of "
+        f"{per_core:.1f} docs/s per CPU core ({CPU_PATH_NAMES[path]}; BENCHMARKS.md, {DEFAULT_MODEL}, texts of "
         f"~{BENCHMARK_CHARS_PER_DOC} characters) x {cores} encoder core(s) = {rate:,.0f} docs/s{other_model}"
     )
 

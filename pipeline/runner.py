@@ -285,22 +285,34 @@ def run_embed(config: EmbedConfig) -> RunResult:
     )
 
 
+def cpu_encoder_path(config: EmbedConfig, kind: str = "dense") -> str:
+    """What a CPU encoder runs for this config and kind of model: "onnx" (the float32 graph),
+    "int8" (the quantised graph) or "torch". Under --backend auto a graph that fails its check
+    still falls back to torch when it is built (_onnx_graph)."""
+    if config.backend == "torch" or kind != "dense":
+        return "torch"
+    if config.dtype == "int8":
+        return "int8"
+    if config.dtype not in ("auto", "float32"):
+        return "torch"  # bfloat16 on CPU
+    if config.trust_remote_code and config.backend == "auto":
+        # A model's own code may branch in Python on its inputs (or do more than compute), which a
+        # trace freezes and probe texts cannot all reach: auto leaves it on PyTorch.
+        return "torch"
+    return "onnx"
+
+
 def _onnx_graph(config: EmbedConfig, plan: Plan, info):
     """The model's checked ONNX graph in the object store, for CPU encoders (every node gets the
     same graph without a shared disk); None where PyTorch runs the model."""
-    if plan.device != "cpu" or config.backend == "torch" or info.kind != "dense":
-        if config.backend == "onnx" and info.kind != "dense":
-            raise UsageError(f"--backend onnx: model {config.model} is a {info.kind} model; onnx is for dense models")
-        return None
-    if config.dtype not in ("auto", "float32", "int8"):
-        return None  # bfloat16 on CPU: PyTorch
-    if config.trust_remote_code and config.backend == "auto" and config.dtype != "int8":
-        # A model's own code may branch in Python on its inputs (or do more than compute), which a
-        # trace freezes and probe texts cannot all reach: auto leaves it on PyTorch.
+    if config.backend == "onnx" and info.kind != "dense":
+        raise UsageError(f"--backend onnx: model {config.model} is a {info.kind} model; onnx is for dense models")
+    path = cpu_encoder_path(config, info.kind)
+    if plan.device != "cpu" or path == "torch":
         return None
     from pipeline.onnx_export import graph_for
 
-    graph = graph_for(config, info.fingerprint, required=config.backend == "onnx" or config.dtype == "int8")
+    graph = graph_for(config, info.fingerprint, required=config.backend == "onnx" or path == "int8")
     if graph is None:
         return None
     import ray
