@@ -166,18 +166,20 @@ def assert_one_line_error(proc, code, message):
 
 
 def session_processes(sid: int) -> list[int]:
-    """Pids of the live processes in session `sid` (read from /proc)."""
+    """Pids of the live (not zombie) processes in session `sid`.
+
+    psutil has no session id getter; `os.getsid` gives it for any pid (Linux). A process that
+    exits between the listing and the questions is skipped.
+    """
+    import psutil
+
     pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
+    for pid in psutil.pids():
+        try:  # getsid first: one system call, where psutil.Process reads /proc for every pid
+            if os.getsid(pid) == sid and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                pids.append(pid)
+        except (ProcessLookupError, PermissionError, psutil.Error):
             continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[3]) == sid and fields[0] != "Z":  # fields after "(comm)": state ppid pgrp session ...
-            pids.append(int(entry))
     return pids
 
 

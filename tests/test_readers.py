@@ -38,6 +38,8 @@ def test_pyarrow_dataset(output_dir):
     table = pads.dataset(str(out), format="parquet").to_table()  # skips _manifest.json
     assert sorted(table["id"].to_pylist()) == sorted(ids)
     assert table.schema.field("embedding").type == pa.list_(pa.float32(), 32)
+    got = dict(zip(table["id"].to_pylist(), table["embedding"].to_numpy(zero_copy_only=False)))
+    np.testing.assert_array_equal(np.stack([got[i] for i in ids]), vectors)
 
 
 def test_pandas(output_dir):
@@ -63,10 +65,11 @@ def test_duckdb(output_dir):
     import duckdb
 
     out, ids, vectors = output_dir
-    count, dim = duckdb.connect().execute(
-        f"select count(*), max(len(embedding)) from read_parquet('{out}/*.parquet')"
-    ).fetchone()
+    db = duckdb.connect()
+    count, dim = db.execute(f"select count(*), max(len(embedding)) from read_parquet('{out}/*.parquet')").fetchone()
     assert count == len(ids) and dim == 32
+    (row,) = db.execute(f"select embedding from read_parquet('{out}/*.parquet') where id = ?", [ids[8]]).fetchall()
+    np.testing.assert_array_equal(np.asarray(row[0], np.float32), vectors[8])
 
 
 def test_datasets_load_dataset(output_dir):

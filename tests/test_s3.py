@@ -371,9 +371,37 @@ def test_atomic_write_leaves_only_the_final_object(moto_s3):
     assert read_object(moto_s3.client(), bucket, "out/f.parquet") == b"payload"
 
 
-def test_check_bucket_ignores_local_paths(tmp_path):
-    fs, root = get_fs(str(tmp_path))
-    check_bucket(fs, root, "--output x")  # no S3 call, no error
+def test_check_bucket_ignores_local_paths(tmp_path, monkeypatch):
+    """A local path passes unchecked and makes no S3 call; the same tripwire on the two entry
+    points every S3 request goes through (botocore and aiobotocore, which s3fs uses) does
+    catch the call an s3:// path makes, so it would catch one made for a local path."""
+    import aiobotocore.client
+    import botocore.client
+
+    calls: list[str] = []
+
+    class Tripwire(Exception):
+        pass
+
+    def sync_call(self, operation, params):
+        calls.append(operation)
+        raise Tripwire(operation)
+
+    async def async_call(self, operation, params):
+        calls.append(operation)
+        raise Tripwire(operation)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", sync_call)
+    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", async_call)
+    for path in (str(tmp_path), str(tmp_path / "missing" / "*.txt")):
+        fs, root = get_fs(path)
+        assert check_bucket(fs, root, "--output x") is None
+    assert calls == []
+    # the control: an s3:// path reaches the tripwire (nothing listens on the endpoint)
+    fs, root = get_fs("s3://no-such-bucket/out", {"anon": True, "endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(Tripwire):
+        check_bucket(fs, root, "--output s3://no-such-bucket/out")
+    assert calls == ["ListObjectsV2"]
 
 
 # --------------------------------------------------------------------------- configs/s3.yaml
