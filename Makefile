@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup run test test-all bench clean
+.PHONY: setup run test test-all bench docs clean
 
 setup: $(STAMP)
 
@@ -29,6 +29,9 @@ test-all: setup  # everything, the slow end-to-end, scale and cluster tests too 
 
 bench: setup
 	$(PY) jobs/benchmark.py
+
+docs: setup  # docs/reference.md, generated from the config classes and the CLI (a test checks it is current)
+	$(PY) -m pipeline.reference docs/reference.md
 
 clean:
 	rm -rf $(VENV) output

@@ -1,15 +1,25 @@
-"""Run configuration: one frozen object built from defaults <- YAML <- flags.
+"""Run configuration of every command: one frozen object per command, built from defaults <- YAML <- flags.
 
-Every stage receives the same `EmbedConfig`. Validation happens once, in
-`__post_init__`, and each error names the flag (or YAML key) to fix.
+`EmbedConfig` (`embedpipe embed`), `MineConfig` (`mine`) and `RerankConfig` (`rerank`) are
+validated once, in `__post_init__`, by the validators below, and each error names the flag
+(or YAML key) to fix. One loader (`load_config`) reads all three. A field's docstring is its
+CLI help and its entry in docs/reference.md: `options(cls)` describes every field (flag, group,
+type, default, help) for the CLI (`pipeline.cli`) and the reference (`pipeline.reference`).
 """
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import os
+import textwrap
+import types
+import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any, ClassVar
 
 import yaml
 
@@ -19,14 +29,17 @@ DEFAULT_MODEL = "all-MiniLM-L6-v2"
 POOLING_MODES = ("cls", "mean", "max", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
+RERANK_DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "onnx")
 OUTPUT_DTYPES = ("float32", "float16")
+ENCODING_ERRORS = ("strict", "replace")
 
 
 @dataclass(frozen=True)
 class EmbedConfig:
-    """What `embedpipe embed` does. Field docstrings double as CLI help."""
+    """What `embedpipe embed` does. Field docstrings are the CLI help (see `options`)."""
 
+    command: ClassVar[str] = "embed"  # the subcommand, and the YAML file's section
     input: str
     """File, directory, glob or s3:// URI of the documents."""
     output: str
@@ -40,7 +53,8 @@ class EmbedConfig:
     keep_columns: tuple[str, ...] = ()
     """Input columns copied next to the vectors."""
     pooling: str | None = None
-    """Override the model's pooling: one of POOLING_MODES or several joined by '+'."""
+    """Override the model's pooling: cls, mean, max, mean_sqrt_len_tokens, weightedmean or lasttoken, or
+    several joined by '+' (e.g. cls+mean); default the model's own."""
     normalize: bool | None = None
     """L2-normalise the vectors; default follows the model (its Normalize module)."""
     max_seq_length: int | None = None
@@ -113,10 +127,8 @@ class EmbedConfig:
     """fsspec options for s3:// input and output (endpoint, credentials); never logged."""
 
     def __post_init__(self) -> None:
-        if not self.input:
-            raise UsageError("--input is required")
-        if not self.output:
-            raise UsageError("--output is required")
+        _required("--input", self.input)
+        _required("--output", self.output)
         if self.pooling is not None:
             modes = pooling_modes(self.pooling)
             bad = [m for m in modes if m not in POOLING_MODES]
@@ -135,22 +147,19 @@ class EmbedConfig:
         _positive("--sparse-top-k", self.sparse_top_k)
         _positive("--mine-top-k", self.mine_top_k)
         _positive("--mine-max-pairs", self.mine_max_pairs)
-        _positive("--rerank-top", self.rerank_top)
+        _cosine("--mine-threshold", self.mine_threshold)
         if (self.rerank_model or self.rerank_top or self.rerank_output) and not self.mine:
             flag = "--rerank-model" if self.rerank_model else "--rerank-top" if self.rerank_top else "--rerank-output"
             raise UsageError(f"{flag} needs --mine: the pairs reranked are the ones mined after embedding")
-        if (self.rerank_top or self.rerank_output) and not self.rerank_model:
-            raise UsageError(f"{'--rerank-top' if self.rerank_top else '--rerank-output'} is only used with --rerank-model")
+        _check_rerank_options(self.rerank_model, self.rerank_top, rerank_output=self.rerank_output)
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--backend", self.backend, BACKENDS)
         _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
-        _choice("--encoding-errors", self.encoding_errors, ("strict", "replace"))
+        _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
         _choice("--on-invalid", self.on_invalid, ("skip", "error"))
-        if isinstance(self.stall_timeout, bool) or not isinstance(self.stall_timeout, (int, float)) or self.stall_timeout < 0:
-            raise UsageError(f"--stall-timeout must be a number of seconds >= 0, got {self.stall_timeout!r}")
-        if self.device == "cpu" and self.dtype in ("float16",):
-            raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
+        _seconds("--stall-timeout", self.stall_timeout)
+        _dtype_on_device(self.dtype, self.device)
         if self.device == "cuda" and self.dtype == "int8":
             raise UsageError("--dtype int8 is the CPU path; use float16 or bfloat16 with --device cuda")
         if self.backend == "onnx" and self.device == "cuda":
@@ -170,13 +179,210 @@ class EmbedConfig:
         data["keep_columns"] = list(self.keep_columns)
         return data
 
+    def mine_config(self) -> MineConfig:
+        """What `--mine` runs after embedding: `embedpipe mine` of the new vectors."""
+        return MineConfig(
+            embeddings=self.output,
+            output=self.mine_output or self.output.rstrip("/") + "-pairs",
+            top_k=self.mine_top_k,
+            max_pairs=self.mine_max_pairs,
+            threshold=self.mine_threshold,
+            ray_address=self.ray_address,
+            quiet=self.quiet,
+            rerank_model=self.rerank_model,
+            texts=self.input if self.rerank_model else None,
+            rerank_top=self.rerank_top,
+            rerank_output=self.rerank_output,
+            storage_options=self.storage_options,
+        )
+
+    def rerank_config(self) -> RerankConfig | None:
+        """What `--mine --rerank-model` runs on the mined pairs (None without --rerank-model): this
+        run's input read as it was embedded (same ids), on the devices the embedding used."""
+        if not self.rerank_model:
+            return None
+        return self.mine_config().rerank_config(
+            text_field=self.text_field, id_field=self.id_field, encoding_errors=self.encoding_errors,
+            device=self.device, num_encoders=self.num_encoders, trust_remote_code=self.trust_remote_code,
+        )
+
+
+@dataclass(frozen=True)
+class MineConfig:
+    """What `embedpipe mine` does. Field docstrings are the CLI help (see `options`)."""
+
+    command: ClassVar[str] = "mine"  # the subcommand, and the YAML file's section
+    embeddings: str
+    """Directory written by `embedpipe embed` (or any Parquet with id + embedding)."""
+    output: str
+    """Directory that receives pairs.parquet and _manifest.json."""
+    top_k: int = 100
+    """Candidates kept per document, as in paraphrase_mining_embeddings."""
+    max_pairs: int = 500_000
+    """Best pairs returned overall."""
+    threshold: float | None = None
+    """Keep only pairs scoring at least this (cosine)."""
+    block_size: int = 4096
+    """Rows per block: memory per task ~ 4 * block_size^2 bytes of scores + 2 blocks of vectors."""
+    ray_address: str | None = None
+    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
+    quiet: bool = False
+    """No summary line."""
+    rerank_model: str | None = None
+    """Then rerank the pairs just written with this cross-encoder (see `embedpipe rerank`)."""
+    texts: str | None = None
+    """The documents the pairs' ids name, for reranking; default the input named in the embeddings' manifest."""
+    rerank_top: int | None = None
+    """Rerank only this many of the best mined pairs; default all."""
+    rerank_output: str | None = None
+    """Where the reranked pairs go; default '<output>-reranked' (replaced on every run, as the pairs are)."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """fsspec options for s3:// paths (endpoint, credentials); never logged."""
+
+    def __post_init__(self) -> None:
+        _required("--embeddings", self.embeddings)
+        _required("--output", self.output)
+        for name in ("top_k", "max_pairs", "block_size"):
+            _positive(_flag(name), getattr(self, name), optional=False)
+        _cosine("--threshold", self.threshold)
+        _check_rerank_options(self.rerank_model, self.rerank_top, texts=self.texts, rerank_output=self.rerank_output)
+
+    def rerank_config(self, texts: str | None = None, **options: Any) -> RerankConfig:
+        """The rerank of the pairs this mine writes (with --rerank-model): of `--texts`, else of `texts`
+        (the input the embeddings were made from); `options` (RerankConfig fields) say how to read
+        them and where to run. Its output follows the pairs: replaced on every run."""
+        return RerankConfig(
+            pairs=self.output,
+            texts=self.texts or texts,
+            model=self.rerank_model,
+            output=self.rerank_output or self.output.rstrip("/") + "-reranked",
+            top=self.rerank_top,
+            ray_address=self.ray_address,
+            quiet=self.quiet,
+            overwrite=True,
+            storage_options=self.storage_options,
+            **options,
+        )
+
+
+@dataclass(frozen=True)
+class RerankConfig:
+    """What `embedpipe rerank` does. Field docstrings are the CLI help (see `options`)."""
+
+    command: ClassVar[str] = "rerank"  # the subcommand, and the YAML file's section
+    pairs: str
+    """Directory written by `embedpipe mine` (pairs.parquet: id_a, id_b, score), or that file."""
+    texts: str
+    """The documents the pairs came from (embed's --input): file, directory, glob or s3:// URI."""
+    model: str
+    """CrossEncoder directory (sentence-transformers layout, or a Hugging Face sequence-classification model) or hub id."""
+    output: str
+    """Directory that receives pairs.parquet (id_a, id_b, score, rerank_score; best rerank_score first) and _manifest.json."""
+    top: int | None = None
+    """Rerank only the N best pairs by bi-encoder score; the output keeps those N. Default: all."""
+    text_field: str = "text"
+    """As in embed: column / JSON key holding the text (ignored for .txt)."""
+    id_field: str | None = None
+    """As in embed: column holding the document id; default '<relative shard path>:<row>'."""
+    encoding_errors: str = "strict"
+    """As in embed: undecodable UTF-8 is an error (strict) or replaced (replace)."""
+    max_batch_tokens: int | None = None
+    """Token budget of one forward pass (pairs x padded length of both texts); default 2048 on CPU, where
+    small batches ran fastest (about 25 pairs of 80 tokens; 16384 was about 1.6x slower), and 16384 on GPU."""
+    device: str = "auto"
+    """auto (cuda when the cluster has GPUs), cpu or cuda."""
+    dtype: str = "auto"
+    """auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16; scores are upcast before the activation."""
+    num_encoders: int | None = None
+    """Cross-encoder replicas; default as embed: one per GPU, or one single-threaded replica per core on CPU."""
+    encoder_threads: int | None = None
+    """torch threads per CPU replica; default 1 (one replica per core)."""
+    block_pairs: int | None = None
+    """Pairs handed to one scoring call; default 512 on CPU, 4096 on GPU. Smaller spreads a small run over more replicas."""
+    join_parts: int | None = None
+    """Parts of the join by id; default one per 65,536 distinct ids. Each join task holds 1/parts of the texts."""
+    ray_address: str | None = None
+    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
+    overwrite: bool = False
+    """Replace an earlier rerank output in --output instead of refusing."""
+    quiet: bool = False
+    """No progress bars or summary line."""
+    trust_remote_code: bool = False
+    """Allow model code (and a custom activation) shipped with the model directory to run."""
+    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    """fsspec options for s3:// paths (endpoint, credentials); never logged."""
+
+    def __post_init__(self) -> None:
+        for name in ("pairs", "texts", "model", "output"):
+            _required(_flag(name), getattr(self, name))
+        for name in ("top", "max_batch_tokens", "num_encoders", "encoder_threads", "block_pairs", "join_parts"):
+            _positive(_flag(name), getattr(self, name))
+        _choice("--device", self.device, DEVICES)
+        _choice("--dtype", self.dtype, RERANK_DTYPES)
+        _dtype_on_device(self.dtype, self.device)
+        _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data, without storage options (they may hold secrets)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
+
+
+CONFIGS: dict[str, type] = {cls.command: cls for cls in (EmbedConfig, MineConfig, RerankConfig)}
+"""The config class of each subcommand; the name is also the YAML file's section for it."""
+
+GROUPS = ("input", "model", "output", "resources", "reliability", "mining", "rerank")
+"""The CLI's argument groups, in the order `--help` and docs/reference.md show them."""
+
+FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
+    EmbedConfig: {
+        "input": ("input", "text_field", "id_field", "encoding_errors", "storage_options"),
+        "model": ("model", "pooling", "normalize", "max_seq_length", "prompt_name", "prompt", "dtype", "backend",
+                  "trust_remote_code"),
+        "output": ("output", "keep_columns", "output_dtype", "sparse_top_k", "rows_per_file", "quiet"),
+        "resources": ("device", "max_batch_tokens", "num_encoders", "encoders_per_node", "num_tokenizers",
+                      "encoder_threads", "ray_address"),
+        "reliability": ("on_invalid", "stall_timeout", "overwrite"),
+        "mining": ("mine", "mine_output", "mine_top_k", "mine_max_pairs", "mine_threshold"),
+        "rerank": ("rerank_model", "rerank_top", "rerank_output"),
+    },
+    MineConfig: {
+        "input": ("embeddings", "storage_options"),
+        "output": ("output", "quiet"),
+        "resources": ("block_size", "ray_address"),
+        "mining": ("top_k", "max_pairs", "threshold"),
+        "rerank": ("rerank_model", "texts", "rerank_top", "rerank_output"),
+    },
+    RerankConfig: {
+        "input": ("pairs", "texts", "text_field", "id_field", "encoding_errors", "storage_options"),
+        "model": ("model", "dtype", "trust_remote_code"),
+        "output": ("output", "quiet"),
+        "resources": ("device", "max_batch_tokens", "num_encoders", "encoder_threads", "block_pairs", "join_parts",
+                      "ray_address"),
+        "reliability": ("overwrite",),
+        "rerank": ("top",),
+    },
+}
+"""The argument group of every field of each config."""
+
 
 def pooling_modes(pooling: str) -> tuple[str, ...]:
     return tuple(p.strip() for p in pooling.replace(",", "+").split("+") if p.strip())
 
 
-def _positive(flag: str, value: int | None) -> None:
-    if value is None:
+# --------------------------------------------------------------------------- validators, shared
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _required(flag: str, value: str | None) -> None:
+    if not value:
+        raise UsageError(f"{flag} is required (as a flag or in --config)")
+
+
+def _positive(flag: str, value: int | None, optional: bool = True) -> None:
+    if value is None and optional:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise UsageError(f"{flag} must be a positive integer, got {value!r}")
@@ -187,16 +393,124 @@ def _choice(flag: str, value: str, choices: tuple[str, ...]) -> None:
         raise UsageError(f"{flag} must be one of {', '.join(choices)}, got {value!r}")
 
 
-_FIELDS = {f.name: f for f in fields(EmbedConfig)}
+def _cosine(flag: str, value: float | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not -1.0 <= value <= 1.0):
+        raise UsageError(f"{flag} must be a cosine between -1 and 1, got {value!r}")
 
 
-def load_yaml(path: str, known: Mapping[str, Any] | None = None, section: str = "embed") -> dict[str, Any]:
-    """Read a YAML config file; an unknown key is an error naming it.
+def _seconds(flag: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise UsageError(f"{flag} must be a number of seconds >= 0, got {value!r}")
 
-    Keys are the fields of `known` (default: EmbedConfig's), '-' or '_' alike,
-    either at the top level or under a `section:` mapping (`embed:`, `mine:`).
+
+def _dtype_on_device(dtype: str, device: str) -> None:
+    if device == "cpu" and dtype == "float16":
+        raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
+
+
+def _check_rerank_options(model: str | None, top: int | None, **others: Any) -> None:
+    """--rerank-top must be positive, and the rerank options mean nothing without --rerank-model."""
+    _positive("--rerank-top", top)
+    given = [name for name, value in {"rerank_top": top, **others}.items() if value is not None]
+    if given and not model:
+        raise UsageError(f"{_flag(given[0])} is only used with --rerank-model")
+
+
+# --------------------------------------------------------------------------- the fields as options
+
+
+@dataclass(frozen=True)
+class Option:
+    """One config field as the CLI (`--help`) and docs/reference.md show it."""
+
+    name: str
+    """The field, and its YAML key."""
+    group: str
+    """Its argument group (one of GROUPS)."""
+    kind: str
+    """What it holds: string, integer, number, boolean, list (comma-separated as a flag) or mapping (JSON as a flag)."""
+    default: Any
+    """The field's default; dataclasses.MISSING for a required field."""
+    doc: str
+    """The field's docstring, on one line."""
+
+    @property
+    def flag(self) -> str:
+        return _flag(self.name)
+
+    @property
+    def required(self) -> bool:
+        return self.default is dataclasses.MISSING
+
+    @property
+    def shown_default(self) -> str | None:
+        """'required', the default as a user would write it, or None where the docstring says it (None, {})."""
+        if self.required:
+            return "required"
+        value = self.default
+        if value is None or (isinstance(value, Mapping) and not value):
+            return None
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float):
+            return f"{value:g}"
+        if isinstance(value, tuple):
+            return ",".join(value) or "none"
+        return str(value)
+
+    @property
+    def help(self) -> str:
+        """The docstring, then '(default: X)' or '(required)'."""
+        shown = self.shown_default
+        if shown is None:
+            return self.doc
+        return f"{self.doc} ({shown if self.required else 'default: ' + shown})"
+
+
+@functools.cache
+def options(cls: type) -> tuple[Option, ...]:
+    """Every field of a config class (EmbedConfig, MineConfig, RerankConfig) as an Option, in field order."""
+    docs = _field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    groups = {name: group for group, names in FIELD_GROUPS[cls].items() for name in names}
+    found = []
+    for f in fields(cls):
+        if f.name not in docs or f.name not in groups:
+            raise TypeError(f"{cls.__name__}.{f.name} needs a docstring and an entry in FIELD_GROUPS")
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        found.append(Option(f.name, groups[f.name], _kind(hints[f.name]), default, docs[f.name]))
+    return tuple(found)
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Each field's docstring (the string right under it in the class body), on one line."""
+    body = ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0].body
+    return {
+        node.target.id: " ".join(after.value.value.split())
+        for node, after in zip(body, body[1:])
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+        and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)
+    }
+
+
+def _kind(hint: Any) -> str:
+    """`int | None` -> 'integer', `tuple[str, ...]` -> 'list', `Mapping[str, Any]` -> 'mapping', ..."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+    origin = typing.get_origin(hint) or hint
+    kinds = {str: "string", int: "integer", float: "number", bool: "boolean", tuple: "list", Mapping: "mapping"}
+    return kinds[origin]
+
+
+# --------------------------------------------------------------------------- the loader
+
+
+def load_yaml(path: str, cls: type = EmbedConfig) -> dict[str, Any]:
+    """Read a YAML config file for `cls`'s command; an unknown key is an error naming it.
+
+    Keys are the fields of `cls`, '-' or '_' alike, either at the top level or under the
+    command's section (`embed:`, `mine:`, `rerank:`): one file may configure several commands.
     """
-    known = _FIELDS if known is None else known
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: no such file")
     try:
@@ -206,7 +520,15 @@ def load_yaml(path: str, known: Mapping[str, Any] | None = None, section: str = 
         raise UsageError(f"--config {path}: not valid YAML ({exc.__class__.__name__})") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config {path}: expected a mapping of option: value")
-    values = data[section] if isinstance(data.get(section), dict) else data
+    values = data
+    if any(isinstance(data.get(command), dict) for command in CONFIGS):  # a file of sections
+        stray = next((key for key in data if key not in CONFIGS), None)
+        if stray is not None:
+            raise UsageError(f"--config {path}: unknown key {stray!r} beside the sections {', '.join(CONFIGS)}")
+        values = data.get(cls.command) or {}
+        if not isinstance(values, dict):
+            raise UsageError(f"--config {path}: section {cls.command!r} must be a mapping of option: value")
+    known = {f.name for f in fields(cls)}
     out: dict[str, Any] = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
@@ -216,24 +538,43 @@ def load_yaml(path: str, known: Mapping[str, Any] | None = None, section: str = 
     return out
 
 
-def build_config(config_file: str | None = None, **overrides: Any) -> EmbedConfig:
-    """Defaults <- YAML file <- explicit overrides (None means 'not given')."""
-    values: dict[str, Any] = load_yaml(config_file) if config_file else {}
+def load_config(cls: type, config_file: str | None = None, **overrides: Any) -> Any:
+    """A `cls` (EmbedConfig, MineConfig, RerankConfig) from defaults <- YAML file <- `overrides`,
+    the flags (None means 'not given'). Lists may be given as comma-separated text."""
+    values: dict[str, Any] = load_yaml(config_file, cls) if config_file else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = set(values) - set(_FIELDS)
+    unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")
-    if isinstance(values.get("keep_columns"), str):
-        values["keep_columns"] = tuple(c.strip() for c in values["keep_columns"].split(",") if c.strip())
-    elif values.get("keep_columns") is not None:
-        values["keep_columns"] = tuple(values["keep_columns"])
-    for key in ("input", "output"):
-        if key not in values:
-            raise UsageError(f"--{key} is required (as a flag or in --config)")
-    for key in ("input", "output", "model"):
-        if key in values:
-            values[key] = str(values[key])
+    for option in options(cls):
+        value = values.get(option.name)
+        if value is None:
+            if option.required:
+                raise UsageError(f"{option.flag} is required (as a flag or in --config)")
+        elif option.kind == "list":
+            if isinstance(value, str):
+                value = [c.strip() for c in value.split(",") if c.strip()]
+            if not isinstance(value, (list, tuple)):
+                raise UsageError(f"{option.flag} must be a list of names, got {value!r}")
+            values[option.name] = tuple(value)
+        elif option.kind == "string" and not isinstance(value, (str, bool, list, dict)):
+            values[option.name] = str(value)  # YAML reads `output: 2024-01-01` as a date
     try:
-        return EmbedConfig(**values)
+        return cls(**values)
     except TypeError as exc:
         raise UsageError(str(exc)) from None
+
+
+def build_config(config_file: str | None = None, **overrides: Any) -> EmbedConfig:
+    """`embedpipe embed`'s config: defaults <- YAML file (top level or `embed:`) <- overrides (None: not given)."""
+    return load_config(EmbedConfig, config_file, **overrides)
+
+
+def build_mine_config(config_file: str | None = None, **overrides: Any) -> MineConfig:
+    """`embedpipe mine`'s config: defaults <- YAML file (top level or `mine:`) <- overrides (None: not given)."""
+    return load_config(MineConfig, config_file, **overrides)
+
+
+def build_rerank_config(config_file: str | None = None, **overrides: Any) -> RerankConfig:
+    """`embedpipe rerank`'s config: defaults <- YAML file (top level or `rerank:`) <- overrides (None: not given)."""
+    return load_config(RerankConfig, config_file, **overrides)

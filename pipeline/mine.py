@@ -20,14 +20,14 @@ import json
 import logging
 import posixpath
 import time
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.errors import InputError, UsageError
+from pipeline.config import MineConfig, build_mine_config  # noqa: F401 - defined with the other configs
+from pipeline.errors import InputError
 from pipeline.readers import embedding_files
 from pipeline.sink import MANIFEST, parquet_bytes
 from pipeline.storage import get_fs, write_bytes_atomic
@@ -36,81 +36,6 @@ log = logging.getLogger(__name__)
 
 PAIRS_FILE = "pairs.parquet"
 PAIRS_SCHEMA = pa.schema([("id_a", pa.string()), ("id_b", pa.string()), ("score", pa.float32())])
-
-
-@dataclass(frozen=True)
-class MineConfig:
-    """What `embedpipe mine` does."""
-
-    embeddings: str
-    """Directory written by `embedpipe embed` (or any Parquet with id + embedding)."""
-    output: str
-    """Directory that receives pairs.parquet and _manifest.json."""
-    top_k: int = 100
-    """Candidates kept per document, as in paraphrase_mining_embeddings."""
-    max_pairs: int = 500_000
-    """Best pairs returned overall."""
-    threshold: float | None = None
-    """Keep only pairs scoring at least this (cosine)."""
-    block_size: int = 4096
-    """Rows per block: memory per task ~ 4 * block_size^2 bytes of scores + 2 blocks of vectors."""
-    ray_address: str | None = None
-    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
-    quiet: bool = False
-    """No summary line."""
-    rerank_model: str | None = None
-    """Then rerank the pairs just written with this cross-encoder (see `embedpipe rerank`)."""
-    texts: str | None = None
-    """The documents the pairs' ids name, for reranking; default the input named in the embeddings' manifest."""
-    rerank_top: int | None = None
-    """Rerank only this many of the best mined pairs; default all."""
-    rerank_output: str | None = None
-    """Where the reranked pairs go; default '<output>-reranked' (replaced on every run, as the pairs are)."""
-    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    """fsspec options for s3:// paths (endpoint, credentials); never logged."""
-
-    def __post_init__(self) -> None:
-        for flag, value in (("--embeddings", self.embeddings), ("--output", self.output)):
-            if not value:
-                raise UsageError(f"{flag} is required (as a flag or in --config)")
-        for flag, value in (("--top-k", self.top_k), ("--max-pairs", self.max_pairs), ("--block-size", self.block_size)):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise UsageError(f"{flag} must be a positive integer, got {value!r}")
-        if self.threshold is not None and (
-            isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float)) or not -1.0 <= self.threshold <= 1.0
-        ):
-            raise UsageError(f"--threshold must be a cosine between -1 and 1, got {self.threshold!r}")
-        _check_rerank_options(self.rerank_model, self.rerank_top, texts=self.texts, rerank_output=self.rerank_output)
-
-
-def _check_rerank_options(model: str | None, top: int | None, **others: Any) -> None:
-    """--rerank-top must be positive, and the rerank options mean nothing without --rerank-model."""
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top <= 0):
-        raise UsageError(f"--rerank-top must be a positive integer, got {top!r}")
-    given = [name for name, value in {"rerank_top": top, **others}.items() if value is not None]
-    if given and not model:
-        raise UsageError(f"--{given[0].replace('_', '-')} is only used with --rerank-model")
-
-
-def build_mine_config(config_file: str | None = None, **overrides: Any) -> MineConfig:
-    """Defaults <- YAML file (top level or a `mine:` section) <- explicit overrides (None: not given)."""
-    from dataclasses import fields
-
-    from pipeline.config import load_yaml
-
-    known = {f.name: f for f in fields(MineConfig)}
-    values: dict[str, Any] = load_yaml(config_file, known, section="mine") if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("embeddings", "output"):
-        if key in values:
-            values[key] = str(values[key])
-    try:
-        return MineConfig(**values)
-    except TypeError as exc:
-        missing = [k for k in ("embeddings", "output") if k not in values]
-        if missing:
-            raise UsageError(f"--{missing[0]} is required (as a flag or in --config)") from None
-        raise UsageError(str(exc)) from None
 
 
 @dataclass(frozen=True)

@@ -18,14 +18,15 @@ import logging
 import os
 import posixpath
 import time
-from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.config import RerankConfig, build_rerank_config  # noqa: F401 - defined with the other configs
 from pipeline.errors import EmbedpipeError, InputError, UsageError
 from pipeline.mine import PAIRS_FILE
 from pipeline.sink import MANIFEST, parquet_bytes
@@ -36,125 +37,26 @@ log = logging.getLogger(__name__)
 RERANKED_SCHEMA = pa.schema(
     [("id_a", pa.string()), ("id_b", pa.string()), ("score", pa.float32()), ("rerank_score", pa.float32())]
 )
-DTYPES = ("auto", "float32", "float16", "bfloat16")
 CPU_BLOCK_PAIRS = 512  # a pair is two texts: half embed's 1,024-row CPU blocks keeps a block near a second per core
 GPU_BLOCK_PAIRS = 4096
 BLOCKS_PER_REPLICA = 4  # at least, in a small run: the replicas finish together
 REPLICAS_START_S = 600  # pairs flow once every replica is up: the first one up would otherwise take them all
 
 
-@dataclass(frozen=True)
-class RerankConfig:
-    """What `embedpipe rerank` does. Field docstrings double as CLI help."""
-
-    pairs: str
-    """Directory written by `embedpipe mine` (pairs.parquet: id_a, id_b, score), or that file."""
-    texts: str
-    """The documents the pairs came from (embed's --input): file, directory, glob or s3:// URI."""
-    model: str
-    """CrossEncoder directory (sentence-transformers layout, or a Hugging Face sequence-classification model) or hub id."""
-    output: str
-    """Directory that receives pairs.parquet (id_a, id_b, score, rerank_score; best rerank_score first) and _manifest.json."""
-    top: int | None = None
-    """Rerank only the N best pairs by bi-encoder score; the output keeps those N. Default: all."""
-    text_field: str = "text"
-    """As in embed: column / JSON key holding the text (ignored for .txt)."""
-    id_field: str | None = None
-    """As in embed: column holding the document id; default '<relative shard path>:<row>'."""
-    encoding_errors: str = "strict"
-    """As in embed: undecodable UTF-8 is an error (strict) or replaced (replace)."""
-    max_batch_tokens: int | None = None
-    """Token budget of one forward pass (pairs x padded length of both texts); default 2048 on CPU, where
-    small batches ran fastest (about 25 pairs of 80 tokens; 16384 was about 1.6x slower), and 16384 on GPU."""
-    device: str = "auto"
-    """auto (cuda when the cluster has GPUs), cpu or cuda."""
-    dtype: str = "auto"
-    """auto (float16 on GPU, float32 on CPU), float32, float16 or bfloat16; scores are upcast before the activation."""
-    num_encoders: int | None = None
-    """Cross-encoder replicas; default as embed: one per GPU, or one single-threaded replica per core on CPU."""
-    encoder_threads: int | None = None
-    """torch threads per CPU replica; default 1 (one replica per core)."""
-    block_pairs: int | None = None
-    """Pairs handed to one scoring call; default 512 on CPU, 4096 on GPU. Smaller spreads a small run over more replicas."""
-    join_parts: int | None = None
-    """Parts of the join by id; default one per 65,536 distinct ids. Each join task holds 1/parts of the texts."""
-    ray_address: str | None = None
-    """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
-    overwrite: bool = False
-    """Replace an earlier rerank output in --output instead of refusing."""
-    quiet: bool = False
-    """No progress bars or summary line."""
-    trust_remote_code: bool = False
-    """Allow model code (and a custom activation) shipped with the model directory to run."""
-    storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
-    """fsspec options for s3:// paths (endpoint, credentials); never logged."""
-
-    def __post_init__(self) -> None:
-        for flag in ("pairs", "texts", "model", "output"):
-            if not getattr(self, flag):
-                raise UsageError(f"--{flag} is required (as a flag or in --config)")
-        for flag in ("top", "max_batch_tokens", "num_encoders", "encoder_threads", "block_pairs", "join_parts"):
-            value = getattr(self, flag)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
-                raise UsageError(f"--{flag.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.device not in ("auto", "cpu", "cuda"):
-            raise UsageError(f"--device must be one of auto, cpu, cuda, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.device == "cpu" and self.dtype == "float16":
-            raise UsageError("--dtype float16 needs --device cuda; use float32 or bfloat16 on CPU")
-        if self.encoding_errors not in ("strict", "replace"):
-            raise UsageError(f"--encoding-errors must be one of strict, replace, got {self.encoding_errors!r}")
-
-    def public_dict(self) -> dict[str, Any]:
-        """The config as plain data, without storage options (they may hold secrets)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
-
-
-_FIELDS = {f.name: f for f in fields(RerankConfig)}
-
-
-def build_rerank_config(config_file: str | None = None, **overrides: Any) -> RerankConfig:
-    """Defaults <- YAML file (top level or a `rerank:` section) <- explicit overrides (None: not given)."""
-    from pipeline.config import load_yaml
-
-    values: dict[str, Any] = load_yaml(config_file, _FIELDS, section="rerank") if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    for key in ("pairs", "texts", "model", "output"):
-        if key not in values:
-            raise UsageError(f"--{key} is required (as a flag or in --config)")
-        values[key] = str(values[key])
-    try:
-        return RerankConfig(**values)
-    except TypeError as exc:
-        raise UsageError(str(exc)) from None
-
-
-def rerank_after_mine(mine, **overrides: Any) -> RerankConfig:
-    """The rerank that `mine --rerank-model` (and `embed --mine --rerank-model`) runs on the pairs just written.
+def rerank_after_mine(mine) -> RerankConfig:
+    """The rerank that `mine --rerank-model` runs on the pairs just written (`MineConfig.rerank_config`).
 
     The texts default to the input recorded in the embeddings' manifest, and the
     options that decide ids and text (text_field, id_field, encoding_errors) come
-    from it, so the ids match the ones embed assigned. The output, by default
-    '<pairs output>-reranked', is replaced: it follows the pairs just mined.
+    from it, so the ids match the ones embed assigned. (`embed --mine --rerank-model`
+    knows them: `EmbedConfig.rerank_config`.)
     """
     embedded = _embed_config(mine.embeddings, mine.storage_options)
-    values: dict[str, Any] = {k: embedded[k] for k in ("text_field", "id_field", "encoding_errors") if k in embedded}
-    values.update(
-        pairs=mine.output,
-        texts=mine.texts or embedded.get("input"),
-        model=mine.rerank_model,
-        output=mine.rerank_output or mine.output.rstrip("/") + "-reranked",
-        top=mine.rerank_top,
-        ray_address=mine.ray_address,
-        quiet=mine.quiet,
-        overwrite=True,
-        storage_options=mine.storage_options,
-    )
-    values.update({k: v for k, v in overrides.items() if v is not None})
-    if not values["texts"]:
+    texts = mine.texts or embedded.get("input")
+    if not texts:
         raise UsageError(f"--rerank-model needs --texts: {mine.embeddings} has no manifest naming the embedded input")
-    return RerankConfig(**values)
+    read = {k: embedded[k] for k in ("text_field", "id_field", "encoding_errors") if k in embedded}
+    return mine.rerank_config(texts, **read)
 
 
 def _embed_config(embeddings: str, storage_options) -> dict[str, Any]:
