@@ -46,6 +46,7 @@ class ModelFacts:
 
     def __init__(self, config: EmbedConfig, child: bool | None = None, cached: bool = True):
         self._child = self._thread = None
+        self._result = None
         self._cache_path = _cache_path(config) if cached else None
         self._cached = _read_cached(self._cache_path)
         if self._cached is not None:
@@ -65,10 +66,11 @@ class ModelFacts:
     def result(self) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
         if self._cached is not None:
             return self._cached
-        facts = self._computed()
-        if self._cache_path is not None:
-            cache.write(self._cache_path, _to_json(facts).encode())
-        return facts
+        if self._result is None:  # a second call (a resume asks before the cluster starts) reuses the first
+            self._result = self._computed()
+            if self._cache_path is not None:
+                cache.write(self._cache_path, _to_json(self._result).encode())
+        return self._result
 
     def _computed(self) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
         if self._child is not None:

@@ -8,6 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.identity import consistency_problems, names_to_paths
 from pipeline.readers import embedding_files, read_embeddings
 from pipeline.sink import MANIFEST
 from pipeline.storage import get_fs
@@ -32,8 +33,17 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     brief["files"] = len(manifest["files"])
     if manifest.get("replicas"):  # how many replicas of each stage ran on each node
         brief["replicas_per_node"] = {stage: r["per_node"] for stage, r in manifest["replicas"].items()}
-    print(json.dumps(brief, indent=2, ensure_ascii=False))
     files = embedding_files(path, storage_options)
+    # Every file must have been made with the output's settings (pipeline.identity): one that was
+    # not (copied in by hand, left by another run) is listed here, and the command exits 2.
+    problems = consistency_problems(fs, root.rstrip("/"), names_to_paths(files))
+    brief["settings"] = (manifest.get("identity") or {}).get("hash", "not recorded (written before embedpipe recorded them)")
+    if problems:
+        brief["files_not_belonging"] = problems
+    print(json.dumps(brief, indent=2, ensure_ascii=False))
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise InputError(f"{path}: {problems[0]}{more}; its vectors must not be read together with the others")
     if files and rows > 0:
         with fs.open(files[0], "rb") as f:
             table = pq.read_table(f).slice(0, rows)

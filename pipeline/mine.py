@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.config import MineConfig, build_mine_config  # noqa: F401 - defined with the other configs
 from pipeline.errors import InputError
+from pipeline.identity import check_consistent, names_to_paths
 from pipeline.readers import embedding_files
 from pipeline.sink import MANIFEST, parquet_bytes
 from pipeline.storage import get_fs, write_bytes_atomic
@@ -53,7 +54,9 @@ def plan_files(config: MineConfig) -> list[FileSpan]:
         raise InputError(f"--embeddings {config.embeddings}: no such directory") from None
     if not files:
         raise InputError(f"--embeddings {config.embeddings}: holds no embeddings (no *.parquet files)")
-    fs, _ = get_fs(config.embeddings, config.storage_options)
+    fs, root = get_fs(config.embeddings, config.storage_options)
+    if len(files) > 1:  # pairs across two models' vectors mean nothing (pipeline.identity)
+        check_consistent(fs, root.rstrip("/"), names_to_paths(files), f"--embeddings {config.embeddings}")
     spans, start, dims = [], 0, {}
     for path in files:
         rows, dims[path] = _embedding_file_shape(fs, path, config)
@@ -190,6 +193,18 @@ def pair_ids(config: MineConfig, spans: list[FileSpan], i: np.ndarray, j: np.nda
     return ids.take(pa.array(np.searchsorted(wanted, i))), ids.take(pa.array(np.searchsorted(wanted, j)))
 
 
+def _identity_hash(config: MineConfig) -> str | None:
+    """The settings hash of the embeddings mined (their `_run.json`), None where they have none."""
+    from pipeline.identity import read_run
+
+    fs, root = get_fs(config.embeddings, config.storage_options)
+    try:
+        run = read_run(fs, root.rstrip("/"))
+    except Exception:  # noqa: BLE001 - a single file, or an unreadable one: nothing to record
+        return None
+    return run.get("hash") if run else None
+
+
 @dataclass
 class MineResult:
     output: str
@@ -218,6 +233,7 @@ def run_mine(config: MineConfig) -> MineResult:
         "format": "embedpipe/pairs",
         "version": 1,
         "embeddings": config.embeddings,
+        "embeddings_identity": _identity_hash(config),
         "documents": n,
         "pairs": len(s),
         "top_k": config.top_k,

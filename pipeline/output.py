@@ -6,9 +6,9 @@ A resumed run first clears what a killed run left half-done: `_tmp.*` files
 `--overwrite` never removes the old output before the new one is complete.
 The new files are written under `_overwrite/` (hidden from readers); once
 every one is committed, a swap plan (`_overwrite/_swap.json`: the new
-manifest and the old files to drop) is written, then carried out: old
-manifest removed, stale files removed, new files moved in, new manifest
-written. A run killed during the swap leaves the plan behind, and the next
+manifest, the new `_run.json` and the old files to drop) is written, then
+carried out: old manifest removed, new `_run.json` written, stale files
+removed, new files moved in, new manifest written. A run killed during the swap leaves the plan behind, and the next
 run of any kind finishes the swap before doing anything else.
 """
 
@@ -18,6 +18,7 @@ import json
 import logging
 import posixpath
 
+from pipeline.identity import RUN_FILE
 from pipeline.sink import MANIFEST, PIECES_DIR, read_file_stats
 from pipeline.storage import is_local, write_bytes_atomic
 
@@ -55,15 +56,15 @@ def clear_staging(fs, root: str) -> str:
     return staging
 
 
-def swap_in(fs, root: str, manifest: dict, committed: dict[str, str]) -> None:
+def swap_in(fs, root: str, manifest: dict, committed: dict[str, str], run: dict | None = None) -> None:
     """Replace the old output in `root` by the complete new one staged in `_overwrite/`.
 
     `committed` are the final files now in `root`; those written by embedpipe
-    and not part of the new output are removed.
+    and not part of the new output are removed. `run` is the new output's `_run.json`.
     """
     new = {entry["file"] for entry in manifest["files"]}
     stale = sorted(name for name, path in committed.items() if name not in new and read_file_stats(fs, path) is not None)
-    plan = {"manifest": manifest, "stale": stale}
+    plan = {"manifest": manifest, "stale": stale, "run": run}
     write_bytes_atomic(fs, posixpath.join(root, STAGING_DIR, SWAP_PLAN), json.dumps(plan).encode())
     finish_swap(fs, root)
 
@@ -79,6 +80,8 @@ def finish_swap(fs, root: str) -> bool:
     manifest_path = posixpath.join(root, MANIFEST)
     if fs.exists(manifest_path):  # it describes the old output, which is going away
         fs.rm(manifest_path)
+    if plan.get("run"):  # the new settings, before the first new file is in place (plans of older versions have none)
+        write_bytes_atomic(fs, posixpath.join(root, RUN_FILE), json.dumps(plan["run"], indent=2).encode())
     for name in plan["stale"]:
         path = posixpath.join(root, name)
         if fs.exists(path):

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.identity import check_consistent, names_to_paths
 from pipeline.storage import get_fs
 
 
@@ -30,15 +31,31 @@ def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None)
     return sorted(files)
 
 
+def checked_files(path: str, storage_options: Mapping[str, Any] | None = None, allow_mixed: bool = False) -> list[str]:
+    """`embedding_files`, refusing (InputError naming the file) an output whose files were made with
+    different models or settings, or that holds a file its runs did not write (pipeline.identity);
+    `allow_mixed` reads them all the same."""
+    files = embedding_files(path, storage_options)
+    fs, root = get_fs(path, storage_options)
+    root = root.rstrip("/") or root
+    if not allow_mixed and not (len(files) == 1 and files[0] == root):  # a directory, not one file
+        check_consistent(fs, root, names_to_paths(files), path)
+    return files
+
+
 def read_embeddings(
-    path: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None
+    path: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None,
+    allow_mixed: bool = False,
 ) -> tuple[list[str], np.ndarray]:
-    """All ids and vectors under `path`, in file order, as (list of str, float32 array [N, dim])."""
+    """All ids and vectors under `path`, in file order, as (list of str, float32 array [N, dim]).
+
+    An output whose files disagree on the model or settings that made them is refused (InputError
+    naming the file) unless `allow_mixed`."""
     fs, _ = get_fs(path, storage_options)
     ids: list[str] = []
     blocks: list[np.ndarray] = []
     dim = None
-    for file in embedding_files(path, storage_options):
+    for file in checked_files(path, storage_options, allow_mixed):
         table = _read_vectors(fs, file)
         emb = table["embedding"].combine_chunks()
         if isinstance(emb.type, pa.FixedSizeListType):
@@ -53,10 +70,11 @@ def read_embeddings(
     return ids, np.concatenate(blocks)
 
 
-def read_sparse_embeddings(path: str, storage_options: Mapping[str, Any] | None = None, dim: int | None = None):
+def read_sparse_embeddings(path: str, storage_options: Mapping[str, Any] | None = None, dim: int | None = None,
+                           allow_mixed: bool = False):
     """All ids and sparse vectors under `path` (written with a sparse model), in file order, as
     (list of str, float32 scipy.sparse.csr_matrix [N, dim]). `dim` defaults to the manifest's
-    vocabulary size."""
+    vocabulary size. Files of different settings are refused unless `allow_mixed`, as in read_embeddings."""
     import scipy.sparse
 
     fs, root = get_fs(path, storage_options)
@@ -64,7 +82,7 @@ def read_sparse_embeddings(path: str, storage_options: Mapping[str, Any] | None 
         dim = _manifest_dim(fs, root)
     ids: list[str] = []
     cols, vals, sizes = [], [], []
-    for file in embedding_files(path, storage_options):
+    for file in checked_files(path, storage_options, allow_mixed):
         table = _read_columns(fs, file, ["id", "indices", "values"], "a sparse embeddings file")
         indices, values = table["indices"].combine_chunks(), table["values"].combine_chunks()
         offsets = np.asarray(indices.offsets)

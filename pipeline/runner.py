@@ -26,6 +26,10 @@ from pipeline.cluster import prepare_output, ray_session_for
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 from pipeline.describe import ModelFacts
+from pipeline.identity import (
+    RUN_FILE, FileFacts, check_against, check_resumable, file_metadata, read_all_facts, read_manifest, read_run, run_document,
+    run_identity, write_run,
+)
 from pipeline.model import ModelInfo, check_model
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
 from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
@@ -177,7 +181,8 @@ COMPAT_KEYS = ("fingerprint", "kind", "pooling", "normalize", "max_seq_length", 
 
 
 def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig) -> None:
-    """A resume must not mix vectors of different models or settings in one output."""
+    """An output of an earlier embedpipe (a manifest, no `_run.json`): a resume must not mix vectors
+    of different models or settings in it. Newer outputs are checked against their `_run.json`."""
     if not previous:
         return
     old = previous.get("model", {})
@@ -202,18 +207,35 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
             )
 
 
-def read_manifest(fs, root: str) -> dict | None:
-    """The manifest of an earlier run in `root`, or None. Read straight from storage, never from a listing cache."""
-    path = posixpath.join(root, MANIFEST)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    try:
-        return json.loads(data)
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        log.warning("ignoring unreadable %s", path)
-        return None
+def check_resume(config: EmbedConfig, info: ModelInfo, identity: dict, run: dict | None, manifest: dict | None,
+                 facts: dict[str, FileFacts]) -> None:
+    """Refuse to resume onto vectors of other settings: against the output's `_run.json` (or, for an
+    output of an earlier embedpipe, its manifest), then against every committed file's own settings.
+    An output with no committed file binds nothing: a run killed before its first commit may be
+    restarted with other settings."""
+    if not facts:
+        return
+    where = f"--output {config.output}"
+    if run is not None:
+        check_against(run, identity, where)
+    else:
+        check_compatible(manifest, info, config)
+    check_resumable(where, facts, identity, run, manifest)
+
+
+def planned_dtype(config: EmbedConfig, plan: Plan | None) -> str | None:
+    """The dtype the encoders will compute in, or None where no plan tells the device."""
+    from pipeline.encode import compute_dtype
+
+    device = plan.device if plan is not None else config.device
+    if device == "auto":
+        return None if config.dtype == "auto" else config.dtype
+    return compute_dtype(config.dtype, device)
+
+
+def _earlier_output(fs, root: str) -> tuple[dict | None, dict | None, dict[str, FileFacts]]:
+    """What earlier runs left in `root`: its `_run.json`, its manifest, and its committed files' footers."""
+    return read_run(fs, root), read_manifest(fs, root), read_all_facts(fs, committed_files(fs, root))
 
 
 def run_embed(config: EmbedConfig) -> RunResult:
@@ -228,26 +250,31 @@ def run_embed(config: EmbedConfig) -> RunResult:
         fs, root = prepare_output(config.output, config.storage_options)
         if finish_swap(fs, root):
             log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
-        previous = None if config.overwrite else read_manifest(fs, root)
-        committed = frozenset() if config.overwrite else frozenset(committed_files(fs, root))
+        run, previous, facts = (None, None, {}) if config.overwrite else _earlier_output(fs, root)
+        committed = frozenset(facts)
         todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
+        if facts and not config.overwrite:  # a resume with other settings is refused before a cluster starts
+            info, _, _ = describing.result()
+            check_resume(config, info, run_identity(config, info, planned_dtype(config, None)), run, previous, facts)
         with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
             info, vectors, tokenizer_spec = describing.result()
+            plan = _plan_from_cluster(config) if todo else None
+            identity = run_identity(config, info, planned_dtype(config, plan))
             if config.overwrite:
                 target, target_uri = clear_staging(fs, root), staging_uri(config.output)
             else:
-                check_compatible(previous, info, config)
+                check_resume(config, info, identity, run, previous, facts)
                 clear_staging(fs, root)
                 target, target_uri = root, config.output
             clear_leftovers(fs, target)
+            if todo and (run is None or not facts):  # before the first commit; a resume keeps its own
+                write_run(fs, target, identity)
             sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype,
-                            config.storage_options)
+                            config.storage_options, file_metadata(identity))
             written: dict[str, dict] = {}
             stage_times: dict[str, dict] = {}
-            plan = None
             replicas: list[dict] = []
             if todo:
-                plan = _plan_from_cluster(config)
                 graph = _onnx_graph(config, plan, info)
                 chain_started = time.time()
                 written, stage_times, replicas = _execute(config, plan, todo, committed, sink, graph, tokenizer_spec)
@@ -259,15 +286,16 @@ def run_embed(config: EmbedConfig) -> RunResult:
     if not config.overwrite:
         shard_keys = {s.key for s in shards}
         for name, path in committed_files(fs, root).items():
-            file_stats = None if name in stats else read_file_stats(fs, path)
+            file_stats = None if name in stats else (facts[name].stats if name in facts else read_file_stats(fs, path))
             if file_stats is not None and file_stats.get("shard") in shard_keys:
                 stats[name] = file_stats
     finished = time.time()
     manifest = _manifest(
         config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors
     )
+    manifest["identity"] = {"hash": identity["hash"], "settings": identity["settings"]}
     if config.overwrite:
-        swap_in(fs, root, manifest, committed_files(fs, root))
+        swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
     else:
         write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
     totals = manifest["rows"]
@@ -342,7 +370,9 @@ def _output_removed_on_error(output: str) -> Iterator[None]:
     try:
         yield
     except BaseException:
-        if fresh and os.path.isdir(output) and not os.listdir(output):
+        if fresh and os.path.isdir(output) and set(os.listdir(output)) <= {RUN_FILE}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output, RUN_FILE))  # it guards no committed file
             os.rmdir(output)
         raise
 

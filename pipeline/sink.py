@@ -27,7 +27,8 @@ from pipeline.watchdog import Progress
 
 PIECES_DIR = "_pieces"
 MANIFEST = "_manifest.json"
-STATS_KEY = b"embedpipe.stats"
+STATS_KEY = b"embedpipe.stats"  # a committed file's row statistics (JSON), in its Parquet key-value metadata
+SETTINGS_KEY = b"embedpipe.settings"  # the settings of the run that made it (pipeline.identity)
 SUMMARY_SCHEMA = pa.schema(
     [
         ("file", pa.string()),
@@ -51,6 +52,8 @@ class SinkSpec:
     keep_columns: tuple[str, ...]
     output_dtype: str
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
+    identity: bytes | None = None
+    """The run's settings (pipeline.identity.file_metadata), stored in every file it commits."""
 
 
 def commit_block(batch: pa.Table, sink: SinkSpec, board=None) -> pa.Table:
@@ -134,7 +137,10 @@ def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dic
     for col in sink.keep_columns:
         columns[col] = rows["text"] if col == sink.text_field else rows[col]
     table = pa.table(columns)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats).encode()})
+    metadata = {**(table.schema.metadata or {}), STATS_KEY: json.dumps(stats).encode()}
+    if sink.identity is not None:
+        metadata[SETTINGS_KEY] = sink.identity
+    table = table.replace_schema_metadata(metadata)
     write_bytes_atomic(fs, posixpath.join(root, name), parquet_bytes(table))
     return stats
 

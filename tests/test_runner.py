@@ -67,7 +67,7 @@ def test_every_format_every_row_exactly_once(ray_cluster, tmp_path, tiny_model):
     assert manifest["model"]["fingerprint"].startswith("sha256:")
     assert "storage_options" not in manifest["config"]
     assert result.embedded == len(expected)
-    assert sorted(os.listdir(out)) == sorted([e["file"] for e in manifest["files"]] + ["_manifest.json"])
+    assert sorted(os.listdir(out)) == sorted([e["file"] for e in manifest["files"]] + ["_manifest.json", "_run.json"])
     assert_replicas_recorded(ray_cluster, manifest)
 
 
