@@ -35,8 +35,19 @@ OUTPUT_DTYPES = ("float32", "float16")
 ENCODING_ERRORS = ("strict", "replace")
 
 
+class _Recorded:
+    """What every config shares: how it is written into a manifest."""
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data (tuples as lists), without storage options (they may hold secrets)."""
+        return {
+            f.name: list(value) if isinstance(value, tuple) else value
+            for f in fields(self) if f.name != "storage_options" for value in [getattr(self, f.name)]
+        }
+
+
 @dataclass(frozen=True)
-class EmbedConfig:
+class EmbedConfig(_Recorded):
     """What `embedpipe embed` does. Field docstrings are the CLI help (see `options`)."""
 
     command: ClassVar[str] = "embed"  # the subcommand, and the YAML file's section
@@ -172,12 +183,6 @@ class EmbedConfig:
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
 
-    def public_dict(self) -> dict[str, Any]:
-        """The config as plain data, without storage options (they may hold secrets)."""
-        data = dataclasses.asdict(self)
-        data.pop("storage_options")
-        data["keep_columns"] = list(self.keep_columns)
-        return data
 
     def mine_config(self) -> MineConfig:
         """What `--mine` runs after embedding: `embedpipe mine` of the new vectors."""
@@ -208,7 +213,7 @@ class EmbedConfig:
 
 
 @dataclass(frozen=True)
-class MineConfig:
+class MineConfig(_Recorded):
     """What `embedpipe mine` does. Field docstrings are the CLI help (see `options`)."""
 
     command: ClassVar[str] = "mine"  # the subcommand, and the YAML file's section
@@ -266,7 +271,7 @@ class MineConfig:
 
 
 @dataclass(frozen=True)
-class RerankConfig:
+class RerankConfig(_Recorded):
     """What `embedpipe rerank` does. Field docstrings are the CLI help (see `options`)."""
 
     command: ClassVar[str] = "rerank"  # the subcommand, and the YAML file's section
@@ -322,9 +327,6 @@ class RerankConfig:
         _dtype_on_device(self.dtype, self.device)
         _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
 
-    def public_dict(self) -> dict[str, Any]:
-        """The config as plain data, without storage options (they may hold secrets)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name != "storage_options"}
 
 
 CONFIGS: dict[str, type] = {cls.command: cls for cls in (EmbedConfig, MineConfig, RerankConfig)}

@@ -27,7 +27,8 @@ from typing import Any, Iterable
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, UsageError
-from pipeline.sink import MANIFEST, SETTINGS_KEY, STATS_KEY
+from pipeline.manifest import read as read_manifest
+from pipeline.sink import SETTINGS_KEY, STATS_KEY
 from pipeline.storage import write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -259,19 +260,6 @@ def consistency_problems(fs, root: str, paths: dict[str, str]) -> list[str]:
             else:
                 problems.append(f"{name}: made with {key}={value!r}, the rest of the output with {key}={ref_value!r}")
     return problems
-
-
-def read_manifest(fs, root: str) -> dict | None:
-    """The `_manifest.json` in `root`, or None (none, or unreadable). Read straight from storage."""
-    path = posixpath.join(root, MANIFEST)
-    try:
-        manifest = json.loads(fs.cat_file(path))
-    except FileNotFoundError:
-        return None
-    except (ValueError, UnicodeDecodeError):
-        log.warning("ignoring unreadable %s", path)
-        return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def check_consistent(fs, root: str, paths: dict[str, str], where: str) -> None:

@@ -10,21 +10,16 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.identity import consistency_problems, names_to_paths
 from pipeline.readers import embedding_files, read_embeddings
-from pipeline.sink import MANIFEST
+from pipeline.manifest import read_required
 from pipeline.storage import get_fs
 
-PAIRS_FORMATS = ("embedpipe/pairs", "embedpipe/reranked-pairs")  # what `mine` and `rerank` write
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
 
 
 def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | None = None) -> None:
     fs, root = get_fs(path, storage_options)
-    manifest_path = f"{root.rstrip('/')}/{MANIFEST}"
-    if not fs.exists(manifest_path):
-        raise InputError(f"{path}: no {MANIFEST} (not an embedpipe output, or the run has not finished)")
-    with fs.open(manifest_path, "r") as f:
-        manifest = json.load(f)
-    if manifest.get("format") in PAIRS_FORMATS:
+    manifest = read_required(fs, root.rstrip("/"), path)
+    if manifest["kind"] in ("pairs", "reranked"):
         return _show_pairs_output(path, manifest, rows, pairs, fs, root)
     brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "output_dtype", "rows")}
     if manifest.get("kind") == "sparse":

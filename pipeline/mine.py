@@ -15,8 +15,6 @@ matrix; the driver holds at most 2 * max_pairs scores for the floor, then
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
 import posixpath
 import time
@@ -26,11 +24,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.config import MineConfig, build_mine_config  # noqa: F401 - defined with the other configs
+from pipeline.config import MineConfig
 from pipeline.errors import InputError
 from pipeline.identity import check_consistent, names_to_paths
+from pipeline.manifest import build as build_manifest, write as write_manifest
 from pipeline.readers import embedding_files
-from pipeline.sink import MANIFEST, parquet_bytes
+from pipeline.sink import parquet_bytes
 from pipeline.storage import get_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -229,24 +228,20 @@ def run_mine(config: MineConfig) -> MineResult:
     write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
     finished = time.time()
     n = spans[-1].start + spans[-1].rows
-    manifest = {
-        "format": "embedpipe/pairs",
-        "version": 1,
-        "embeddings": config.embeddings,
-        "embeddings_identity": _identity_hash(config),
-        "documents": n,
-        "pairs": len(s),
-        "top_k": config.top_k,
-        "max_pairs": config.max_pairs,
-        "threshold": config.threshold,
-        "block_size": config.block_size,
-        "score": "cosine",
-        "min_score": float(s.min()) if len(s) else None,
-        "max_score": float(s.max()) if len(s) else None,
-        "timings": {
-            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-            "seconds": round(finished - started, 3),
-        },
-    }
-    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    manifest = build_manifest(
+        "pairs", rows={"documents": n, "pairs": len(s)}, files=[{"file": PAIRS_FILE, "rows": len(s)}],
+        config=config, started=started, finished=finished,
+        embeddings=config.embeddings,
+        embeddings_identity=_identity_hash(config),
+        documents=n,
+        pairs=len(s),
+        top_k=config.top_k,
+        max_pairs=config.max_pairs,
+        threshold=config.threshold,
+        block_size=config.block_size,
+        score="cosine",
+        min_score=float(s.min()) if len(s) else None,
+        max_score=float(s.max()) if len(s) else None,
+    )
+    write_manifest(fs, root, manifest)
     return MineResult(config.output, n, len(s), finished - started)

@@ -19,6 +19,7 @@ import logging
 import posixpath
 
 from pipeline.identity import RUN_FILE
+from pipeline.manifest import write as write_manifest
 from pipeline.sink import MANIFEST, PIECES_DIR, read_file_stats
 from pipeline.storage import is_local, write_bytes_atomic
 
@@ -90,6 +91,6 @@ def finish_swap(fs, root: str) -> bool:
         source = posixpath.join(staging, entry["file"])
         if fs.exists(source):
             fs.mv(source, posixpath.join(root, entry["file"]))
-    write_bytes_atomic(fs, manifest_path, json.dumps(plan["manifest"], indent=2).encode())
+    write_manifest(fs, root, plan["manifest"])
     fs.rm(staging, recursive=True)
     return True

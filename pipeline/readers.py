@@ -100,12 +100,13 @@ def read_sparse_embeddings(path: str, storage_options: Mapping[str, Any] | None 
 
 
 def _manifest_dim(fs, root: str) -> int | None:
-    import json
+    from pipeline.manifest import read
 
     try:
-        return json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), "_manifest.json"))).get("dim")
-    except (FileNotFoundError, ValueError, NotADirectoryError):
+        manifest = read(fs, root.rstrip("/"))
+    except OSError:
         return None
+    return (manifest or {}).get("dim")
 
 
 def _read_vectors(fs, file: str) -> pa.Table:

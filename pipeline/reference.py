@@ -16,6 +16,7 @@ from typing import Sequence
 
 from pipeline.cli import PROG, build_parser
 from pipeline.config import CONFIGS, Option, options
+from pipeline.manifest import reference_markdown as manifest_reference
 
 HEADER = """\
 # Reference
@@ -31,13 +32,6 @@ overrides the defaults; a key not listed here is an error naming it. On the comm
 comma-separated (`--keep-columns title,url`) and a mapping is a JSON object.
 """
 
-MANIFEST_KEYS = """\
-## Manifest keys
-
-This section will be generated from the manifest module (another task): every key of an output's
-`_manifest.json`, for each kind of output.
-"""
-
 _KINDS = {"list": "list (comma-separated)", "mapping": "mapping (JSON object)"}
 
 
@@ -49,7 +43,7 @@ def reference_markdown() -> str:
         config = CONFIGS.get(name)
         intro = sub.description + (f" YAML section: `{name}:`." if config else "")
         parts.append(_command(f"{PROG} {name}", sub, intro, options(config) if config else ()))
-    parts.append(MANIFEST_KEYS)
+    parts.append(manifest_reference())
     return "\n".join(parts)
 
 

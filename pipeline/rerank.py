@@ -12,10 +12,7 @@ candidates are reranked. The driver holds the pairs and their scores, never a te
 
 from __future__ import annotations
 
-import datetime as dt
-import json
 import logging
-import os
 import posixpath
 import time
 from dataclasses import dataclass, field
@@ -26,8 +23,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.config import RerankConfig, build_rerank_config  # noqa: F401 - defined with the other configs
+from pipeline.config import RerankConfig
 from pipeline.errors import EmbedpipeError, InputError, UsageError
+from pipeline.manifest import build as build_manifest, read as read_manifest, write as write_manifest
 from pipeline.mine import PAIRS_FILE
 from pipeline.sink import MANIFEST, parquet_bytes
 from pipeline.storage import first_line, get_fs, write_bytes_atomic
@@ -63,10 +61,10 @@ def _embed_config(embeddings: str, storage_options) -> dict[str, Any]:
     """The `config` section of an embeddings directory's manifest, or {} without one."""
     try:
         fs, root = get_fs(embeddings, storage_options)
-        data = json.loads(fs.cat_file(posixpath.join(root.rstrip("/"), MANIFEST)))
-        return dict(data.get("config") or {})
-    except (OSError, ValueError, AttributeError):
+        data = read_manifest(fs, root.rstrip("/"))
+    except OSError:
         return {}
+    return dict((data or {}).get("config") or {})
 
 
 # --------------------------------------------------------------------------- pairs in
@@ -160,7 +158,7 @@ def run_rerank(config: RerankConfig) -> RerankResult:
     write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
     finished = time.time()
     manifest = _manifest(config, info, layout, total, table, tokens, started, finished, timings)
-    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+    write_manifest(fs, root, manifest)
     return RerankResult(config.output, table.num_rows, finished - started, manifest)
 
 
@@ -194,11 +192,9 @@ def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tupl
     """Rerank scores of `pairs` (indexed by their `pair` column), total tokens, the layout used
     (replicas, their reservations, block and join sizes), and seconds per phase."""
     from pipeline.pair_texts import default_parts, join_texts
-    from pipeline.runner import _explain, _keep_tracebacks_off_the_console
+    from pipeline.runner import _explain
     from pipeline.sources import ReadSpec
 
-    if os.environ.get("EMBEDPIPE_DEBUG") != "1":
-        _keep_tracebacks_off_the_console()
     block_pairs = config.block_pairs or (GPU_BLOCK_PAIRS if plan.device == "cuda" else CPU_BLOCK_PAIRS)
     block_pairs = min(block_pairs, -(-pairs.num_rows // (BLOCKS_PER_REPLICA * plan.num_encoders)))
     ids = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
@@ -228,19 +224,21 @@ def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tupl
 def _score(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas: int, n: int) -> tuple[np.ndarray, int]:
     """The joined blocks through the CrossEncodeStage actor pool: the score of each pair, and the tokens scored."""
     import ray
-    from ray.data import ActorPoolStrategy, DataContext
+
+    from pipeline.runner import ray_data_settings
+
+    ray.wait(blocks, num_returns=len(blocks))  # the join is done before any replica starts
+    with ray_data_settings(config.quiet, wait_for_min_actors_s=REPLICAS_START_S):
+        return _scores(config, plan, blocks, block_pairs, replicas, n)
+
+
+def _scores(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas: int, n: int) -> tuple[np.ndarray, int]:
+    import ray
+    from ray.data import ActorPoolStrategy
 
     from pipeline.cross_encode import CrossEncodeStage
     from pipeline.runner import TASKS_IN_FLIGHT_PER_ACTOR
 
-    ray.wait(blocks, num_returns=len(blocks))  # the join is done before any replica starts
-    ctx = DataContext.get_current()
-    saved = (ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s)
-    ctx.max_errored_blocks = 0
-    ctx.wait_for_min_actors_s = REPLICAS_START_S
-    ctx.enable_progress_bars = ctx.print_on_execution_start = not config.quiet
-    if config.quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
     ds = ray.data.from_arrow_refs(blocks).map_batches(
         CrossEncodeStage,
         fn_constructor_args=(config, plan.device, plan.encoder_threads),
@@ -252,40 +250,25 @@ def _score(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas:
     )
     scores = np.full(n, np.nan, np.float32)
     tokens = 0
-    try:
-        for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-            scores[batch["pair"].to_numpy()] = batch["rerank_score"].to_numpy()
-            tokens += int(pc.sum(batch["n_tokens"]).as_py() or 0)
-    finally:
-        ctx.max_errored_blocks, ctx.enable_progress_bars, ctx.print_on_execution_start, ctx.wait_for_min_actors_s = saved
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        scores[batch["pair"].to_numpy()] = batch["rerank_score"].to_numpy()
+        tokens += int(pc.sum(batch["n_tokens"]).as_py() or 0)
     assert not np.isnan(scores).any(), "every pair was scored once"
     return scores, tokens
 
 
 def _manifest(config, info, layout, total, table, tokens, started, finished, timings) -> dict[str, Any]:
-    from pipeline import __version__
-    from pipeline.runner import _versions
-
     rerank = table["rerank_score"]
-    return {
-        "format": "embedpipe/reranked-pairs",
-        "version": 1,
-        "pairs_input": config.pairs,
-        "texts": config.texts,
-        "model": info.as_dict(),
-        "score": "cosine (bi-encoder), as mined",
-        "rerank_score": f"cross-encoder, {info.activation_fn}",
-        "counts": {"pairs_in": total, "reranked": table.num_rows, "tokens": tokens},
-        "top": config.top,
-        "min_rerank_score": float(pc.min(rerank).as_py()) if table.num_rows else None,
-        "max_rerank_score": float(pc.max(rerank).as_py()) if table.num_rows else None,
-        "config": config.public_dict(),
-        "resources": layout,
-        "timings": {
-            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
-            "seconds": round(finished - started, 3),
-            **timings,
-        },
-        "versions": _versions(__version__),
-    }
+    return build_manifest(
+        "reranked", rows={"pairs_in": total, "reranked": table.num_rows, "tokens": tokens},
+        files=[{"file": PAIRS_FILE, "rows": table.num_rows}], config=config, started=started, finished=finished,
+        model=info.as_dict(), timings=timings,
+        pairs_input=config.pairs,
+        texts=config.texts,
+        score="cosine (bi-encoder), as mined",
+        rerank_score=f"cross-encoder, {info.activation_fn}",
+        top=config.top,
+        min_rerank_score=float(pc.min(rerank).as_py()) if table.num_rows else None,
+        max_rerank_score=float(pc.max(rerank).as_py()) if table.num_rows else None,
+        resources=layout,
+    )

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
-import datetime as dt
 import functools
-import json
 import logging
 import os
 import posixpath
@@ -26,15 +24,15 @@ from pipeline.cluster import prepare_output, ray_session_for
 from pipeline.config import EmbedConfig
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 from pipeline.describe import ModelFacts
+from pipeline.manifest import write as write_manifest
 from pipeline.identity import (
     RUN_FILE, FileFacts, check_against, check_resumable, file_metadata, read_all_facts, read_manifest, read_run, run_document,
     run_identity, write_run,
 )
 from pipeline.model import ModelInfo, check_model
 from pipeline.output import clear_leftovers, clear_staging, finish_swap, staging_uri, swap_in
-from pipeline.sink import MANIFEST, SinkSpec, merge_pieces, read_file_stats
+from pipeline.sink import SinkSpec, merge_pieces, read_file_stats
 from pipeline.sources import ReadSpec, Shard, ShardDatasource, discover_shards, output_stem
-from pipeline.storage import write_bytes_atomic
 from pipeline.watchdog import ProgressBoard
 
 log = logging.getLogger(__name__)
@@ -291,13 +289,12 @@ def run_embed(config: EmbedConfig) -> RunResult:
                 stats[name] = file_stats
     finished = time.time()
     manifest = _manifest(
-        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors
+        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity
     )
-    manifest["identity"] = {"hash": identity["hash"], "settings": identity["settings"]}
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
     else:
-        write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+        write_manifest(fs, root, manifest)
     totals = manifest["rows"]
     return RunResult(
         output=config.output,
@@ -395,36 +392,35 @@ def _execute(
     tokenizer_spec=None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
-    import ray
-    from ray.data import ActorPoolStrategy, DataContext, TaskPoolStrategy
+    from ray.data import DataContext
 
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
-
-    ctx = DataContext.get_current()
-    ctx.max_errored_blocks = 0
+    multi_node = _alive_nodes() > 1
     # Small blocks, of about plan.block_rows short documents: one large shard is spread over
     # every encoder instead of going to one, tokenising the next block overlaps encoding this
     # one, and a file commits as soon as its last block is encoded. The encoder gathers blocks
     # into calls of plan.block_rows rows (its batch size), whatever their size in bytes.
-    saved_block_size, saved_limits = ctx.target_max_block_size, ctx.execution_options.resource_limits
-    # Blocks are small, so a small object-store budget keeps every stage fed; Ray Data's default
-    # lets buffered blocks grow with the run, and the touched shared memory with them.
-    ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=OBJECT_STORE_BUDGET)
-    ctx.target_max_block_size = min(
-        ctx.target_max_block_size or DataContext().target_max_block_size,
-        max(MIN_BLOCK_BYTES, min(config.rows_per_file, plan.block_rows) * TEXT_ROW_BYTES),
+    default_block = DataContext.get_current().target_max_block_size or DataContext().target_max_block_size
+    settings = ray_data_settings(
+        config.quiet,
+        target_max_block_size=min(default_block, max(MIN_BLOCK_BYTES, min(config.rows_per_file, plan.block_rows) * TEXT_ROW_BYTES)),
+        # Blocks are small, so a small object-store budget keeps every stage fed; Ray Data's default
+        # lets buffered blocks grow with the run, and the touched shared memory with them.
+        object_store_memory=OBJECT_STORE_BUDGET,
+        # On a multi-node cluster every replica is up before data flows, so that no node sits idle and
+        # the manifest's placement lists the whole pool (a small run could end before a slow one starts).
+        wait_for_min_actors_s=(int(config.stall_timeout) or -1) if multi_node else None,
     )
-    # On a multi-node cluster every replica is up before data flows, so that no node sits idle
-    # and the manifest's placement lists the whole pool (a small run could end before a slow one starts).
-    saved_wait = ctx.wait_for_min_actors_s
-    multi_node = _alive_nodes() > 1
-    if multi_node:
-        ctx.wait_for_min_actors_s = int(config.stall_timeout) or -1
-    ctx.enable_progress_bars = not config.quiet
-    ctx.print_on_execution_start = not config.quiet
-    if config.quiet:
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
+    with settings:
+        return _run_chain(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node)
+
+
+def _run_chain(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node):
+    """read -> TokenizeStage -> EncodeStage (which commits the files), consumed by the driver."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from pipeline.encode import EncodeStage
+    from pipeline.tokenize import TokenizeStage
 
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     spec = ReadSpec(
@@ -457,8 +453,6 @@ def _execute(
         num_gpus=plan.encoder_gpus,
     )
 
-    if os.environ.get("EMBEDPIPE_DEBUG") != "1":
-        _keep_tracebacks_off_the_console()
     files = _FileTracker(sink, spread=multi_node)
     try:
         for batch in _watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
@@ -471,9 +465,39 @@ def _execute(
     finally:
         files.close()
         ray.kill(board)
-        ctx.target_max_block_size = saved_block_size
+
+
+@contextlib.contextmanager
+def ray_data_settings(quiet: bool, object_store_memory: int | None = None, **settings: Any) -> Iterator[None]:
+    """Ray Data's settings for one run of a chain, and the console kept free of its tracebacks
+    (`_keep_tracebacks_off_the_console`, unless EMBEDPIPE_DEBUG=1); all restored afterwards, so that a
+    second run in the same process, or the caller's own Ray Data work, starts from the caller's.
+    `settings` are DataContext attributes (None: leave as is)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    wanted = {"max_errored_blocks": 0, "enable_progress_bars": not quiet, "print_on_execution_start": not quiet,
+              **{k: v for k, v in settings.items() if v is not None}}
+    saved = {name: getattr(ctx, name) for name in wanted}
+    saved_limits = ctx.execution_options.resource_limits
+    data_logger = logging.getLogger("ray.data")
+    saved_level, saved_factory = data_logger.level, logging.getLogRecordFactory()
+    try:
+        for name, value in wanted.items():
+            setattr(ctx, name, value)
+        if object_store_memory is not None:
+            ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=object_store_memory)
+        if quiet:
+            data_logger.setLevel(logging.WARNING)
+        if os.environ.get("EMBEDPIPE_DEBUG") != "1":
+            _keep_tracebacks_off_the_console()
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ctx, name, value)
         ctx.execution_options.resource_limits = saved_limits
-        ctx.wait_for_min_actors_s = saved_wait
+        data_logger.setLevel(saved_level)
+        logging.setLogRecordFactory(saved_factory)
 
 
 class _FileTracker:
@@ -640,10 +664,11 @@ _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|Pipeline
 
 def _manifest(
     config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
+    identity=None,
 ) -> dict[str, Any]:
-    """The output's `_manifest.json`. `vectors`: kind ('dense' or 'sparse'), and for sparse
-    outputs the vocabulary size (their dimension) and the terms kept per document."""
-    from pipeline import __version__
+    """The output's `_manifest.json` (pipeline.manifest). `vectors`: kind ('dense' or 'sparse'), and for
+    sparse outputs the vocabulary size (their dimension) and the terms kept per document."""
+    from pipeline import manifest
 
     files = sorted(stats.values(), key=lambda s: s["file"])
     per_shard: dict[str, dict] = {s.key: {"shard": s.key, "files": [], "rows": 0, "embedded": 0} for s in shards}
@@ -655,36 +680,26 @@ def _manifest(
             entry["embedded"] += s["embedded"]
     totals = {k: sum(s[k] for s in files) for k in ("embedded", "invalid", "truncated", "tokens")}
     totals["documents"] = sum(s["rows"] for s in files)
-    vectors = vectors or {"kind": "dense"}
-    dim = vectors["vocab_size"] if vectors["kind"] == "sparse" else _dimension(fs, root, files)
-    return {
-        "format": "embedpipe/embeddings",
-        "version": 1,
-        "model": info.as_dict(),
+    vectors = dict(vectors or {"kind": "dense"})
+    kind = vectors.pop("kind")
+    return manifest.build(
+        kind, rows=totals, files=files, config=config, started=started, finished=finished, model=info.as_dict(),
+        # per stage and step kind: count, busy seconds, first start and last end (seconds after
+        # the Ray chain started, itself chain_started_s after the run started)
+        timings={"stages": stage_times or {}},
+        identity={"hash": identity["hash"], "settings": identity["settings"]} if identity else None,
+        dim=vectors["vocab_size"] if kind == "sparse" else _dimension(fs, root, files),
         **vectors,
-        "dim": dim,
-        "pooling": info.pooling,
-        "normalize": info.normalize,
-        "max_seq_length": info.max_seq_length,
-        "dtype": _compute_dtype(config, plan, replicas),
-        "backend": _backend(replicas),
-        "output_dtype": config.output_dtype,
-        "rows": totals,
-        "shards": list(per_shard.values()),
-        "files": files,
-        "config": config.public_dict(),
-        "resources": plan.as_dict() if plan else None,
-        "replicas": _replicas(replicas),
-        "timings": {
-            "started": dt.datetime.fromtimestamp(started, dt.timezone.utc).isoformat(),
-            "finished": dt.datetime.fromtimestamp(finished, dt.timezone.utc).isoformat(),
-            "seconds": round(finished - started, 3),
-            # per stage and step kind: count, busy seconds, first start and last end (seconds after
-            # the Ray chain started, itself chain_started_s after the run started)
-            "stages": stage_times or {},
-        },
-        "versions": _versions(__version__),
-    }
+        pooling=info.pooling,
+        normalize=info.normalize,
+        max_seq_length=info.max_seq_length,
+        dtype=_compute_dtype(config, plan, replicas),
+        backend=_backend(replicas),
+        output_dtype=config.output_dtype,
+        shards=list(per_shard.values()),
+        resources=plan.as_dict() if plan else None,
+        replicas=_replicas(replicas),
+    )
 
 
 def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:
@@ -723,15 +738,3 @@ def _dimension(fs, root: str, files: list[dict]) -> int | None:
         with fs.open(posixpath.join(root, s["file"]), "rb") as f:
             return pq.read_schema(f).field("embedding").type.list_size
     return None
-
-
-def _versions(own: str) -> dict[str, str]:
-    from importlib import metadata
-
-    out = {"embedpipe": own}
-    for dist in ("ray", "torch", "transformers", "sentence-transformers", "pyarrow", "tokenizers"):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out

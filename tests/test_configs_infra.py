@@ -13,7 +13,7 @@ import yaml
 
 from pipeline.config import EmbedConfig, build_config
 from pipeline.errors import UsageError
-from pipeline.mine import MineConfig, build_mine_config
+from pipeline.config import MineConfig, build_mine_config
 from tests.conftest import REPO, assert_one_line_error, cli
 
 CONFIGS = os.path.join(REPO, "configs")

@@ -13,6 +13,7 @@ import json
 import os
 import re
 from dataclasses import fields
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -197,8 +198,8 @@ def test_rerank_on_the_cluster_equals_predict_and_keeps_the_top(ray_cluster, tmp
     assert "reranked 120 pairs in " in run.stdout and str(out) in run.stdout
     manifest = assert_reranked(out, pairs.slice(0, 120), corpus, reference)
     assert manifest["format"] == "embedpipe/reranked-pairs" and manifest["top"] == 120
-    assert manifest["counts"]["pairs_in"] == 150 and manifest["counts"]["reranked"] == 120
-    assert manifest["counts"]["tokens"] > 120 * 4
+    assert manifest["rows"]["pairs_in"] == 150 and manifest["rows"]["reranked"] == 120
+    assert manifest["rows"]["tokens"] > 120 * 4
     assert manifest["pairs_input"] == str(tmp_path / "pairs") and manifest["texts"] == str(tmp_path / "in")
     model = manifest["model"]
     assert model["path"] == cross_encoder_dir and model["num_labels"] == 1 and model["fingerprint"].startswith("sha256:")
@@ -227,13 +228,28 @@ def test_embed_mine_rerank_through_the_cli(ray_cluster, tmp_path, capsys, cross_
     assert mined.num_rows > 50 and f"reranked {mined.num_rows:,} pairs" in run.stdout
     manifest = assert_reranked(tmp_path / "pairs-reranked", mined, corpus, reference)
     assert manifest["texts"] == src and manifest["pairs_input"] == pairs_dir and manifest["top"] is None
-    assert manifest["counts"]["pairs_in"] == manifest["counts"]["reranked"] == mined.num_rows
+    assert manifest["rows"]["pairs_in"] == manifest["rows"]["reranked"] == mined.num_rows
+    assert_manifest_sections(emb, "dense")
+    assert_manifest_sections(pairs_dir, "pairs")
+    assert_manifest_sections(tmp_path / "pairs-reranked", "reranked")
 
     before = snapshot(tmp_path / "pairs-reranked")  # rerank into it again: refused, nothing clobbered
     out = pairs_dir + "-reranked"
     again = run_main(capsys, "rerank", "--pairs", pairs_dir, "--texts", src, "--model", cross_encoder_dir, "--output", out)
     assert_one_line_error(again, 2, f"--output {out} already holds pairs.parquet and _manifest.json; use --overwrite")
     assert snapshot(tmp_path / "pairs-reranked") == before
+
+
+def assert_manifest_sections(directory, kind):
+    """One shape for every output (pipeline.manifest): the common sections, then only documented keys."""
+    from pipeline.manifest import COMMON_KEYS, FORMAT_VERSION, KEYS, SECTION
+
+    manifest = json.loads((Path(directory) / "_manifest.json").read_text())
+    assert manifest["kind"] == kind and manifest["format_version"] == FORMAT_VERSION
+    assert set(COMMON_KEYS) <= set(manifest) <= set(COMMON_KEYS) | set(KEYS[SECTION[kind]])
+    assert manifest["config"] and manifest["versions"]["embedpipe"] and manifest["timings"]["seconds"] >= 0
+    for entry in manifest["files"]:
+        assert pq.read_metadata(Path(directory) / entry["file"]).num_rows == entry["rows"]
 
 
 @pytest.mark.slow  # a second embed of the corpus; the chained path itself runs above through mine --rerank-model
@@ -324,7 +340,7 @@ def test_no_pairs_give_an_empty_output_without_starting_ray(good, capsys, cross_
     assert run.returncode == 0, run.stderr
     assert read_reranked(good / "out").num_rows == 0
     manifest = json.loads((good / "out" / "_manifest.json").read_text())
-    assert manifest["counts"]["reranked"] == 0 and manifest["resources"] is None
+    assert manifest["rows"]["reranked"] == 0 and manifest["resources"] is None
 
 
 def test_rerank_options_need_their_command(tmp_path):
@@ -342,7 +358,7 @@ def test_rerank_options_need_their_command(tmp_path):
 
 
 def test_rerank_config_loads_through_the_cli_validation_and_documents_every_field(tmp_path):
-    from pipeline.rerank import RerankConfig, build_rerank_config
+    from pipeline.config import RerankConfig, build_rerank_config
 
     path = os.path.join(REPO, "configs", "rerank.yaml")
     config = build_rerank_config(path, model="some/dir")

@@ -295,3 +295,30 @@ def test_an_unreachable_cluster_address_fails_fast():
             check_reachable(address, timeout=5)
     assert time.time() - started < 10
     check_reachable("auto")  # left to Ray
+
+
+def test_a_run_leaves_ray_data_and_logging_as_it_found_them_so_a_second_run_in_one_process_works(
+    ray_cluster, tmp_path, tiny_model
+):
+    """run_embed changes Ray Data's context, the ray.data logger's level and the log record factory
+    for its chain, and restores every one of them (pipeline.runner.ray_data_settings)."""
+    import logging
+
+    from ray.data import DataContext
+
+    def state():
+        ctx = DataContext.get_current()
+        return (
+            ctx.max_errored_blocks, ctx.target_max_block_size, ctx.wait_for_min_actors_s, ctx.enable_progress_bars,
+            ctx.print_on_execution_start, ctx.execution_options.resource_limits,
+            logging.getLogger("ray.data").level, logging.getLogRecordFactory(),
+        )
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "a.txt").write_text("one\ntwo\nthree\n")
+    before = state()
+    for k in range(2):
+        result = run_embed(EmbedConfig(input=str(src), output=str(tmp_path / f"out{k}"), model=tiny_model, quiet=True))
+        assert result.embedded == 3
+        assert state() == before, f"run {k + 1} left a global setting changed"

@@ -1,0 +1,205 @@
+"""`_manifest.json`: one writer and one reader for every kind of output, with the same sections.
+
+Every manifest, whatever the output, has:
+
+    kind            what the output holds: dense, sparse, pairs or reranked
+    format          embedpipe/embeddings, embedpipe/pairs or embedpipe/reranked-pairs (since version 1)
+    format_version  2; manifests without it are version 1 and are read all the same
+    rows            counts of what went in and came out
+    model           the model that made the vectors or scores (None for pairs: they come from vectors)
+    files           the output's Parquet files, with their row counts
+    config          the options of the run (never credentials)
+    timings         started, finished, seconds, and the kind's own breakdown
+    versions        embedpipe's and its libraries' versions
+
+followed by the kind's own keys (KEYS below, which docs/reference.md is generated from). It is
+written last, atomically: an output without one is not finished.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import posixpath
+from typing import Any
+
+from pipeline.errors import InputError
+from pipeline.sink import MANIFEST
+from pipeline.storage import write_bytes_atomic
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 2
+FORMATS = {"dense": "embedpipe/embeddings", "sparse": "embedpipe/embeddings", "pairs": "embedpipe/pairs",
+           "reranked": "embedpipe/reranked-pairs"}
+KINDS = tuple(FORMATS)
+
+COMMON_KEYS = {
+    "kind": "what the output holds: `dense` (one vector per document), `sparse` (SPLADE terms), `pairs` "
+            "(mined pairs) or `reranked` (pairs with a cross-encoder score)",
+    "format": "`embedpipe/embeddings`, `embedpipe/pairs` or `embedpipe/reranked-pairs`",
+    "format_version": f"{FORMAT_VERSION}; a manifest without it is version 1 (written before `kind` and "
+                      "`format_version`), and is read all the same",
+    "version": "1: the key readers of version 1 looked for; kept",
+    "rows": "counts: for embeddings `documents`, `embedded`, `invalid` (empty texts skipped), `truncated`, "
+            "`tokens`; for pairs `documents`, `pairs`; for reranked pairs `pairs_in`, `reranked`, `tokens`",
+    "model": "the model: `name`, `path`, `fingerprint` (sha256 over its files), and its settings; "
+             "None for pairs",
+    "files": "the Parquet files: `file` and `rows` (for embeddings also `shard`, `embedded`, `invalid`, "
+             "`truncated`, `tokens`)",
+    "config": "every option of the run, as in docs/reference.md; storage options (credentials) are never written",
+    "timings": "`started`, `finished` (UTC, ISO 8601), `seconds`; embeddings add `stages` (per stage and step: "
+               "count, busy seconds, first start and last end after the chain started), reranks `join_s`, `score_s`",
+    "versions": "versions of embedpipe, ray, torch, transformers, sentence-transformers, pyarrow, tokenizers",
+}
+KEYS: dict[str, dict[str, str]] = {
+    "embeddings": {
+        "identity": "the settings that made the vectors and their `hash`, as in `_run.json` and in every file's "
+                    "`embedpipe.settings` metadata (docs/usage.md, the run's identity)",
+        "dim": "the vectors' dimension (a sparse model's: its vocabulary size)",
+        "pooling": "the pooling the model ran, e.g. `mean`, `cls`, `mean+max`",
+        "normalize": "whether the vectors are L2-normalised",
+        "max_seq_length": "tokens per text, beyond which a text was truncated",
+        "dtype": "what the encoders computed in: float32, float16, bfloat16 or int8",
+        "backend": "what ran the model: `onnxruntime` or `torch`; None when nothing was encoded",
+        "output_dtype": "the stored vectors' dtype",
+        "vocab_size": "sparse outputs: the vocabulary size",
+        "sparse_top_k": "sparse outputs: the terms kept per document (None: all non-zero ones)",
+        "shards": "per input shard: `shard`, its `files`, `rows`, `embedded`",
+        "resources": "the resource plan: device, tokenizer and encoder counts and reservations, threads, block rows",
+        "replicas": "where each stage's actors ran: per stage, `actors` (node, IP, GPUs, device, dtype, backend) "
+                    "and `per_node` counts",
+    },
+    "pairs": {
+        "embeddings": "the embeddings directory mined",
+        "embeddings_identity": "the settings hash of those embeddings (their `_run.json`), None if they have none",
+        "documents": "rows mined",
+        "pairs": "pairs written",
+        "top_k": "candidates kept per document",
+        "max_pairs": "best pairs kept in all",
+        "threshold": "the lowest score kept, or None",
+        "block_size": "rows per block of the blocked products",
+        "score": "`cosine`",
+        "min_score": "the lowest score written",
+        "max_score": "the highest score written",
+    },
+    "reranked": {
+        "pairs_input": "the pairs directory reranked",
+        "texts": "where the documents' texts were read",
+        "score": "what `score` is: the bi-encoder cosine, as mined",
+        "rerank_score": "what `rerank_score` is: the cross-encoder's output and its activation",
+        "top": "how many of the best mined pairs were reranked (None: all)",
+        "min_rerank_score": "the lowest rerank score",
+        "max_rerank_score": "the highest rerank score",
+        "resources": "the layout: replicas, their reservations, block and join sizes",
+    },
+}
+SECTION = {"dense": "embeddings", "sparse": "embeddings", "pairs": "pairs", "reranked": "reranked"}
+
+
+def build(kind: str, *, rows: dict, files: list[dict], config, started: float, finished: float,
+          model: dict | None = None, timings: dict | None = None, **body: Any) -> dict[str, Any]:
+    """The manifest of an output of `kind`: the common sections, then the kind's own keys (`body`)."""
+    from pipeline import __version__
+
+    unknown = set(body) - set(KEYS[SECTION[kind]])
+    assert not unknown, f"undocumented manifest keys for {kind}: {sorted(unknown)} (add them to KEYS)"
+    return {
+        "kind": kind,
+        "format": FORMATS[kind],
+        "format_version": FORMAT_VERSION,
+        "version": 1,
+        "model": model,
+        "rows": rows,
+        "files": files,
+        **body,
+        "config": config.public_dict(),
+        "timings": {
+            "started": _iso(started),
+            "finished": _iso(finished),
+            "seconds": round(finished - started, 3),
+            **(timings or {}),
+        },
+        "versions": versions(__version__),
+    }
+
+
+def write(fs, root: str, manifest: dict[str, Any]) -> None:
+    """Write `root/_manifest.json` atomically (last, after every file of the output)."""
+    write_bytes_atomic(fs, posixpath.join(root, MANIFEST), json.dumps(manifest, indent=2).encode())
+
+
+def read(fs, root: str) -> dict | None:
+    """The manifest in `root` with `kind` and `format_version` filled in for version-1 manifests; None
+    where there is none (or it cannot be read: logged). Read from storage, never a listing cache."""
+    path = posixpath.join(root, MANIFEST)
+    try:
+        data = json.loads(fs.cat_file(path))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (ValueError, UnicodeDecodeError):
+        log.warning("ignoring unreadable %s", path)
+        return None
+    if not isinstance(data, dict):
+        log.warning("ignoring %s: not a JSON object", path)
+        return None
+    return upgraded(data)
+
+
+def upgraded(data: dict[str, Any]) -> dict[str, Any]:
+    """A version-1 manifest in today's shape (kind, format_version; reranked `counts` as `rows`)."""
+    if "format_version" in data:
+        return data
+    data = dict(data)
+    fmt = data.get("format")
+    if fmt == "embedpipe/pairs":
+        data["kind"] = "pairs"
+        data.setdefault("rows", {"documents": data.get("documents"), "pairs": data.get("pairs")})
+    elif fmt == "embedpipe/reranked-pairs":
+        data["kind"] = "reranked"
+        data.setdefault("rows", data.get("counts"))
+    else:
+        data.setdefault("kind", "dense")
+    data["format_version"] = 1
+    return data
+
+
+def read_required(fs, root: str, where: str, kinds: tuple[str, ...] = KINDS) -> dict[str, Any]:
+    """`read`, or InputError naming `where` when there is no manifest or it is of another kind."""
+    manifest = read(fs, root)
+    if manifest is None:
+        raise InputError(f"{where}: no {MANIFEST} (not an embedpipe output, or the run has not finished)")
+    if manifest["kind"] not in kinds:
+        raise InputError(f"{where}: holds {manifest['kind']} output, expected {' or '.join(kinds)}")
+    return manifest
+
+
+def versions(own: str) -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"embedpipe": own}
+    for dist in ("ray", "torch", "transformers", "sentence-transformers", "pyarrow", "tokenizers"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def reference_markdown() -> str:
+    """The manifest keys, for docs/reference.md."""
+    lines = ["## Manifest keys", "",
+             "Every output's `_manifest.json` has these sections (pipeline/manifest.py):", "",
+             "| key | meaning |", "|---|---|"]
+    lines += [f"| `{k}` | {v} |" for k, v in COMMON_KEYS.items()]
+    titles = {"embeddings": "Embeddings (`kind` dense or sparse)", "pairs": "Mined pairs (`kind` pairs)",
+              "reranked": "Reranked pairs (`kind` reranked)"}
+    for section, keys in KEYS.items():
+        lines += ["", f"### {titles[section]}", "", "| key | meaning |", "|---|---|"]
+        lines += [f"| `{k}` | {v} |" for k, v in keys.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _iso(seconds: float) -> str:
+    return dt.datetime.fromtimestamp(seconds, dt.timezone.utc).isoformat()
