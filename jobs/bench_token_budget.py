@@ -29,8 +29,8 @@ def main() -> None:
 
     from fortunes import english_corpus
     from pipeline import EmbedConfig
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
 
     torch.set_num_threads(1)
     texts = english_corpus()[: args.docs]

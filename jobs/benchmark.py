@@ -300,10 +300,10 @@ def bench_fidelity(args) -> None:
     from wordnet_pairs import pairs
 
     from pipeline import EmbedConfig
-    from pipeline.encode import EncodeStage
-    from pipeline.model import describe_model, load_model
-    from pipeline.onnx_export import graph_for
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.models.loading import describe_model, load_model
+    from pipeline.models.onnx_graph import graph_for
+    from pipeline.stages.tokenize import TokenizeStage
 
     triples = pairs(args.pairs)
     glosses = sorted({t for a, b, _ in triples for t in (a, b)})
@@ -358,7 +358,7 @@ def minilm_cross_encoder(path: str) -> str:
     from sentence_transformers import CrossEncoder
     from transformers import AutoTokenizer, BertForSequenceClassification
 
-    from pipeline.model import resolve_model_path
+    from pipeline.models.loading import resolve_model_path
 
     torch.manual_seed(0)
     base, hf = resolve_model_path("all-MiniLM-L6-v2"), os.path.join(path, "hf")
@@ -448,7 +448,7 @@ def tiny_model(path: str) -> str:
     from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from pipeline.model import resolve_model_path
+    from pipeline.models.loading import resolve_model_path
 
     torch.manual_seed(0)
     base = os.path.join(path, "hf")

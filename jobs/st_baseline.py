@@ -30,7 +30,7 @@ def main() -> None:
     import torch
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.model import resolve_model_path
+    from pipeline.models.loading import resolve_model_path
 
     model = SentenceTransformer(resolve_model_path(args.model), device=args.device)
     if args.dtype != "float32":

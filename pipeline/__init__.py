@@ -1,19 +1,24 @@
 """embedpipe: distributed batch embedding on Ray, identical to sentence-transformers.
 
-Python entry points: `run_embed(EmbedConfig(...))`, `read_embeddings(path)`, and for the
-output of a sparse (SPLADE) model `read_sparse_embeddings(path)`.
+The Python API does what the commands do (pipeline.api):
+
+    pipeline.embed(input=..., output=..., mine=True)    # embedpipe embed [--mine [--rerank-model M]]
+    pipeline.mine(embeddings=..., output=...)            # embedpipe mine
+    pipeline.rerank(pairs=..., texts=..., model=..., output=...)
+    pipeline.read_embeddings(path)                       # (ids, float32 matrix); read_sparse_embeddings for SPLADE
+
+Each takes its config object (EmbedConfig, MineConfig, RerankConfig) or its fields as keywords.
 """
 
 __version__ = "0.1.0"
 
-from pipeline.config import EmbedConfig, build_config  # noqa: E402
-from pipeline.readers import read_embeddings, read_sparse_embeddings  # noqa: E402
+from pipeline.api import embed, mine, rerank  # noqa: E402
+from pipeline.config import EmbedConfig, MineConfig, RerankConfig, build_config  # noqa: E402
+from pipeline.storage.readers import read_embeddings, read_sparse_embeddings  # noqa: E402
 
+run_embed = embed  # the name of earlier releases; it now runs --mine and --rerank-model too, as the CLI does
 
-def run_embed(config: EmbedConfig):
-    from pipeline.runner import run_embed as _run
-
-    return _run(config)
-
-
-__all__ = ["EmbedConfig", "build_config", "read_embeddings", "read_sparse_embeddings", "run_embed", "__version__"]
+__all__ = [
+    "EmbedConfig", "MineConfig", "RerankConfig", "build_config", "embed", "mine", "rerank", "run_embed",
+    "read_embeddings", "read_sparse_embeddings", "__version__",
+]

@@ -110,23 +110,15 @@ def _load_config(args: argparse.Namespace):
 
 
 def cmd_embed(args: argparse.Namespace) -> int:
-    from pipeline.runner import run_embed
+    from pipeline import api
 
     config = _load_config(args)
-    if config.rerank_model and not args.dry_run:  # a bad cross-encoder is refused before hours of embedding
-        from pipeline.cross_encode import check_cross_encoder
-
-        check_cross_encoder(config.rerank_model, config.trust_remote_code)
     if args.dry_run:
-        from pipeline.dryrun import dry_run
+        from pipeline.commands.dryrun import dry_run
 
         print(dry_run(config))
         return 0
-    result = run_embed(config)
-    if not config.quiet:
-        print(result.summary_line())
-    if config.mine:
-        return _run_mine(config.mine_config(), config.rerank_config())
+    api.embed(config, report=_summary(config.quiet))
     return 0
 
 
@@ -143,46 +135,28 @@ def _json_object(flag: str, text: str | None) -> dict | None:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
-    return _run_mine(_load_config(args))
+    from pipeline import api
 
-
-def _run_mine(config, rerank=None) -> int:
-    """Mine, and print the summary line unless quiet (for `mine` and `embed --mine`); then rerank the
-    pairs if the config names a cross-encoder: `rerank` (a RerankConfig), else `rerank_after_mine`'s."""
-    from pipeline.mine import run_mine
-
-    if not config.rerank_model:
-        result = run_mine(config)
-        if not config.quiet:
-            print(result.summary_line())
-        return 0
-    from pipeline.cross_encode import check_cross_encoder
-    from pipeline.rerank import rerank_after_mine
-    from pipeline.cluster import ray_session_for
-
-    check_cross_encoder(config.rerank_model, bool(rerank and rerank.trust_remote_code))  # before mining
-    with ray_session_for(config.ray_address, config.quiet):  # one cluster for both steps
-        result = run_mine(config)
-        if not config.quiet:
-            print(result.summary_line())
-        return _run_rerank(rerank or rerank_after_mine(config))
-
-
-def cmd_rerank(args: argparse.Namespace) -> int:
-    return _run_rerank(_load_config(args))
-
-
-def _run_rerank(config) -> int:
-    from pipeline.rerank import run_rerank
-
-    result = run_rerank(config)
-    if not config.quiet:
-        print(result.summary_line())
+    config = _load_config(args)
+    api.mine(config, report=_summary(config.quiet))
     return 0
 
 
+def cmd_rerank(args: argparse.Namespace) -> int:
+    from pipeline import api
+
+    config = _load_config(args)
+    api.rerank(config, report=_summary(config.quiet))
+    return 0
+
+
+def _summary(quiet: bool):
+    """Print each step's summary line as it ends (embed, mine, rerank), unless quiet."""
+    return None if quiet else (lambda result: print(result.summary_line(), flush=True))
+
+
 def cmd_info(args: argparse.Namespace) -> int:
-    from pipeline.info import show_info
+    from pipeline.commands.info import show_info
 
     show_info(args.path, rows=args.rows, pairs=args.pairs, storage_options=_json_object("--storage-options", args.storage_options))
     return 0

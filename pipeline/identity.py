@@ -22,14 +22,18 @@ import json
 import logging
 import posixpath
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable
 
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError, UsageError
 from pipeline.manifest import read as read_manifest
-from pipeline.sink import SETTINGS_KEY, STATS_KEY
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage.sink import SETTINGS_KEY, STATS_KEY
+from pipeline.storage.filesystems import write_bytes_atomic
+
+if TYPE_CHECKING:
+    from pipeline.config import EmbedConfig
+    from pipeline.models.loading import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -272,3 +276,52 @@ def check_consistent(fs, root: str, paths: dict[str, str], where: str) -> None:
 
 def names_to_paths(paths: Iterable[str]) -> dict[str, str]:
     return {posixpath.basename(p.rstrip("/")): p for p in paths}
+
+
+# --------------------------------------------------------------------------- a resume
+
+
+COMPAT_KEYS = ("fingerprint", "kind", "pooling", "normalize", "max_seq_length", "prompt")
+
+
+def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig) -> None:
+    """An output of an earlier embedpipe (a manifest, no `_run.json`): a resume must not mix vectors
+    of different models or settings in it. Newer outputs are checked against their `_run.json`."""
+    if not previous:
+        return
+    old = previous.get("model", {})
+    for key in COMPAT_KEYS:
+        if key in old and old[key] != getattr(info, key):
+            raise UsageError(
+                f"--output {config.output} holds vectors made with {key}={old[key]!r}, this run has "
+                f"{getattr(info, key)!r}; use another output or --overwrite"
+            )
+    if (previous.get("dtype") == "int8") != (config.dtype == "int8"):
+        raise UsageError(
+            f"--output {config.output} holds vectors computed with dtype={previous.get('dtype')!r}, this run has "
+            f"{config.dtype!r}; int8 and floating-point vectors are not mixed in one output; use another output or --overwrite"
+        )
+    for key in ("rows_per_file", "output_dtype", "text_field", "id_field", "sparse_top_k"):
+        old_config = previous.get("config", {})
+        old_value = old_config.get(key)
+        if key in old_config and old_value != getattr(config, key):
+            raise UsageError(
+                f"--output {config.output} was written with {key}={old_value!r}, this run has "
+                f"{getattr(config, key)!r}; use another output or --overwrite"
+            )
+
+
+def check_resume(config: EmbedConfig, info: ModelInfo, identity: dict, run: dict | None, manifest: dict | None,
+                 facts: dict[str, FileFacts]) -> None:
+    """Refuse to resume onto vectors of other settings: against the output's `_run.json` (or, for an
+    output of an earlier embedpipe, its manifest), then against every committed file's own settings.
+    An output with no committed file binds nothing: a run killed before its first commit may be
+    restarted with other settings."""
+    if not facts:
+        return
+    where = f"--output {config.output}"
+    if run is not None:
+        check_against(run, identity, where)
+    else:
+        check_compatible(manifest, info, config)
+    check_resumable(where, facts, identity, run, manifest)

@@ -25,8 +25,8 @@ import posixpath
 from typing import Any
 
 from pipeline.errors import InputError
-from pipeline.sink import MANIFEST
-from pipeline.storage import write_bytes_atomic
+from pipeline.storage.sink import MANIFEST
+from pipeline.storage.filesystems import write_bytes_atomic
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ computed in two phases:
 
 Per row block, each row's top-k of its candidates gives candidate pairs
 (`row_block_pairs`); their best `max_pairs`, each pair once, are the answer
-(`best_pairs`; `pipeline.mine` first cuts each row block's to its best
+(`best_pairs`; `pipeline.commands.mine` first cuts each row block's to its best
 2 * max_pairs entries with `best_entries`, which needs no sort).
 
 Memory per worker is two blocks of vectors and one block x block score
@@ -26,7 +26,7 @@ number of tasks (n_blocks * (n_blocks + 1) / 2). A block pair yields at most
 (A + B) * top_k candidates, as many as per-row and per-column top-k lists.
 
 The functions here work on plain numpy arrays (no torch: a mining worker
-starts in a fraction of a second); `pipeline.mine` spreads them over Ray.
+starts in a fraction of a second); `pipeline.commands.mine` spreads them over Ray.
 """
 
 from __future__ import annotations

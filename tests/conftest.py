@@ -28,9 +28,9 @@ def ray_cluster():
     """A real 2-CPU local Ray cluster (Ray 2.55+ has no local_mode)."""
     import ray
 
-    from pipeline.cluster import WORKER_ENV, _inherited_env
+    from pipeline.engine.cluster import WORKER_ENV, _inherited_env
 
-    # As pipeline.cluster starts a local cluster: the workers inherit their settings from the
+    # As pipeline.engine.cluster starts a local cluster: the workers inherit their settings from the
     # raylet (HF_HUB_OFFLINE and EMBEDPIPE_CACHE are in this process's environment already);
     # a job runtime_env would make Ray leave its prestarted workers idle.
     with _inherited_env(WORKER_ENV):

@@ -1,4 +1,4 @@
-"""The driver's model description, computed by a child process (pipeline.describe)."""
+"""The driver's model description, computed by a child process (pipeline.models.describe)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 from pipeline import EmbedConfig
-from pipeline.describe import ModelFacts, model_facts
+from pipeline.models.describe import ModelFacts, model_facts
 from pipeline.errors import UsageError
 from tests.conftest import cli_env, make_st_dir
 
@@ -43,7 +43,7 @@ def test_a_script_without_a_main_guard_is_not_run_again_by_the_child(prompted_mo
     script = tmp_path / "job.py"
     script.write_text(
         "from pipeline import EmbedConfig\n"
-        "from pipeline.describe import ModelFacts\n"
+        "from pipeline.models.describe import ModelFacts\n"
         "print('script ran', flush=True)\n"
         f"info, _, _ = ModelFacts(EmbedConfig(input='.', output='out', model={prompted_model!r})).result()\n"
         "print('pooling', info.pooling)\n"

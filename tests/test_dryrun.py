@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.config import EmbedConfig
-from pipeline.dryrun import CPU_DOCS_PER_S_PER_CORE, GPU_DOCS_PER_S, count_documents, estimate_seconds
-from pipeline.runner import plan_resources
-from pipeline.sources import discover_shards
+from pipeline.commands.dryrun import CPU_DOCS_PER_S_PER_CORE, GPU_DOCS_PER_S, count_documents, estimate_seconds
+from pipeline.engine.plan import plan_resources
+from pipeline.storage.sources import discover_shards
 from tests.conftest import SAMPLE, assert_one_line_error, cli
 
 
@@ -101,7 +101,7 @@ def test_dry_run_with_bad_input_is_one_line(tmp_path):
 
 
 def test_many_shards_are_sampled_and_scaled_by_size(tmp_path, monkeypatch):
-    from pipeline import dryrun
+    from pipeline.commands import dryrun
 
     monkeypatch.setattr(dryrun, "MAX_COUNTED_SHARDS", 4)
     for k in range(12):

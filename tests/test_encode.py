@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.encode import plan_micro_batches
+from pipeline.stages.encode import plan_micro_batches
 
 
 def test_rows_fill_the_token_budget():
@@ -31,7 +31,7 @@ def test_safetensors_are_loaded_when_a_pickle_sits_beside_them(tmp_path, tiny_be
     from transformers import BertModel
 
     from pipeline.config import EmbedConfig
-    from pipeline.model import load_model
+    from pipeline.models.loading import load_model
 
     model_dir = tmp_path / "both"
     shutil.copytree(tiny_bert_dir, model_dir)
@@ -47,7 +47,7 @@ def test_safetensors_are_loaded_when_a_pickle_sits_beside_them(tmp_path, tiny_be
 
 def test_code_shipped_with_a_model_runs_only_with_trust_remote_code(tmp_path, tiny_bert_dir):
     from pipeline.config import EmbedConfig
-    from pipeline.model import load_model
+    from pipeline.models.loading import load_model
     from tests.slow_model import make_slow_model
 
     model_dir = make_slow_model(tiny_bert_dir, str(tmp_path / "custom"), delay=0.0)
@@ -63,8 +63,8 @@ def test_an_out_of_memory_batch_is_split_and_ids_keep_their_vectors(tiny_bert_di
     import torch
 
     from pipeline.config import EmbedConfig
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
     from tests.conftest import make_st_dir
 
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
@@ -99,8 +99,8 @@ def test_repeated_texts_are_encoded_once_and_get_the_same_vector_as_encode(tiny_
     from sentence_transformers import SentenceTransformer
 
     from pipeline.config import EmbedConfig
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
     from tests.conftest import make_st_dir
 
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")

@@ -90,8 +90,8 @@ def test_a_real_cuda_out_of_memory_splits_the_batch_and_ids_keep_their_vectors(d
     import pyarrow as pa
 
     from pipeline.config import EmbedConfig
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
 
     texts = [f"{i} " + " ".join(f"w{(i * 7 + j) % 997}" for j in range(200 + i % 50)) for i in range(256)]
     batch = pa.table({"id": [str(i) for i in range(256)], "text": texts, "_valid": [True] * 256})
@@ -105,7 +105,7 @@ def test_a_real_cuda_out_of_memory_splits_the_batch_and_ids_keep_their_vectors(d
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (160 << 20)) / total)
     try:
-        with caplog.at_level(logging.WARNING, logger="pipeline.encode"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.stages.encode"):
             split = stage(tokens)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

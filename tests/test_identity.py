@@ -15,7 +15,7 @@ import pytest
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
 from pipeline.identity import RUN_FILE, SETTINGS_KEY, differences
-from pipeline.runner import run_embed
+from pipeline.commands.embed import run_embed
 from tests.conftest import REPO, assert_one_line_error, cli, kill_cli_when, make_st_dir, snapshot, write_lines
 from tests.slow_model import make_slow_model
 
@@ -211,7 +211,7 @@ def test_an_overwrite_replaces_the_identity_with_the_new_one(first_output, tmp_p
 
 def legacy_copy(tmp_path, default_model_path):
     """The fixture (see tests/fixtures/README.md) and its input, with one more shard to embed."""
-    from pipeline.model import fingerprint
+    from pipeline.models.loading import fingerprint
 
     src = tmp_path / "in"
     src.mkdir()

@@ -10,14 +10,15 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import UsageError
-from pipeline.runner import plan_resources, run_embed
+from pipeline.commands.embed import run_embed
+from pipeline.engine.plan import plan_resources
 from tests.conftest import make_st_dir, sample_texts, write_lines
 
 
 def encode_in_process(config: EmbedConfig, texts: list[str], graph: bytes | None = None) -> np.ndarray:
     """The tokenize and encode stages themselves, without Ray: what every actor runs."""
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
 
     batch = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "_valid": [True] * len(texts)})
     tokens = TokenizeStage(config)(batch)
@@ -44,8 +45,8 @@ def test_int8_vectors_of_the_real_model_stay_close_to_float32(tmp_path, monkeypa
     """all-MiniLM-L6-v2 (an English model) on English sample texts: the issue's fidelity bounds.
 
     On the German and Chinese sample texts the mean falls to about 0.985 (BENCHMARKS.md)."""
-    from pipeline.model import describe_model, load_model
-    from pipeline.onnx_export import graph_for
+    from pipeline.models.loading import describe_model, load_model
+    from pipeline.models.onnx_graph import graph_for
 
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     texts = sample_texts()[:1000:4]  # the English part

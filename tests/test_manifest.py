@@ -10,7 +10,7 @@ import pytest
 from pipeline.config import EmbedConfig, MineConfig
 from pipeline.errors import InputError
 from pipeline.manifest import COMMON_KEYS, FORMAT_VERSION, KEYS, build, read, read_required, reference_markdown, write
-from pipeline.storage import get_fs
+from pipeline.storage.filesystems import get_fs
 from tests.conftest import REPO
 
 LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy_output")

@@ -13,9 +13,9 @@ import torch
 from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
 
 from pipeline.errors import InputError, UsageError
-from pipeline.mine import MineConfig, run_mine
+from pipeline.commands.mine import MineConfig, run_mine
 from tests.conftest import SAMPLE
-from tests.test_mining_math import clustered_vectors, duplicate_groups, random_vectors
+from tests.test_mining import clustered_vectors, duplicate_groups, random_vectors
 
 
 def write_vectors(directory, vectors, ids, files=3):
@@ -89,7 +89,7 @@ def test_exact_duplicates_at_the_floor_are_kept(ray_cluster, tmp_path):
 
 
 def test_many_small_blocks_and_threshold(ray_cluster, tmp_path, capsys):
-    from pipeline.info import show_info
+    from pipeline.commands.info import show_info
 
     vectors = clustered_vectors(400, noise=0.2)
     ids = [f"id{k}" for k in range(400)]
@@ -114,7 +114,7 @@ def test_many_small_blocks_and_threshold(ray_cluster, tmp_path, capsys):
 @pytest.mark.slow  # make test-all; random and clustered vectors run in make test
 def test_real_vectors_of_the_sample_corpus(ray_cluster, tmp_path, default_model_path):
     from pipeline import EmbedConfig, read_embeddings
-    from pipeline.runner import run_embed
+    from pipeline.commands.embed import run_embed
 
     emb = tmp_path / "emb"
     run_embed(EmbedConfig(input=os.path.join(SAMPLE, "zh.csv"), output=str(emb), quiet=True))

@@ -1,4 +1,4 @@
-"""The CPU encoders' ONNX Runtime path (pipeline.onnx_export): the same vectors as PyTorch, without torch."""
+"""The CPU encoders' ONNX Runtime path (pipeline.models.onnx_graph): the same vectors as PyTorch, without torch."""
 
 from __future__ import annotations
 
@@ -14,20 +14,21 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import UsageError
-from pipeline.runner import plan_resources, run_embed
+from pipeline.commands.embed import run_embed
+from pipeline.engine.plan import plan_resources
 from tests.conftest import REPO, assert_one_line_error, cli, make_st_dir, varied_texts, write_lines
 
 
 def fingerprint(config: EmbedConfig) -> str:
-    from pipeline.model import fingerprint, resolve_model_path
+    from pipeline.models.loading import fingerprint, resolve_model_path
 
     return fingerprint(resolve_model_path(config.model))
 
 
 def encode_stage(config: EmbedConfig, texts: list[str], graph: bytes | None) -> np.ndarray:
     """Tokenize and encode stages in process; vectors in the order of `texts`."""
-    from pipeline.encode import EncodeStage
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
 
     batch = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "_valid": [True] * len(texts)})
     out = EncodeStage(config, "cpu", 1, None, graph)(TokenizeStage(config)(batch))
@@ -60,7 +61,7 @@ def assert_same_vectors(got: np.ndarray, want: np.ndarray) -> None:
 def test_the_graph_gives_the_vectors_of_encode(base, options, extra, tiny_bert_dir, tiny_decoder_dir, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.onnx_export import graph_for
+    from pipeline.models.onnx_graph import graph_for
 
     model = make_st_dir(tiny_decoder_dir if base == "decoder" else tiny_bert_dir, str(tmp_path / "st"), **options)
     config = EmbedConfig(input="x", output="y", model=model, **extra)
@@ -79,8 +80,8 @@ def test_the_real_model_in_a_process_without_torch(default_model_path, tmp_path)
     sentence-transformers, as an encoder actor runs: the vectors of `SentenceTransformer.encode`."""
     from sentence_transformers import SentenceTransformer
 
-    from pipeline.describe import model_facts
-    from pipeline.onnx_export import graph_for
+    from pipeline.models.describe import model_facts
+    from pipeline.models.onnx_graph import graph_for
 
     config = EmbedConfig(input="x", output="y")
     texts = varied_texts(300)
@@ -90,8 +91,8 @@ def test_the_real_model_in_a_process_without_torch(default_model_path, tmp_path)
         pickle.dump((config, spec, graph_for(config, fingerprint(config), required=True), texts), f)
     script = (
         "import pickle, sys, numpy as np, pyarrow as pa\n"
-        "from pipeline.encode import EncodeStage\n"
-        "from pipeline.tokenize import TokenizeStage\n"
+        "from pipeline.stages.encode import EncodeStage\n"
+        "from pipeline.stages.tokenize import TokenizeStage\n"
         f"config, spec, graph, texts = pickle.load(open({str(tmp_path / 'job.pkl')!r}, 'rb'))\n"
         "batch = pa.table({'id': [str(i) for i in range(len(texts))], 'text': texts, '_valid': [True] * len(texts)})\n"
         "out = EncodeStage(config, 'cpu', 1, None, graph)(TokenizeStage(config, None, spec)(batch))\n"
@@ -108,7 +109,7 @@ def test_the_real_model_in_a_process_without_torch(default_model_path, tmp_path)
 
 
 def test_a_graph_is_cached_per_model_and_option(tiny_bert_dir, tmp_path, monkeypatch):
-    from pipeline import onnx_export
+    from pipeline.models import onnx_graph as onnx_export
 
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
@@ -130,7 +131,7 @@ def test_a_model_whose_graph_fails_the_check_runs_on_torch_or_is_refused(tiny_be
     and the verdict is cached so that later runs do not trace the model again."""
     import torch
 
-    from pipeline import onnx_export
+    from pipeline.models import onnx_graph as onnx_export
 
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
@@ -158,12 +159,12 @@ def test_a_model_whose_graph_fails_the_check_runs_on_torch_or_is_refused(tiny_be
 def test_a_child_process_builds_the_same_checked_graph(tiny_bert_dir, tmp_path):
     """What a CLI driver (no sentence-transformers imported) does: the export in a child, whose
     (graph, verdict) comes back as a value."""
-    from pipeline.child import ChildCall
-    from pipeline.onnx_export import OnnxEncoder, build_or_reason
+    from pipeline.models.child import ChildCall
+    from pipeline.models.onnx_graph import OnnxEncoder, build_or_reason
 
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
     config = EmbedConfig(input="x", output="y", model=model)
-    graph, why = ChildCall("pipeline.onnx_export:build_or_reason", config, what="exporting").result()
+    graph, why = ChildCall("pipeline.models.onnx_graph:build_or_reason", config, what="exporting").result()
     assert why is None and graph is not None
     here, _ = build_or_reason(config)
     texts = varied_texts(60)

@@ -1,6 +1,6 @@
-"""pipeline.quantize.quantize_per_token on a graph small enough to check by hand.
+"""pipeline.models.quantize.quantize_per_token on a graph small enough to check by hand.
 
-The graph, in opset 17 as pipeline.onnx_export writes it:
+The graph, in opset 17 as pipeline.models.onnx_graph writes it:
 
     q = x @ W          k = x @ V          (two weights, one activation: like query and key)
     h = tanh(x)        c = h @ W          (W shared by two MatMuls)
@@ -17,7 +17,7 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from pipeline.quantize import quantize_per_token
+from pipeline.models.quantize import quantize_per_token
 
 IN, OUT = 16, 8
 OUTPUTS = ["q", "k", "c", "s"]

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from pipeline import EmbedConfig, read_embeddings
-from pipeline.runner import run_embed
+from pipeline.commands.embed import run_embed
 from tests.conftest import make_st_dir
 
 

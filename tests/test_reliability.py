@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
-from pipeline.runner import run_embed
+from pipeline.commands.embed import run_embed
 from tests.conftest import assert_one_line_error, cli, kill_cli_when, make_st_dir, snapshot, write_lines
 from tests.slow_model import make_slow_model
 
@@ -155,8 +155,8 @@ def test_the_watchdog_kills_the_stage_actors_and_names_the_stalled_step(ray_clus
     import ray
 
     from pipeline.errors import PipelineError
-    from pipeline.runner import _watched
-    from pipeline.watchdog import ProgressBoard
+    from pipeline.engine.execution import watched as _watched
+    from pipeline.engine.watchdog import ProgressBoard
 
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
 
@@ -237,7 +237,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluste
 
 @pytest.mark.slow  # make test-all; the plain --overwrite test runs in make test
 def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_cluster, tmp_path, tiny_model, monkeypatch):
-    from pipeline import output
+    from pipeline.storage import output
 
     src = tmp_path / "in"
     expected = shards_input(src, 3, 20)

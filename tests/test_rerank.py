@@ -124,8 +124,8 @@ def assert_reranked(out, pairs: pa.Table, corpus: dict[str, str], reference) -> 
 
 def test_stage_scores_equal_predict_over_many_micro_batches(cross_encoder_dir, reference):
     """CrossEncodeStage alone: a 50-token budget cuts 300 pairs into many micro-batches of uneven width."""
-    from pipeline.cross_encode import CrossEncodeStage
-    from pipeline.rerank import RerankConfig
+    from pipeline.stages.cross_encode import CrossEncodeStage
+    from pipeline.commands.rerank import RerankConfig
 
     texts = sample_texts()
     rng = np.random.default_rng(1)
@@ -142,8 +142,8 @@ def test_stage_scores_equal_predict_over_many_micro_batches(cross_encoder_dir, r
 
 def test_join_by_id_field_over_several_parts(tmp_path):
     """The join's tasks run in process: ids from --id-field, 3 parts, every pair gets both its texts."""
-    from pipeline.pair_texts import join_first, join_second, pick_texts
-    from pipeline.sources import ReadSpec, discover_shards
+    from pipeline.storage.pair_texts import join_first, join_second, pick_texts
+    from pipeline.storage.sources import ReadSpec, discover_shards
 
     src = tmp_path / "in"
     src.mkdir()
@@ -175,7 +175,7 @@ def test_join_by_id_field_over_several_parts(tmp_path):
 
 
 def test_missing_and_repeated_ids_are_named():
-    from pipeline.pair_texts import _check_found
+    from pipeline.storage.pair_texts import _check_found
 
     wanted = pa.array(["a", "b", "c", "d"])
     with pytest.raises(InputError, match=r"--texts x: 2 of the 4 ids named by the pairs are not in it \(e.g. 'b'\)"):
@@ -345,7 +345,7 @@ def test_no_pairs_give_an_empty_output_without_starting_ray(good, capsys, cross_
 
 def test_rerank_options_need_their_command(tmp_path):
     from pipeline.config import build_config
-    from pipeline.mine import MineConfig
+    from pipeline.commands.mine import MineConfig
 
     with pytest.raises(UsageError, match="--rerank-model needs --mine"):
         build_config(input="i", output="o", rerank_model="m")

@@ -18,9 +18,10 @@ import pytest
 
 from pipeline import build_config, read_embeddings
 from pipeline.errors import InputError
-from pipeline.cluster import prepare_output
-from pipeline.runner import committed_files, read_manifest
-from pipeline.storage import check_bucket, get_fs, write_bytes_atomic
+from pipeline.engine.cluster import prepare_output
+from pipeline.manifest import read as read_manifest
+from pipeline.storage.output import committed_files
+from pipeline.storage.filesystems import check_bucket, get_fs, write_bytes_atomic
 from tests.conftest import (
     kill_cli_when,
     REPO, assert_one_line_error, cli, cli_env, make_st_dir, sample_texts, start_moto_server,
@@ -340,7 +341,7 @@ def test_readers_see_files_committed_after_an_earlier_read(moto_s3):
     import numpy as np
     import pyarrow as pa
 
-    from pipeline.sink import parquet_bytes
+    from pipeline.storage.sink import parquet_bytes
 
     bucket = moto_s3.new_bucket("reread")
     uri, options = f"s3://{bucket}/out", moto_s3.storage_options()

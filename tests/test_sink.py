@@ -1,4 +1,4 @@
-"""pipeline.sink without a Ray cluster: a chunk split across blocks is written as pieces by
+"""pipeline.storage.sink without a Ray cluster: a chunk split across blocks is written as pieces by
 `commit_block`, as an encoder does, and joined by `merge_pieces`, as the runner does."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.sink import PIECES_DIR, SinkSpec, commit_block, merge_pieces, read_file_stats
-from pipeline.storage import get_fs
+from pipeline.storage.sink import PIECES_DIR, SinkSpec, commit_block, merge_pieces, read_file_stats
+from pipeline.storage.filesystems import get_fs
 
 DIM = 3
 SHARD = "docs.txt"

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.sources import ReadSpec, chunk_file_name, discover_shards, read_chunks
+from pipeline.storage.sources import ReadSpec, chunk_file_name, discover_shards, read_chunks
 
 SPEC = ReadSpec("text", None, (), "strict", {})
 
@@ -253,7 +253,7 @@ def test_on_invalid_error_names_shard_and_row(tmp_path, name, content, message):
 
 
 def test_on_invalid_error_counts_rows_across_read_batches(tmp_path, monkeypatch):
-    import pipeline.sources as sources
+    import pipeline.storage.sources as sources
 
     monkeypatch.setattr(sources, "READ_BATCH_ROWS", 4)
     shard = shard_of(tmp_path, "long.txt", b"".join(b"doc %d\n" % i for i in range(9)) + b"  \n")

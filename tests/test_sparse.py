@@ -15,9 +15,9 @@ import pytest
 
 from pipeline import EmbedConfig, read_sparse_embeddings
 from pipeline.cli import main
-from pipeline.encode import sparse_terms
+from pipeline.stages.encode import sparse_terms
 from pipeline.errors import InputError, UsageError
-from pipeline.runner import run_embed
+from pipeline.commands.embed import run_embed
 from tests.conftest import sample_texts, write_lines
 
 TEXTS = sample_texts()[:60] + ["a", "猫", "x " * 150, "Sparse lexical vectors for retrieval."] * 2

@@ -14,8 +14,9 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
-from pipeline.cluster import LOCAL_GCS_ENV, WORKER_ENV
-from pipeline.runner import plan_resources, run_embed
+from pipeline.engine.cluster import LOCAL_GCS_ENV, WORKER_ENV
+from pipeline.commands.embed import run_embed
+from pipeline.engine.plan import plan_resources
 from tests.conftest import REPO, make_st_dir, snapshot
 
 
@@ -83,7 +84,7 @@ def assert_replicas_recorded(ray_cluster, manifest):
     encoders = replicas["encode"]["actors"]
     assert 1 <= len(encoders) <= 2 and replicas["encode"]["per_node"] == {node: len(encoders)}
     assert replicas["tokenize"]["per_node"] == {node: manifest["resources"]["num_tokenizers"]}
-    # the tokenizer actors ran the model's Rust tokenizer alone (pipeline.plain_tokenizer), no torch
+    # the tokenizer actors ran the model's Rust tokenizer alone (pipeline.models.fast_tokenizer), no torch
     assert {t["tokenizer"] for t in replicas["tokenize"]["actors"]} == {"tokenizers"}
     for encoder in encoders:
         assert encoder["device"] == "cpu" and encoder["dtype"] == "float32" and encoder["gpu_ids"] == []
@@ -100,14 +101,14 @@ def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model,
     by a driver thread (one node) or by Ray tasks (what a multi-node cluster does)."""
     from ray.data import DataContext
 
-    from pipeline import runner
+    from pipeline.engine import chain
 
-    class Tracker(runner._FileTracker):
+    class Tracker(chain.FileTracker):
         def __init__(self, sink, **options):
             assert options == {"spread": False}  # the local cluster has one node
             super().__init__(sink, spread=spread)
 
-    monkeypatch.setattr(runner, "_FileTracker", Tracker)
+    monkeypatch.setattr(chain, "FileTracker", Tracker)
 
     src = tmp_path / "in"
     src.mkdir()
@@ -202,7 +203,7 @@ def test_resource_plan_fits_two_cpus():
 
 
 def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_env(monkeypatch):
-    from pipeline.cluster import ray_init_kwargs
+    from pipeline.engine.cluster import ray_init_kwargs
 
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
     local = ray_init_kwargs(None, quiet=True)
@@ -221,7 +222,7 @@ def test_a_local_cluster_passes_the_worker_settings_to_its_workers_and_leaves_th
         """
         import json, os
         import ray
-        from pipeline.cluster import LOCAL_GCS_ENV, WORKER_ENV, ray_session_for
+        from pipeline.engine.cluster import LOCAL_GCS_ENV, WORKER_ENV, ray_session_for
 
         names = [*WORKER_ENV, *LOCAL_GCS_ENV]
         os.environ["TRANSFORMERS_VERBOSITY"] = "info"  # the caller's own value
@@ -256,7 +257,7 @@ def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
 def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_auto(monkeypatch):
     import torch
 
-    from pipeline.encode import usable_device
+    from pipeline.stages.encode import usable_device
     from pipeline.errors import PipelineError
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -269,7 +270,7 @@ def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_au
 def test_a_job_runtime_env_and_ray_init_never_set_the_same_variable(monkeypatch):
     """Under `ray job submit --runtime-env configs/runtime_env.yaml`, Ray refuses a ray.init runtime_env
     that sets a variable the job's runtime_env sets too ("Failed to merge the Job's runtime env")."""
-    from pipeline.cluster import ray_init_kwargs
+    from pipeline.engine.cluster import ray_init_kwargs
 
     job = {"runtime_env": {"working_dir": "gcs://pkg.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
     monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
@@ -284,7 +285,7 @@ def test_an_unreachable_cluster_address_fails_fast():
     import time
 
     from pipeline.errors import PipelineError
-    from pipeline.cluster import check_reachable
+    from pipeline.engine.cluster import check_reachable
 
     with socket.socket() as s:  # a port that was free a moment ago: nothing listens
         s.bind(("127.0.0.1", 0))
@@ -301,7 +302,7 @@ def test_a_run_leaves_ray_data_and_logging_as_it_found_them_so_a_second_run_in_o
     ray_cluster, tmp_path, tiny_model
 ):
     """run_embed changes Ray Data's context, the ray.data logger's level and the log record factory
-    for its chain, and restores every one of them (pipeline.runner.ray_data_settings)."""
+    for its chain, and restores every one of them (pipeline.engine.execution.ray_data_settings)."""
     import logging
 
     from ray.data import DataContext

@@ -1,7 +1,7 @@
 """What embedpipe derives from a model once and keeps: `$EMBEDPIPE_CACHE`, else `~/.cache/embedpipe`.
 
-Two kinds of entries: the int8 ONNX graph (pipeline.quantize) and the model's
-description with its tokenizer spec (pipeline.describe). Entries are written
+Two kinds of entries: the int8 ONNX graph (pipeline.models.quantize) and the model's
+description with its tokenizer spec (pipeline.models.describe). Entries are written
 atomically; a cache that cannot be written only costs the next run the work
 again.
 """
@@ -45,7 +45,7 @@ def write(path: str, data: bytes) -> None:
 
 def versions_and_code(libraries: tuple[str, ...], modules: tuple[str, ...]) -> dict:
     """The installed versions of `libraries` and a hash of embedpipe's own `modules` (file names in
-    pipeline/): part of an entry's key, so that an upgrade or an edited checkout derives it anew."""
+    pipeline/models/): part of an entry's key, so that an upgrade or an edited checkout derives it anew."""
     from importlib import metadata
 
     versions = {}

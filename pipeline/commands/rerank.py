@@ -26,9 +26,9 @@ import pyarrow.parquet as pq
 from pipeline.config import RerankConfig
 from pipeline.errors import EmbedpipeError, InputError, UsageError
 from pipeline.manifest import build as build_manifest, read as read_manifest, write as write_manifest
-from pipeline.mine import PAIRS_FILE
-from pipeline.sink import MANIFEST, parquet_bytes
-from pipeline.storage import first_line, get_fs, write_bytes_atomic
+from pipeline.commands.mine import PAIRS_FILE
+from pipeline.storage.sink import MANIFEST, parquet_bytes
+from pipeline.storage.filesystems import first_line, get_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +129,9 @@ class RerankResult:
 
 def run_rerank(config: RerankConfig) -> RerankResult:
     """Score `config.pairs` with the cross-encoder and write them, best rerank_score first, to `config.output`."""
-    from pipeline.cross_encode import check_cross_encoder
-    from pipeline.cluster import prepare_output, ray_session_for
-    from pipeline.sources import discover_shards
+    from pipeline.stages.cross_encode import check_cross_encoder
+    from pipeline.engine.cluster import prepare_output, ray_session_for
+    from pipeline.storage.sources import discover_shards
 
     started = time.time()
     pairs, total = read_pairs(config)
@@ -179,21 +179,21 @@ def _plan(config: RerankConfig):
     import ray
 
     from pipeline.config import EmbedConfig
-    from pipeline.runner import _alive_nodes, plan_resources
+    from pipeline.engine.plan import alive_nodes, plan_resources
 
     view = EmbedConfig(
         input=config.texts, output=config.output, device=config.device, dtype=config.dtype,
         num_encoders=config.num_encoders, encoder_threads=config.encoder_threads,
     )
-    return plan_resources(view, ray.cluster_resources(), _alive_nodes())
+    return plan_resources(view, ray.cluster_resources(), alive_nodes())
 
 
 def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tuple[np.ndarray, int, dict, dict]:
     """Rerank scores of `pairs` (indexed by their `pair` column), total tokens, the layout used
     (replicas, their reservations, block and join sizes), and seconds per phase."""
-    from pipeline.pair_texts import default_parts, join_texts
-    from pipeline.runner import _explain
-    from pipeline.sources import ReadSpec
+    from pipeline.storage.pair_texts import default_parts, join_texts
+    from pipeline.engine.execution import explain
+    from pipeline.storage.sources import ReadSpec
 
     block_pairs = config.block_pairs or (GPU_BLOCK_PAIRS if plan.device == "cuda" else CPU_BLOCK_PAIRS)
     block_pairs = min(block_pairs, -(-pairs.num_rows // (BLOCKS_PER_REPLICA * plan.num_encoders)))
@@ -212,7 +212,7 @@ def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tupl
     except EmbedpipeError:
         raise
     except Exception as exc:  # noqa: BLE001 - turned into one clear message
-        raise _explain(exc) from None
+        raise explain(exc) from None
     layout = {
         "device": plan.device, "num_encoders": replicas, "encoder_cpus": plan.encoder_cpus,
         "encoder_gpus": plan.encoder_gpus, "encoder_threads": plan.encoder_threads,
@@ -225,7 +225,7 @@ def _score(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas:
     """The joined blocks through the CrossEncodeStage actor pool: the score of each pair, and the tokens scored."""
     import ray
 
-    from pipeline.runner import ray_data_settings
+    from pipeline.engine.execution import ray_data_settings
 
     ray.wait(blocks, num_returns=len(blocks))  # the join is done before any replica starts
     with ray_data_settings(config.quiet, wait_for_min_actors_s=REPLICAS_START_S):
@@ -236,8 +236,8 @@ def _scores(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipeline.cross_encode import CrossEncodeStage
-    from pipeline.runner import TASKS_IN_FLIGHT_PER_ACTOR
+    from pipeline.stages.cross_encode import CrossEncodeStage
+    from pipeline.engine.chain import TASKS_IN_FLIGHT_PER_ACTOR
 
     ds = ray.data.from_arrow_refs(blocks).map_batches(
         CrossEncodeStage,

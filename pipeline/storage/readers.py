@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.identity import check_consistent, names_to_paths
-from pipeline.storage import get_fs
+from pipeline.storage.filesystems import get_fs
 
 
 def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:

@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pipeline.errors import InputError
-from pipeline.sources import ReadSpec, Shard, read_shard
+from pipeline.storage.sources import ReadSpec, Shard, read_shard
 
 TASK_CPUS = 0.25  # reading and joining are I/O and memory bound
 TEXTS_PER_PART = 65_536  # wanted texts per join part (default P): a part's texts stay in the tens of MB

@@ -13,8 +13,8 @@ import os
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.cluster import prepare_output
-from pipeline.storage import get_fs, write_bytes_atomic
+from pipeline.engine.cluster import prepare_output
+from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 from tests.conftest import assert_one_line_error, cli
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pipeline.config import DEFAULT_MODEL, EmbedConfig
-from pipeline.sources import Shard, discover_shards, output_stem
-from pipeline.storage import get_fs
+from pipeline.storage.sources import Shard, discover_shards, output_stem
+from pipeline.storage.filesystems import get_fs
 
 EXACT_BYTES = 8 << 20  # uncompressed local text shards up to this size are counted line by line
 MAX_COUNTED_SHARDS = 100  # beyond this, a spread sample of shards is counted and the rest scaled by size
@@ -171,7 +171,7 @@ def estimate_seconds(plan, documents: int, config: EmbedConfig) -> tuple[float |
             f"{rate:,.0f} docs/s; longer texts cost about in proportion to their tokens{other_model}"
         )
     cores = plan.num_encoders * (plan.encoder_threads or 1)
-    from pipeline.runner import cpu_encoder_path
+    from pipeline.engine.plan import cpu_encoder_path
 
     # The model's kind is not known without describing it: a dense model is assumed, and a graph
     # that fails its check (which falls back to torch) cannot be foreseen.
@@ -186,8 +186,8 @@ def estimate_seconds(plan, documents: int, config: EmbedConfig) -> tuple[float |
 
 def dry_run(config: EmbedConfig) -> str:
     """The report `embedpipe embed --dry-run` prints."""
-    from pipeline.cluster import ray_session_for
-    from pipeline.runner import plan_resources
+    from pipeline.engine.cluster import ray_session_for
+    from pipeline.engine.plan import plan_resources
 
     shards = discover_shards(config.input, config.storage_options)
     counts = count_all(shards, config.storage_options)
@@ -209,7 +209,7 @@ def _committed_stems(config: EmbedConfig) -> set[str]:
     """Output files an earlier run committed (a run skips their shards), read without writing anything."""
     if config.overwrite:
         return set()
-    from pipeline.runner import committed_files
+    from pipeline.storage.output import committed_files
 
     try:
         fs, root = get_fs(config.output, config.storage_options)
@@ -219,7 +219,7 @@ def _committed_stems(config: EmbedConfig) -> set[str]:
 
 
 def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, basis) -> list[str]:
-    from pipeline.runner import COMMIT_CPUS, READ_CPUS
+    from pipeline.engine.plan import COMMIT_CPUS, READ_CPUS
 
     methods = sorted({c.method for c in counts})
     total_bytes = sum(c.shard.size for c in counts)

@@ -1,9 +1,9 @@
 """A function of embedpipe run in a plain child Python process, for the driver's one-off heavy work.
 
-Describing a model (pipeline.describe) and exporting it to ONNX (pipeline.onnx_export)
+Describing a model (pipeline.models.describe) and exporting it to ONNX (pipeline.models.onnx_graph)
 import torch and sentence-transformers: seconds of CPU and hundreds of MiB that the
 driver would otherwise hold for the whole run. A child does that work and exits, and
-its memory goes with it. It is a plain `python -m pipeline.child` process, not
+its memory goes with it. It is a plain `python -m pipeline.models.child` process, not
 multiprocessing's spawn, which would import the caller's `__main__` again (a script
 without an `if __name__ == "__main__":` guard would run twice).
 """
@@ -34,9 +34,9 @@ class ChildCall:
         self._dir = tempfile.mkdtemp(prefix="embedpipe-child-")
         with open(os.path.join(self._dir, "call"), "wb") as f:
             pickle.dump((function, args, what), f)
-        package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # holds pipeline/
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
-        self._process = subprocess.Popen([sys.executable, "-m", "pipeline.child", self._dir], env=env,
+        self._process = subprocess.Popen([sys.executable, "-m", "pipeline.models.child", self._dir], env=env,
                                          stdin=subprocess.DEVNULL)
 
     def result(self) -> Any:

@@ -3,7 +3,7 @@
 The driver needs what a load without weights tells (pooling, normalisation,
 max_seq_length, prompt, kind, the tokenizer actors' TokenizerSpec) before
 the stages may write, and importing sentence-transformers costs seconds and
-~300 MiB. A child process (pipeline.child) does it while the driver
+~300 MiB. A child process (pipeline.models.child) does it while the driver
 starts Ray, and exits: its memory is gone before the stages start. A
 process that has imported sentence-transformers already uses a thread.
 """
@@ -17,16 +17,16 @@ import os
 import sys
 from typing import Any
 
-from pipeline import cache
-from pipeline.child import ChildCall
+from pipeline.models import cache
+from pipeline.models.child import ChildCall
 from pipeline.config import EmbedConfig
-from pipeline.model import ModelInfo, describe_model, load_model, output_dimension, resolve_model_path, sparse_top_k
-from pipeline.plain_tokenizer import TokenizerSpec, spec_for
+from pipeline.models.loading import ModelInfo, describe_model, load_model, output_dimension, resolve_model_path, sparse_top_k
+from pipeline.models.fast_tokenizer import TokenizerSpec, spec_for
 
 
 def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any], TokenizerSpec | None]:
     """What the manifest records about the model and its vectors, from a load without weights, and
-    the tokenizer actors' torch-free tokenisation where it reproduces `preprocess` (pipeline.plain_tokenizer)."""
+    the tokenizer actors' torch-free tokenisation where it reproduces `preprocess` (pipeline.models.fast_tokenizer)."""
     model = load_model(config, weights=False)
     info = describe_model(model, config)
     vectors: dict[str, Any] = {"kind": info.kind}
@@ -38,7 +38,7 @@ def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any], Tokeniz
 class ModelFacts:
     """`model_facts(config)`, started now; `result()` waits for it.
 
-    From the cache (pipeline.cache) when this model directory, unchanged since, was described
+    From the cache (pipeline.models.cache) when this model directory, unchanged since, was described
     with the same options and library versions: then nothing is imported or started. Otherwise
     in a child process, unless this process has already imported sentence-transformers (a
     notebook, a test run): then a thread does it, as there is nothing left to save.
@@ -57,7 +57,7 @@ class ModelFacts:
             self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-model")
             self._future = self._thread.submit(model_facts, config)
             return
-        self._child = ChildCall("pipeline.describe:model_facts", config, what="describing the model")
+        self._child = ChildCall("pipeline.models.describe:model_facts", config, what="describing the model")
 
     @property
     def from_cache(self) -> bool:
@@ -107,7 +107,7 @@ def _cache_path(config: EmbedConfig) -> str | None:
         return None
     key = json.dumps({
         "path": path, "files": cache.directory_signature(path),
-        **cache.versions_and_code(_LIBRARIES, ("describe.py", "model.py", "plain_tokenizer.py")),
+        **cache.versions_and_code(_LIBRARIES, ("describe.py", "loading.py", "fast_tokenizer.py")),
         "options": {name: getattr(config, name) for name in _FACT_OPTIONS},
     }, sort_keys=True)
     return cache.entry_path("describe", key, ".json")

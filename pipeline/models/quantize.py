@@ -1,6 +1,6 @@
 """The int8 CPU path (`--dtype int8`): every MatMul by a weight of the model's ONNX graph in int8.
 
-pipeline.onnx_export traces the model into one float32 graph and checks it;
+pipeline.models.onnx_graph traces the model into one float32 graph and checks it;
 `quantize_per_token` then rewrites its weight MatMuls: weights per output
 channel, activations per token at run time. Everything else (attention's
 softmax, layer norms, pooling, Normalize) stays float32.

@@ -17,9 +17,9 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.config import EmbedConfig
-from pipeline.model import load_model, resolve_prompt
-from pipeline.plain_tokenizer import PlainTokenizer, TokenizerSpec
-from pipeline.watchdog import Progress
+from pipeline.models.loading import load_model, resolve_prompt
+from pipeline.models.fast_tokenizer import PlainTokenizer, TokenizerSpec
+from pipeline.engine.watchdog import Progress
 
 TOKEN_PREFIX = "tok_"
 SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays small

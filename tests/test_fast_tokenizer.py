@@ -1,4 +1,4 @@
-"""The tokenizer actors' torch-free path (pipeline.plain_tokenizer) against sentence-transformers' `preprocess`."""
+"""The tokenizer actors' torch-free path (pipeline.models.fast_tokenizer) against sentence-transformers' `preprocess`."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline import EmbedConfig
-from pipeline.model import load_model, resolve_prompt
-from pipeline.plain_tokenizer import PROBE_TEXTS, PlainTokenizer, spec_for
+from pipeline.models.loading import load_model, resolve_prompt
+from pipeline.models.fast_tokenizer import PROBE_TEXTS, PlainTokenizer, spec_for
 from tests.conftest import cli_env, make_st_dir, sample_texts, varied_texts
 
 TEXTS = varied_texts(1500) + PROBE_TEXTS + ["", "   ", "Ünïcödé  with   runs of   spaces", "x " * 300]
@@ -101,7 +101,7 @@ def test_a_left_padding_decoder_tokenizer_is_captured_too(tiny_decoder_dir, tmp_
 def test_the_stage_gives_the_same_table_either_way(default_model_path, tiny_bert_dir, tmp_path):
     """TokenizeStage with a spec (what the actors run) and without one (sentence-transformers):
     the same token columns, lengths, truncation flags and row order, for two models."""
-    from pipeline.tokenize import TokenizeStage
+    from pipeline.stages.tokenize import TokenizeStage
 
     texts = TEXTS[:400] + TEXTS[-60:]  # some far longer than both models take
     batch = pa.table({
@@ -127,7 +127,7 @@ def test_the_tokenizer_actor_never_imports_torch(default_model_path, tmp_path):
         "import pickle, sys\n"
         "import pyarrow as pa\n"
         "from pipeline import EmbedConfig\n"
-        "from pipeline.tokenize import TokenizeStage\n"
+        "from pipeline.stages.tokenize import TokenizeStage\n"
         "spec = pickle.load(open(sys.argv[1], 'rb'))\n"
         "stage = TokenizeStage(EmbedConfig(input='.', output='out'), spec=spec)\n"
         "out = stage(pa.table({'id': ['a'], 'text': ['Hello world'], '_valid': [True]}))\n"

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.encode import padding, plan_micro_batches, to_device, usable_device
+from pipeline.stages.encode import padding, plan_micro_batches, to_device, usable_device
 from pipeline.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -64,7 +64,7 @@ def check_cross_encoder(name: str, trust_remote_code: bool = False) -> CrossEnco
     weights for num_labels, activation and max_seq_length. A hub id is judged
     by the load alone.
     """
-    from pipeline.model import fingerprint, resolve_model_path
+    from pipeline.models.loading import fingerprint, resolve_model_path
 
     path = resolve_model_path(name)
     if os.path.isdir(path):
@@ -123,7 +123,7 @@ def load_cross_encoder(name: str, device: str = "cpu", trust_remote_code: bool =
     """sentence-transformers' CrossEncoder for `name`; without weights, built on `meta` (config and tokenizer only)."""
     from sentence_transformers import CrossEncoder
 
-    from pipeline.model import _quiet_transformers, _weights_on_meta, resolve_model_path
+    from pipeline.models.loading import _quiet_transformers, _weights_on_meta, resolve_model_path
 
     path = resolve_model_path(name)
     kwargs: dict[str, Any] = {}

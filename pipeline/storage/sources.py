@@ -32,7 +32,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.errors import InputError
-from pipeline.storage import check_bucket, get_fs, is_local
+from pipeline.storage.filesystems import check_bucket, get_fs, is_local
 
 log = logging.getLogger(__name__)
 

@@ -8,15 +8,15 @@ token ids in, pooled vector out, and an encoder only loads ONNX Runtime (0.3 s)
 and runs it. sentence-transformers' modules are not rewritten: the graph is
 theirs, traced.
 
-The graph is built on the driver's machine in a child process (pipeline.child),
+The graph is built on the driver's machine in a child process (pipeline.models.child),
 checked there against the PyTorch model on PROBE_TEXTS (every vector's cosine
->= MIN_COSINE and length within NORM_TOLERANCE), and cached (pipeline.cache) by
+>= MIN_COSINE and length within NORM_TOLERANCE), and cached (pipeline.models.cache) by
 the model's fingerprint, the options that shape the graph and the library
 versions. A model whose graph fails the check, or whose features are not plain
 token tensors (e.g. a prompt left out of its pooling), is recorded as such in
 the cache: `--backend auto` then runs PyTorch, `--backend onnx` refuses it.
 With `--dtype int8` the checked graph has its MatMuls quantised
-(pipeline.quantize) before it is cached.
+(pipeline.models.quantize) before it is cached.
 
 The graph carries what an encoder needs besides it: the vector's length and
 the tokenizer's padding (side and pad values), as ONNX metadata.
@@ -35,7 +35,7 @@ import sys
 import tempfile
 import warnings
 
-from pipeline import cache
+from pipeline.models import cache
 from pipeline.config import EmbedConfig
 from pipeline.errors import UsageError
 
@@ -97,7 +97,7 @@ def graph_for(config: EmbedConfig, fingerprint: str, required: bool) -> bytes | 
 def _cache_key(config: EmbedConfig, fingerprint: str) -> str:
     return json.dumps({
         "fingerprint": fingerprint, "opset": OPSET,
-        **cache.versions_and_code(_LIBRARIES, ("onnx_export.py", "quantize.py", "model.py")),
+        **cache.versions_and_code(_LIBRARIES, ("onnx_graph.py", "quantize.py", "loading.py")),
         "options": {name: getattr(config, name) for name in _GRAPH_OPTIONS},
     }, sort_keys=True)
 
@@ -107,9 +107,9 @@ def _build(config: EmbedConfig) -> tuple[bytes | None, str | None]:
     a test run), else in a child whose torch and sentence-transformers are gone when it exits."""
     if "sentence_transformers" in sys.modules:
         return build_or_reason(config)
-    from pipeline.child import ChildCall
+    from pipeline.models.child import ChildCall
 
-    return ChildCall("pipeline.onnx_export:build_or_reason", config, what="exporting the model to ONNX").result()
+    return ChildCall("pipeline.models.onnx_graph:build_or_reason", config, what="exporting the model to ONNX").result()
 
 
 def build_or_reason(config: EmbedConfig) -> tuple[bytes | None, str | None]:
@@ -127,8 +127,8 @@ def build_graph(config: EmbedConfig) -> bytes:
     import torch
     from sentence_transformers.base.modules import Transformer
 
-    from pipeline.encode import padding
-    from pipeline.model import load_model, model_normalizes, resolve_prompt
+    from pipeline.stages.encode import padding
+    from pipeline.models.loading import load_model, model_normalizes, resolve_prompt
 
     model = load_model(config, device="cpu", weights=True).eval()
     if not len(model) or not isinstance(model[0], Transformer):
@@ -164,7 +164,7 @@ def build_graph(config: EmbedConfig) -> bytes:
         meta = {"dim": None, "left_pad": left, "pad_values": pads, "dtype": "float32"}
         _check(model, wrapper, graph, names, prompt, meta)
         if config.dtype == "int8":
-            from pipeline.quantize import quantize_per_token
+            from pipeline.models.quantize import quantize_per_token
 
             graph = onnx.load_from_string(quantize_per_token(fp32))
             meta["dtype"] = "int8"
@@ -181,7 +181,7 @@ def _check(model, wrapper, graph, names: list[str], prompt: str | None, meta: di
     import onnxruntime as ort
     import torch
 
-    from pipeline.plain_tokenizer import PROBE_TEXTS
+    from pipeline.models.fast_tokenizer import PROBE_TEXTS
 
     session = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
     inputs = [i.name for i in session.get_inputs()]  # the exporter drops a feature the model ignores

@@ -1,6 +1,6 @@
 """Starting or joining Ray, and checking the output location, for every command.
 
-Kept apart from `pipeline.runner` so that `embedpipe mine` and `embedpipe rerank`
+Kept apart from `pipeline.commands.embed` so that `embedpipe mine` and `embedpipe rerank`
 start without importing Ray Data (~0.7 s of a run).
 """
 
@@ -14,7 +14,7 @@ import subprocess
 from typing import Any, Iterator, Mapping
 
 from pipeline.errors import InputError, PipelineError, UsageError
-from pipeline.storage import check_bucket, check_local_dir_writable, first_line, get_fs, is_local
+from pipeline.storage.filesystems import check_bucket, check_local_dir_writable, first_line, get_fs, is_local
 
 WORKER_ENV = {"TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
 # A local cluster's GCS keeps the events of the last this-many tasks and actor calls (Ray's

@@ -9,9 +9,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.identity import consistency_problems, names_to_paths
-from pipeline.readers import embedding_files, read_embeddings
+from pipeline.storage.readers import embedding_files, read_embeddings
 from pipeline.manifest import read_required
-from pipeline.storage import get_fs
+from pipeline.storage.filesystems import get_fs
 
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
 
@@ -65,7 +65,7 @@ def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, roo
     if isinstance(manifest.get("model"), dict):
         brief["model"] = manifest["model"].get("name")
     print(json.dumps(brief, indent=2, ensure_ascii=False))
-    from pipeline.mine import PAIRS_FILE
+    from pipeline.commands.mine import PAIRS_FILE
 
     if rows > 0:
         with fs.open(f"{root.rstrip('/')}/{PAIRS_FILE}", "rb") as f:

@@ -3,7 +3,7 @@
 Rows arrive sorted by length. They are cut into micro-batches by a token
 budget (rows x longest row <= max_batch_tokens), padded only to the longest
 row of each micro-batch, and run through the SentenceTransformer's modules:
-on CPU as their traced ONNX graph on ONNX Runtime (pipeline.onnx_export),
+on CPU as their traced ONNX graph on ONNX Runtime (pipeline.models.onnx_graph),
 else on PyTorch under `torch.inference_mode`. Output vectors are float32.
 
 A sparse (SPLADE) model's output is vocabulary-sized and mostly zero: each
@@ -22,10 +22,10 @@ import pyarrow as pa
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import PipelineError, UsageError
-from pipeline.model import is_sparse, load_model, model_normalizes, resolve_prompt, sparse_top_k
-from pipeline.sink import SinkSpec, commit_block
-from pipeline.tokenize import TOKEN_PREFIX, segments
-from pipeline.watchdog import Progress
+from pipeline.models.loading import is_sparse, load_model, model_normalizes, resolve_prompt, sparse_top_k
+from pipeline.storage.sink import SinkSpec, commit_block
+from pipeline.stages.tokenize import TOKEN_PREFIX, segments
+from pipeline.engine.watchdog import Progress
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,7 @@ def compute_dtype(asked: str, device: str) -> str:
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`.
 
-    With `graph` (pipeline.onnx_export: the model as a checked ONNX graph, float32 or int8) the
+    With `graph` (pipeline.models.onnx_graph: the model as a checked ONNX graph, float32 or int8) the
     encoder runs it on ONNX Runtime and imports neither torch nor sentence-transformers; without
     it, the SentenceTransformer's modules run on PyTorch.
     """
@@ -131,7 +131,7 @@ class EncodeStage:
                 self._load(config, device, threads)
 
     def _load_graph(self, config: EmbedConfig, graph, threads: int) -> None:
-        from pipeline.onnx_export import OnnxEncoder
+        from pipeline.models.onnx_graph import OnnxEncoder
 
         if not isinstance(graph, (bytes, bytearray)):  # an ObjectRef: Ray Data passes constructor arguments as they are
             import ray

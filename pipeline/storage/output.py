@@ -20,8 +20,8 @@ import posixpath
 
 from pipeline.identity import RUN_FILE
 from pipeline.manifest import write as write_manifest
-from pipeline.sink import MANIFEST, PIECES_DIR, read_file_stats
-from pipeline.storage import is_local, write_bytes_atomic
+from pipeline.storage.sink import MANIFEST, PIECES_DIR, read_file_stats
+from pipeline.storage.filesystems import is_local, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +94,17 @@ def finish_swap(fs, root: str) -> bool:
     write_manifest(fs, root, plan["manifest"])
     fs.rm(staging, recursive=True)
     return True
+
+
+def committed_files(fs, root: str) -> dict[str, str]:
+    """Final output files already in `root`: {name: path}, from a fresh listing (never s3fs's cache)."""
+    try:
+        entries = fs.ls(root, detail=False, refresh=True)
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for path in entries:
+        name = posixpath.basename(path.rstrip("/"))
+        if name.endswith(".parquet") and not name.startswith(("_", ".")):
+            out[name] = path
+    return out

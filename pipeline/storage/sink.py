@@ -22,8 +22,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
-from pipeline.storage import get_fs, write_bytes_atomic
-from pipeline.watchdog import Progress
+from pipeline.storage.filesystems import get_fs, write_bytes_atomic
+from pipeline.engine.watchdog import Progress
 
 PIECES_DIR = "_pieces"
 MANIFEST = "_manifest.json"

@@ -19,6 +19,7 @@ import logging
 import posixpath
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -28,9 +29,9 @@ from pipeline.config import MineConfig
 from pipeline.errors import InputError
 from pipeline.identity import check_consistent, names_to_paths
 from pipeline.manifest import build as build_manifest, write as write_manifest
-from pipeline.readers import embedding_files
-from pipeline.sink import parquet_bytes
-from pipeline.storage import get_fs, write_bytes_atomic
+from pipeline.storage.readers import embedding_files
+from pipeline.storage.sink import parquet_bytes
+from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 
 log = logging.getLogger(__name__)
 
@@ -210,13 +211,15 @@ class MineResult:
     documents: int
     pairs: int
     seconds: float
+    reranked: Any = None
+    """The RerankResult when the pairs were reranked too (--rerank-model), else None."""
 
     def summary_line(self) -> str:
         return f"mined {self.pairs:,} pairs among {self.documents:,} documents in {self.seconds:.1f}s -> {self.output}"
 
 
 def run_mine(config: MineConfig) -> MineResult:
-    from pipeline.cluster import prepare_output, ray_session_for
+    from pipeline.engine.cluster import prepare_output, ray_session_for
 
     started = time.time()
     spans = plan_files(config)

@@ -1,0 +1,252 @@
+"""`embedpipe embed`: documents in, one Parquet file per shard chunk out, exactly once, `_manifest.json` last.
+
+    discover shards -> describe the model -> check a resume (pipeline.identity) -> plan (pipeline.engine.plan)
+      -> run the chain (pipeline.engine.chain) -> manifest (pipeline.manifest), or swap in an --overwrite
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import posixpath
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from pipeline.config import EmbedConfig
+from pipeline.engine.chain import run_chain
+from pipeline.engine.cluster import prepare_output, ray_session_for
+from pipeline.engine.plan import Plan, cpu_encoder_path, plan_from_cluster, planned_dtype
+from pipeline.errors import UsageError
+from pipeline.identity import (
+    RUN_FILE, FileFacts, check_resume, file_metadata, read_all_facts, read_manifest, read_run, run_document,
+    run_identity, write_run,
+)
+from pipeline.manifest import write as write_manifest
+from pipeline.models.describe import ModelFacts
+from pipeline.models.loading import check_model
+from pipeline.storage.output import (
+    clear_leftovers, clear_staging, committed_files, finish_swap, staging_uri, swap_in,
+)
+from pipeline.storage.sink import SinkSpec, read_file_stats
+from pipeline.storage.sources import discover_shards, output_stem
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    output: str
+    documents: int
+    embedded: int
+    invalid: int
+    truncated: int
+    tokens: int
+    seconds: float
+    files_written: int
+    files_skipped: int
+    manifest: dict[str, Any] = field(repr=False)
+    mined: Any = None
+    """The MineResult of `embed --mine` (pipeline.embed with mine=True), else None."""
+
+    @property
+    def docs_per_second(self) -> float:
+        return self.embedded / self.seconds if self.seconds > 0 else 0.0
+
+    def summary_line(self) -> str:
+        return (
+            f"embedded {self.embedded:,} documents ({self.tokens:,} tokens, {self.truncated:,} truncated, "
+            f"{self.invalid:,} empty skipped, {self.files_skipped} file(s) already done) in "
+            f"{self.seconds:.1f}s: {self.docs_per_second:,.0f} docs/s -> {self.output}"
+        )
+
+
+def run_embed(config: EmbedConfig) -> RunResult:
+    """Embed `config.input` into `config.output`; resume unless `config.overwrite`."""
+    started = time.time()
+    shards = discover_shards(config.input, config.storage_options)
+    check_model(config)  # a wrong model, or an option its kind refuses, is refused before anything starts
+    # The model is described by a child process while Ray starts (see pipeline.models.describe).
+    # Until the model is known and a resume is found compatible, the output is only read.
+    describing = ModelFacts(config)
+    with describing, _output_removed_on_error(config.output):
+        fs, root = prepare_output(config.output, config.storage_options)
+        if finish_swap(fs, root):
+            log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
+        run, previous, facts = (None, None, {}) if config.overwrite else _earlier_output(fs, root)
+        committed = frozenset(facts)
+        todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
+        if facts and not config.overwrite:  # a resume with other settings is refused before a cluster starts
+            info, _, _ = describing.result()
+            check_resume(config, info, run_identity(config, info, planned_dtype(config, None)), run, previous, facts)
+        with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
+            info, vectors, tokenizer_spec = describing.result()
+            plan = plan_from_cluster(config) if todo else None
+            identity = run_identity(config, info, planned_dtype(config, plan))
+            if config.overwrite:
+                target, target_uri = clear_staging(fs, root), staging_uri(config.output)
+            else:
+                check_resume(config, info, identity, run, previous, facts)
+                clear_staging(fs, root)
+                target, target_uri = root, config.output
+            clear_leftovers(fs, target)
+            if todo and (run is None or not facts):  # before the first commit; a resume keeps its own
+                write_run(fs, target, identity)
+            sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype,
+                            config.storage_options, file_metadata(identity))
+            written: dict[str, dict] = {}
+            stage_times: dict[str, dict] = {}
+            replicas: list[dict] = []
+            if todo:
+                graph = _onnx_graph(config, plan, info)
+                chain_started = time.time()
+                written, stage_times, replicas = run_chain(config, plan, todo, committed, sink, graph, tokenizer_spec)
+                stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
+    if todo:
+        clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
+
+    stats = dict(written)
+    if not config.overwrite:
+        shard_keys = {s.key for s in shards}
+        for name, path in committed_files(fs, root).items():
+            file_stats = None if name in stats else (facts[name].stats if name in facts else read_file_stats(fs, path))
+            if file_stats is not None and file_stats.get("shard") in shard_keys:
+                stats[name] = file_stats
+    finished = time.time()
+    manifest = _manifest(
+        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity
+    )
+    if config.overwrite:
+        swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
+    else:
+        write_manifest(fs, root, manifest)
+    totals = manifest["rows"]
+    return RunResult(
+        output=config.output,
+        documents=totals["documents"],
+        embedded=sum(s["embedded"] for s in written.values()),
+        invalid=totals["invalid"],
+        truncated=totals["truncated"],
+        tokens=sum(s["tokens"] for s in written.values()),
+        seconds=finished - started,
+        files_written=len(written),
+        files_skipped=len(stats) - len(written),
+        manifest=manifest,
+    )
+
+
+def _earlier_output(fs, root: str) -> tuple[dict | None, dict | None, dict[str, FileFacts]]:
+    """What earlier runs left in `root`: its `_run.json`, its manifest, and its committed files' footers."""
+    return read_run(fs, root), read_manifest(fs, root), read_all_facts(fs, committed_files(fs, root))
+
+
+def _onnx_graph(config: EmbedConfig, plan: Plan, info):
+    """The model's checked ONNX graph in the object store, for CPU encoders (every node gets the
+    same graph without a shared disk); None where PyTorch runs the model."""
+    if config.backend == "onnx" and info.kind != "dense":
+        raise UsageError(f"--backend onnx: model {config.model} is a {info.kind} model; onnx is for dense models")
+    path = cpu_encoder_path(config, info.kind)
+    if plan.device != "cpu" or path == "torch":
+        return None
+    from pipeline.models.onnx_graph import graph_for
+
+    graph = graph_for(config, info.fingerprint, required=config.backend == "onnx" or path == "int8")
+    if graph is None:
+        return None
+    import ray
+
+    return ray.put(graph)
+
+
+@contextlib.contextmanager
+def _output_removed_on_error(output: str) -> Iterator[None]:
+    """A local output directory this run created is removed again if the run fails before
+    writing anything into it (a refused model option leaves no trace)."""
+    fresh = "://" not in output and not os.path.exists(output)
+    try:
+        yield
+    except BaseException:
+        if fresh and os.path.isdir(output) and set(os.listdir(output)) <= {RUN_FILE}:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(os.path.join(output, RUN_FILE))  # it guards no committed file
+            os.rmdir(output)
+        raise
+
+
+def _manifest(
+    config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
+    identity=None,
+) -> dict[str, Any]:
+    """The output's `_manifest.json` (pipeline.manifest). `vectors`: kind ('dense' or 'sparse'), and for
+    sparse outputs the vocabulary size (their dimension) and the terms kept per document."""
+    from pipeline import manifest
+
+    files = sorted(stats.values(), key=lambda s: s["file"])
+    per_shard: dict[str, dict] = {s.key: {"shard": s.key, "files": [], "rows": 0, "embedded": 0} for s in shards}
+    for s in files:
+        entry = per_shard.get(s["shard"])
+        if entry is not None:
+            entry["files"].append(s["file"])
+            entry["rows"] += s["rows"]
+            entry["embedded"] += s["embedded"]
+    totals = {k: sum(s[k] for s in files) for k in ("embedded", "invalid", "truncated", "tokens")}
+    totals["documents"] = sum(s["rows"] for s in files)
+    vectors = dict(vectors or {"kind": "dense"})
+    kind = vectors.pop("kind")
+    return manifest.build(
+        kind, rows=totals, files=files, config=config, started=started, finished=finished, model=info.as_dict(),
+        # per stage and step kind: count, busy seconds, first start and last end (seconds after
+        # the Ray chain started, itself chain_started_s after the run started)
+        timings={"stages": stage_times or {}},
+        identity={"hash": identity["hash"], "settings": identity["settings"]} if identity else None,
+        dim=vectors["vocab_size"] if kind == "sparse" else _dimension(fs, root, files),
+        **vectors,
+        pooling=info.pooling,
+        normalize=info.normalize,
+        max_seq_length=info.max_seq_length,
+        dtype=_compute_dtype(config, plan, replicas),
+        backend=_backend(replicas),
+        output_dtype=config.output_dtype,
+        shards=list(per_shard.values()),
+        resources=plan.as_dict() if plan else None,
+        replicas=_replicas(replicas),
+    )
+
+
+def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:
+    used = {r["dtype"] for r in replicas if r.get("stage") == "encode" and r.get("dtype")}
+    if len(used) == 1:
+        return used.pop()
+    if config.dtype != "auto":
+        return config.dtype
+    return "float16" if plan and plan.device == "cuda" else "float32"
+
+
+def _backend(replicas) -> str | None:
+    """What ran the model in this run's encoders: 'onnxruntime' or 'torch' ('+'-joined should they differ),
+    or None when nothing was encoded."""
+    used = sorted({r["backend"] for r in replicas if r.get("stage") == "encode" and r.get("backend")})
+    return "+".join(used) or None
+
+
+def _replicas(replicas) -> dict[str, Any]:
+    """Where this run's stage actors ran: per stage, one entry per actor (node, IP, GPUs, device),
+    and how many ran on each node."""
+    out: dict[str, Any] = {}
+    for stage in ("tokenize", "encode"):
+        entries = sorted((r for r in replicas if r.get("stage") == stage), key=lambda r: (r["node_ip"], r["node_id"]))
+        per_node: dict[str, int] = {}
+        for r in entries:
+            per_node[r["node_id"]] = per_node.get(r["node_id"], 0) + 1
+        out[stage] = {"actors": [{k: v for k, v in r.items() if k != "stage"} for r in entries], "per_node": per_node}
+    return out
+
+
+def _dimension(fs, root: str, files: list[dict]) -> int | None:
+    import pyarrow.parquet as pq
+
+    for s in files:
+        with fs.open(posixpath.join(root, s["file"]), "rb") as f:
+            return pq.read_schema(f).field("embedding").type.list_size
+    return None

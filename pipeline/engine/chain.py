@@ -1,0 +1,177 @@
+"""The embed chain on Ray Data, run and consumed by the driver:
+
+    read shards (tasks) -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors, which also commit Parquet)
+
+The driver only sees one small summary row per file written (FileTracker); it joins the pieces of
+files that Ray split across blocks. Resources come from the plan (pipeline.engine.plan).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import functools
+from typing import Any
+
+from pipeline.config import EmbedConfig
+from pipeline.engine.execution import explain, ray_data_settings, watched
+from pipeline.engine.plan import COMMIT_CPUS, READ_CPUS, Plan, alive_nodes
+from pipeline.engine.watchdog import ProgressBoard
+from pipeline.storage.sink import SinkSpec, merge_pieces
+from pipeline.storage.sources import ReadSpec, Shard, ShardDatasource
+
+OBJECT_STORE_BUDGET = 256 << 20  # bytes of blocks Ray Data may hold in the object store at once
+ENCODER_CALLS_ON_GPU = 2  # one block encoding, one writing (see _encoder_pool)
+TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks, little imbalance at the end
+# A CPU encoder takes its next block only when it is free: a block queued behind a long one would
+# wait there while the other encoders run dry (the gap between two calls is about 0.1 s).
+CPU_ENCODER_TASKS_IN_FLIGHT = 1
+TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
+MIN_BLOCK_BYTES = 64 << 10
+
+
+def run_chain(
+    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, graph=None,
+    tokenizer_spec=None,
+) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
+    """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
+    from ray.data import DataContext
+
+    multi_node = alive_nodes() > 1
+    # Small blocks, of about plan.block_rows short documents: one large shard is spread over
+    # every encoder instead of going to one, tokenising the next block overlaps encoding this
+    # one, and a file commits as soon as its last block is encoded. The encoder gathers blocks
+    # into calls of plan.block_rows rows (its batch size), whatever their size in bytes.
+    default_block = DataContext.get_current().target_max_block_size or DataContext().target_max_block_size
+    settings = ray_data_settings(
+        config.quiet,
+        target_max_block_size=min(default_block, max(MIN_BLOCK_BYTES, min(config.rows_per_file, plan.block_rows) * TEXT_ROW_BYTES)),
+        # Blocks are small, so a small object-store budget keeps every stage fed; Ray Data's default
+        # lets buffered blocks grow with the run, and the touched shared memory with them.
+        object_store_memory=OBJECT_STORE_BUDGET,
+        # On a multi-node cluster every replica is up before data flows, so that no node sits idle and
+        # the manifest's placement lists the whole pool (a small run could end before a slow one starts).
+        wait_for_min_actors_s=(int(config.stall_timeout) or -1) if multi_node else None,
+    )
+    with settings:
+        return _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node)
+
+
+def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node):
+    """read -> TokenizeStage -> EncodeStage (which commits the files), consumed by the driver."""
+    import ray
+    from ray.data import ActorPoolStrategy, TaskPoolStrategy
+
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
+
+    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
+    spec = ReadSpec(
+        config.text_field, config.id_field, config.keep_columns, config.encoding_errors, config.storage_options,
+        config.on_invalid,
+    )
+    ds = ray.data.read_datasource(
+        ShardDatasource(shards, spec, config.rows_per_file, committed),
+        num_cpus=READ_CPUS,
+        override_num_blocks=len(shards),  # one read task per shard; no splitting of its chunks
+        # One shard read in flight per tokenizer keeps each fed; more only adds worker processes
+        # (~95 MiB each) that outlive their reads: the peak memory of a long run (BENCHMARKS.md).
+        compute=TaskPoolStrategy(size=plan.num_tokenizers),
+    )
+    ds = ds.map_batches(
+        TokenizeStage,
+        fn_constructor_args=(config, board, tokenizer_spec),
+        batch_size=plan.block_rows,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+        num_cpus=plan.tokenizer_cpus,
+    )
+    ds = ds.map_batches(
+        EncodeStage,
+        fn_constructor_args=(config, plan.device, plan.encoder_threads, board, graph, sink),
+        batch_size=plan.block_rows,
+        batch_format="pyarrow",
+        compute=_encoder_pool(plan),
+        num_cpus=plan.encoder_cpus,
+        num_gpus=plan.encoder_gpus,
+    )
+
+    files = FileTracker(sink, spread=multi_node)
+    try:
+        for batch in watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
+            for row in batch.to_pylist():
+                files.add(row)
+        written = files.finish()
+        return written, ray.get(board.timings.remote()), ray.get(board.placements.remote())
+    except Exception as exc:  # noqa: BLE001 - turned into one clear message below
+        raise explain(exc) from None
+    finally:
+        files.close()
+        ray.kill(board)
+
+
+def _encoder_pool(plan: Plan):
+    """A fixed pool of encoders. On GPUs each takes two calls at once, so that writing one
+    block's Parquet overlaps encoding the next (EncodeStage holds a lock around encoding);
+    on CPUs the cores are already busy encoding."""
+    from ray.data import ActorPoolStrategy
+
+    if plan.device != "cuda":
+        return ActorPoolStrategy(size=plan.num_encoders, max_tasks_in_flight_per_actor=CPU_ENCODER_TASKS_IN_FLIGHT)
+    return ActorPoolStrategy(
+        size=plan.num_encoders, max_tasks_in_flight_per_actor=ENCODER_CALLS_ON_GPU + 1,
+        max_concurrent_calls_per_actor=ENCODER_CALLS_ON_GPU, enable_true_multi_threading=True,
+    )
+
+
+class FileTracker:
+    """The driver's view of the sink: files committed, and chunks whose pieces are being joined.
+
+    Pieces are counted by their first row, so a block written twice (redone
+    after a worker died) is counted once. A chunk is joined as soon as all
+    its rows have arrived, and any chunk still in pieces when the stream
+    ends is joined then (the join itself checks that no row is missing).
+    """
+
+    def __init__(self, sink: SinkSpec, spread: bool):
+        self.sink = sink
+        self._threads = None
+        if spread:  # joins are spread over the cluster's nodes, as Ray tasks
+            import ray
+
+            self._join = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces).remote
+            self._result = ray.get
+        else:  # one node: a thread of the driver, with no worker process to start (seconds on a small machine)
+            self._threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-join")
+            self._join = functools.partial(self._threads.submit, merge_pieces)
+            self._result = concurrent.futures.Future.result
+        self.written: dict[str, dict] = {}
+        self.pieces: dict[str, dict[int, int]] = {}
+        self.chunk_rows: dict[str, int] = {}
+        self.merges: dict[str, Any] = {}
+
+    def add(self, row: dict) -> None:
+        name = row["file"]
+        if row["kind"] == "file":
+            self.written[name] = _stats(row)
+            return
+        self.chunk_rows[name] = row["chunk_rows"]
+        self.pieces.setdefault(name, {})[row["first_row"]] = row["rows"]
+        if name not in self.merges and sum(self.pieces[name].values()) == row["chunk_rows"]:
+            self.merges[name] = self._join(self.sink, name, row["chunk_rows"])
+
+    def finish(self) -> dict[str, dict]:
+        for name in self.pieces:
+            if name not in self.merges and name not in self.written:
+                self.merges[name] = self._join(self.sink, name, self.chunk_rows[name])
+        for name, pending in self.merges.items():
+            self.written[name] = self._result(pending)
+        return self.written
+
+    def close(self) -> None:
+        """After a failure, joins not yet started are dropped: those files are not committed, and a rerun redoes them."""
+        if self._threads is not None:
+            self._threads.shutdown(wait=True, cancel_futures=True)
+
+
+def _stats(row: dict) -> dict:
+    return {k: row[k] for k in ("file", "shard", "rows", "embedded", "invalid", "truncated", "tokens")}

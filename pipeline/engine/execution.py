@@ -1,0 +1,156 @@
+"""Running a Ray Data chain from the driver: its settings (restored afterwards), a watchdog over its
+progress, and one clear error instead of Ray's tracebacks."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import os
+import re
+from typing import Any, Iterator
+
+from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
+
+STOP_WAIT_S = 60  # how long a failed run waits for Ray Data's executor to wind down
+
+
+@contextlib.contextmanager
+def ray_data_settings(quiet: bool, object_store_memory: int | None = None, **settings: Any) -> Iterator[None]:
+    """Ray Data's settings for one run of a chain, and the console kept free of its tracebacks
+    (`_keep_tracebacks_off_the_console`, unless EMBEDPIPE_DEBUG=1); all restored afterwards, so that a
+    second run in the same process, or the caller's own Ray Data work, starts from the caller's.
+    `settings` are DataContext attributes (None: leave as is)."""
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    wanted = {"max_errored_blocks": 0, "enable_progress_bars": not quiet, "print_on_execution_start": not quiet,
+              **{k: v for k, v in settings.items() if v is not None}}
+    saved = {name: getattr(ctx, name) for name in wanted}
+    saved_limits = ctx.execution_options.resource_limits
+    data_logger = logging.getLogger("ray.data")
+    saved_level, saved_factory = data_logger.level, logging.getLogRecordFactory()
+    try:
+        for name, value in wanted.items():
+            setattr(ctx, name, value)
+        if object_store_memory is not None:
+            ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=object_store_memory)
+        if quiet:
+            data_logger.setLevel(logging.WARNING)
+        if os.environ.get("EMBEDPIPE_DEBUG") != "1":
+            _keep_tracebacks_off_the_console()
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(ctx, name, value)
+        ctx.execution_options.resource_limits = saved_limits
+        data_logger.setLevel(saved_level)
+        logging.setLogRecordFactory(saved_factory)
+
+
+def watched(batches: Iterator, board, stall_timeout: float) -> Iterator:
+    """Yield from `batches` (consumed on a helper thread), ending the run if no stage progresses.
+
+    Past `stall_timeout` seconds without any report on the board, the stage
+    actors are killed (so the streaming executor stops) and a PipelineError
+    names the stage that stalled. 0 disables the watchdog.
+    """
+    import queue
+    import threading
+
+    import ray
+
+    from pipeline.engine.watchdog import stall_message
+
+    items: queue.Queue = queue.Queue()
+    done = object()
+
+    def pump() -> None:
+        try:
+            for item in batches:
+                items.put((item, None))
+            items.put((done, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the driver thread
+            items.put((None, exc))
+
+    # The consumer thread must be gone before Ray shuts down, or Ray Data's executor,
+    # still winding down, logs tracebacks and may even start a new local Ray.
+    pumping = threading.Thread(target=pump, name="embedpipe-results", daemon=True)
+    pumping.start()
+    poll = min(5.0, stall_timeout / 4) if stall_timeout else 5.0
+    while True:
+        try:
+            item, error = items.get(timeout=poll)
+        except queue.Empty:
+            if not stall_timeout:
+                continue
+            status = ray.get(board.status.remote())
+            if status.idle < stall_timeout:
+                continue
+            for actor in ray.get(board.registered_actors.remote()):
+                ray.kill(actor, no_restart=True)
+            pumping.join(STOP_WAIT_S)  # the executor fails on the dead actors and stops
+            raise PipelineError(stall_message(status, stall_timeout)) from None
+        if error is not None:
+            pumping.join(STOP_WAIT_S)
+            raise error
+        if item is done:
+            pumping.join(STOP_WAIT_S)
+            return
+        yield item
+
+
+def _keep_tracebacks_off_the_console() -> None:
+    """Ray Data logs a failing task's traceback to stderr; we report the cause in one line instead.
+
+    Ray Data rebuilds its handlers whenever a dataset starts (on its own
+    thread), so a filter on them can come too late. Instead, every ERROR
+    record of a `ray.data` logger is made at birth with `hide = True`, which
+    Ray Data's console filter honours; its session log file still gets the
+    full record. `--debug` leaves the console as it is.
+    """
+    base = logging.getLogRecordFactory()
+    if getattr(base, "_embedpipe", False):
+        return
+
+    def factory(name, level, *args, **kwargs):
+        record = base(name, level, *args, **kwargs)
+        if level >= logging.ERROR and name.startswith("ray.data"):
+            record.__class__ = _hidden(type(record))
+        return record
+
+    factory._embedpipe = True  # type: ignore[attr-defined]
+    logging.setLogRecordFactory(factory)
+
+
+@functools.lru_cache(maxsize=None)
+def _hidden(record_class: type) -> type:
+    # A class attribute, not an instance one: Ray Data may still pass extra={"hide": ...} itself.
+    return type("HiddenRecord", (record_class,), {"hide": True})
+
+
+def explain(exc: BaseException) -> EmbedpipeError:
+    """The EmbedpipeError behind a Ray failure, or a PipelineError naming the cause."""
+    seen = set()
+    stack = [exc]
+    while stack:
+        e = stack.pop()
+        if id(e) in seen or e is None:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EmbedpipeError) and type(e).__module__ == "pipeline.errors":
+            return e  # not Ray's dynamic RayTaskError(InputError) wrapper, whose text is a traceback
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    text = str(exc).strip().splitlines()
+    for line in reversed(text):  # an actor that failed to start carries its cause as text only
+        found = _OUR_ERROR_LINE.search(line)
+        if found:
+            return _ERROR_CLASSES[found.group(1)](found.group(2).strip())
+    for line in reversed(text):  # Ray puts the user's exception last
+        if line.strip() and not line.startswith(" "):
+            return PipelineError(f"the run failed: {line.strip()[:500]}")
+    return PipelineError(f"the run failed: {exc.__class__.__name__}")
+
+
+_ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineError": PipelineError}
+_OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")
