@@ -209,7 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     previous = os.environ.get("EMBEDPIPE_DEBUG")
-    if debug:  # read by the runner; restored below so a library caller's later runs are not affected
+    if debug:  # read by the engine (pipeline.engine.execution); restored below so a library caller's later runs are not affected
         os.environ["EMBEDPIPE_DEBUG"] = "1"
     try:
         return _main(build_parser(), argv, debug)

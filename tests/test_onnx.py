@@ -109,20 +109,20 @@ def test_the_real_model_in_a_process_without_torch(default_model_path, tmp_path)
 
 
 def test_a_graph_is_cached_per_model_and_option(tiny_bert_dir, tmp_path, monkeypatch):
-    from pipeline.models import onnx_graph as onnx_export
+    from pipeline.models import onnx_graph
 
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
     config = EmbedConfig(input="x", output="y", model=model)
-    graph = onnx_export.graph_for(config, fingerprint(config), required=True)
+    graph = onnx_graph.graph_for(config, fingerprint(config), required=True)
     builds = []
-    monkeypatch.setattr(onnx_export, "_build", lambda c: builds.append(c) or (b"", None))
-    assert onnx_export.graph_for(config, fingerprint(config), required=True) == graph  # read, not built
+    monkeypatch.setattr(onnx_graph, "_build", lambda c: builds.append(c) or (b"", None))
+    assert onnx_graph.graph_for(config, fingerprint(config), required=True) == graph  # read, not built
     assert builds == []
     monkeypatch.undo()
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     normalized = EmbedConfig(input="x", output="y", model=model, normalize=True)
-    assert onnx_export.graph_for(normalized, fingerprint(normalized), required=True) != graph
+    assert onnx_graph.graph_for(normalized, fingerprint(normalized), required=True) != graph
     assert len(list((tmp_path / "cache" / "onnx").glob("*.onnx"))) == 2
 
 
@@ -131,7 +131,7 @@ def test_a_model_whose_graph_fails_the_check_runs_on_torch_or_is_refused(tiny_be
     and the verdict is cached so that later runs do not trace the model again."""
     import torch
 
-    from pipeline.models import onnx_graph as onnx_export
+    from pipeline.models import onnx_graph
 
     monkeypatch.setenv("EMBEDPIPE_CACHE", str(tmp_path / "cache"))
     model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
@@ -148,11 +148,11 @@ def test_a_model_whose_graph_fails_the_check_runs_on_torch_or_is_refused(tiny_be
                 module.model[0].auto_model.embeddings.word_embeddings.weight.mul_(-1)
 
     monkeypatch.setattr(torch.onnx, "export", export_with_other_weights)
-    assert onnx_export.graph_for(config, fingerprint(config), required=False) is None
+    assert onnx_graph.graph_for(config, fingerprint(config), required=False) is None
     monkeypatch.setattr(torch.onnx, "export", real_export)
     with pytest.raises(UsageError, match=r"^--backend onnx: model .* has no ONNX graph that gives its vectors: "
                                          r"its traced vectors differ from PyTorch's \(min cosine"):
-        onnx_export.graph_for(config, fingerprint(config), required=True)  # the cached verdict
+        onnx_graph.graph_for(config, fingerprint(config), required=True)  # the cached verdict
     assert len(list((tmp_path / "cache" / "onnx").glob("*.unsupported"))) == 1
 
 

@@ -1,5 +1,5 @@
 """pipeline.storage.sink without a Ray cluster: a chunk split across blocks is written as pieces by
-`commit_block`, as an encoder does, and joined by `merge_pieces`, as the runner does."""
+`commit_block`, as an encoder does, and joined by `merge_pieces`, as the driver does (pipeline.engine.chain)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """`embedpipe embed --dry-run`: what a run would do, without embedding anything.
 
 Prints the shards found, the documents they hold (counted where that is
-cheap, estimated otherwise, and says which), the actor pools the runner would
+cheap, estimated otherwise, and says which), the actor pools the resource plan would
 build with their resources, and a duration estimated from the throughput
 measured in BENCHMARKS.md. Nothing is written and no model weights are loaded.
 Without `--ray-address` no Ray cluster is started: the plan is made for the

@@ -74,45 +74,28 @@ def run_embed(config: EmbedConfig) -> RunResult:
         fs, root = prepare_output(config.output, config.storage_options)
         if finish_swap(fs, root):
             log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
-        run, previous, facts = (None, None, {}) if config.overwrite else _earlier_output(fs, root)
-        committed = frozenset(facts)
-        todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in committed]
-        if facts and not config.overwrite:  # a resume with other settings is refused before a cluster starts
-            info, _, _ = describing.result()
-            check_resume(config, info, run_identity(config, info, planned_dtype(config, None)), run, previous, facts)
+        earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
+        todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in earlier.facts]
+        if earlier.facts:  # a resume with other settings is refused before a cluster starts
+            info = describing.result()[0]
+            check_resume(config, info, run_identity(config, info, planned_dtype(config, None)), *earlier)
         with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
             info, vectors, tokenizer_spec = describing.result()
             plan = plan_from_cluster(config) if todo else None
             identity = run_identity(config, info, planned_dtype(config, plan))
-            if config.overwrite:
-                target, target_uri = clear_staging(fs, root), staging_uri(config.output)
-            else:
-                check_resume(config, info, identity, run, previous, facts)
-                clear_staging(fs, root)
-                target, target_uri = root, config.output
-            clear_leftovers(fs, target)
-            if todo and (run is None or not facts):  # before the first commit; a resume keeps its own
-                write_run(fs, target, identity)
+            target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
             sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype,
                             config.storage_options, file_metadata(identity))
-            written: dict[str, dict] = {}
-            stage_times: dict[str, dict] = {}
-            replicas: list[dict] = []
+            written, stage_times, replicas = {}, {}, []
             if todo:
                 graph = _onnx_graph(config, plan, info)
                 chain_started = time.time()
-                written, stage_times, replicas = run_chain(config, plan, todo, committed, sink, graph, tokenizer_spec)
+                written, stage_times, replicas = run_chain(config, plan, todo, frozenset(earlier.facts), sink, graph,
+                                                           tokenizer_spec)
                 stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
-
-    stats = dict(written)
-    if not config.overwrite:
-        shard_keys = {s.key for s in shards}
-        for name, path in committed_files(fs, root).items():
-            file_stats = None if name in stats else (facts[name].stats if name in facts else read_file_stats(fs, path))
-            if file_stats is not None and file_stats.get("shard") in shard_keys:
-                stats[name] = file_stats
+    stats = _file_stats(config, fs, root, shards, written, earlier.facts)
     finished = time.time()
     manifest = _manifest(
         config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity
@@ -121,24 +104,59 @@ def run_embed(config: EmbedConfig) -> RunResult:
         swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
     else:
         write_manifest(fs, root, manifest)
-    totals = manifest["rows"]
     return RunResult(
-        output=config.output,
-        documents=totals["documents"],
-        embedded=sum(s["embedded"] for s in written.values()),
-        invalid=totals["invalid"],
-        truncated=totals["truncated"],
-        tokens=sum(s["tokens"] for s in written.values()),
-        seconds=finished - started,
-        files_written=len(written),
-        files_skipped=len(stats) - len(written),
+        output=config.output, documents=manifest["rows"]["documents"],
+        embedded=sum(s["embedded"] for s in written.values()), invalid=manifest["rows"]["invalid"],
+        truncated=manifest["rows"]["truncated"], tokens=sum(s["tokens"] for s in written.values()),
+        seconds=finished - started, files_written=len(written), files_skipped=len(stats) - len(written),
         manifest=manifest,
     )
 
 
-def _earlier_output(fs, root: str) -> tuple[dict | None, dict | None, dict[str, FileFacts]]:
-    """What earlier runs left in `root`: its `_run.json`, its manifest, and its committed files' footers."""
-    return read_run(fs, root), read_manifest(fs, root), read_all_facts(fs, committed_files(fs, root))
+@dataclass(frozen=True)
+class Earlier:
+    """What earlier runs left in the output: its `_run.json`, its manifest, and its committed files' footers."""
+
+    run: dict | None = None
+    manifest: dict | None = None
+    facts: dict[str, FileFacts] = field(default_factory=dict)
+
+    def __iter__(self):  # check_resume(config, info, identity, run, manifest, facts)
+        return iter((self.run, self.manifest, self.facts))
+
+
+def _earlier_output(fs, root: str) -> Earlier:
+    return Earlier(read_run(fs, root), read_manifest(fs, root), read_all_facts(fs, committed_files(fs, root)))
+
+
+def _target(config: EmbedConfig, fs, root: str, info, identity: dict, earlier: Earlier, work: bool) -> tuple[str, str]:
+    """Where this run commits (path, URI): the output itself on a resume (checked once more, now with
+    the planned dtype), `_overwrite/` for --overwrite. Leftovers of killed runs are cleared, and the
+    run's identity is written there before the first commit (a resume keeps the first run's)."""
+    if config.overwrite:
+        target, target_uri = clear_staging(fs, root), staging_uri(config.output)
+    else:
+        check_resume(config, info, identity, *earlier)
+        clear_staging(fs, root)
+        target, target_uri = root, config.output
+    clear_leftovers(fs, target)
+    if work and (earlier.run is None or not earlier.facts):
+        write_run(fs, target, identity)
+    return target, target_uri
+
+
+def _file_stats(config: EmbedConfig, fs, root: str, shards, written: dict, facts: dict[str, FileFacts]) -> dict:
+    """The statistics of every file of the output for the manifest: this run's, and on a resume
+    those of earlier files of this input's shards (read from their footers at the start)."""
+    stats = dict(written)
+    if config.overwrite:
+        return stats
+    shard_keys = {s.key for s in shards}
+    for name, path in committed_files(fs, root).items():
+        file_stats = None if name in stats else (facts[name].stats if name in facts else read_file_stats(fs, path))
+        if file_stats is not None and file_stats.get("shard") in shard_keys:
+            stats[name] = file_stats
+    return stats
 
 
 def _onnx_graph(config: EmbedConfig, plan: Plan, info):

@@ -3,7 +3,7 @@
 A block reaching the sink holds rows of one or more chunks. A chunk wholly
 inside the block is written straight to its final name. A chunk that Ray
 Data split across blocks is written as *pieces* under `_pieces/`; once all
-its rows have arrived the runner merges them into the final file. Names
+its rows have arrived the driver (pipeline.engine.chain) merges them into the final file. Names
 starting with `_` or `.` are skipped by pyarrow, duckdb and Spark readers,
 so nothing incomplete is ever picked up.
 """
