@@ -16,7 +16,7 @@ from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import InputError, UsageError
 from pipeline.identity import RUN_FILE, SETTINGS_KEY, differences
 from pipeline.commands.embed import run_embed
-from tests.conftest import REPO, assert_one_line_error, cli, kill_cli_when, make_st_dir, snapshot, write_lines
+from tests.conftest import REPO, assert_one_line_error, cli, committed, kill_cli_when, make_st_dir, snapshot, write_lines
 from tests.slow_model import make_slow_model
 
 LEGACY = os.path.join(REPO, "tests", "fixtures", "legacy_output")
@@ -27,17 +27,12 @@ LEGACY_TEXTS = {
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, tiny_bert_dir):
+def models(tmp_path_factory, tiny_bert_dir, tiny_model):
     """Two models with 32-dimensional vectors: the same weights, other pooling and a saved prompt
     (another fingerprint), so that only the identity can tell their vectors apart."""
     base = tmp_path_factory.mktemp("models")
-    first = make_st_dir(tiny_bert_dir, str(base / "first"), pooling="mean")
     other = make_st_dir(tiny_bert_dir, str(base / "other"), pooling="mean", normalize=True)
-    return first, other
-
-
-def parquet_files(out) -> dict[str, int]:
-    return {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".parquet") and not f.startswith("_")}
+    return tiny_model, other
 
 
 def three_shards(src) -> list[str]:
@@ -82,11 +77,11 @@ def test_a_first_run_writes_its_identity_before_committing_and_into_every_file(f
     assert run["settings"]["model"] == manifest["model"]["fingerprint"]
     assert run["settings"]["pooling"] == "mean" and run["settings"]["dtype"] == "float32"
     assert manifest["identity"] == {"hash": run["hash"], "settings": run["settings"]}
-    for name in parquet_files(out):
+    for name in committed(out):
         carried = json.loads(pq.read_schema(out / name).metadata[SETTINGS_KEY])
         assert carried["hash"] == run["hash"] and carried["settings"] == run["settings"]
     # the run's file was there before the first Parquet file was committed
-    assert os.stat(out / RUN_FILE).st_mtime_ns <= min(parquet_files(out).values())
+    assert os.stat(out / RUN_FILE).st_mtime_ns <= min(committed(out).values())
 
 
 @pytest.mark.parametrize(
@@ -121,11 +116,11 @@ def test_a_resume_after_a_killed_first_run_with_other_settings_is_refused(
 def test_a_resume_with_the_same_settings_completes_every_id_once(first_output, tmp_path, models):
     src, out, ids = copy_of(first_output, tmp_path)
     as_if_killed_after_the_first_commit(out)
-    kept = parquet_files(out)
+    kept = committed(out)
     run_before = (out / RUN_FILE).read_bytes()
     result = run_embed(EmbedConfig(input=str(src), output=str(out), model=models[0], quiet=True))
     assert result.files_written == 2 and result.files_skipped == 1
-    assert {f: parquet_files(out)[f] for f in kept} == kept
+    assert {f: committed(out)[f] for f in kept} == kept
     assert (out / RUN_FILE).read_bytes() == run_before  # the identity is the first run's, kept
     got, _ = read_embeddings(str(out))
     assert sorted(got) == sorted(ids) and len(got) == len(set(got))
@@ -200,7 +195,7 @@ def test_an_overwrite_replaces_the_identity_with_the_new_one(first_output, tmp_p
     run_embed(EmbedConfig(input=str(src), output=str(out), model=models[0], pooling="cls", overwrite=True, quiet=True))
     run = json.loads((out / RUN_FILE).read_text())
     assert run["settings"]["pooling"] == "cls"
-    for name in parquet_files(out):
+    for name in committed(out):
         assert json.loads(pq.read_schema(out / name).metadata[SETTINGS_KEY])["hash"] == run["hash"]
     assert not (out / "_overwrite").exists()
     read_embeddings(str(out))
@@ -231,11 +226,11 @@ def legacy_copy(tmp_path, default_model_path):
 def test_an_output_of_an_earlier_version_still_resumes(ray_cluster, tmp_path, default_model_path):
     src, out = legacy_copy(tmp_path, default_model_path)
     assert not (out / RUN_FILE).exists() and SETTINGS_KEY not in pq.read_schema(out / "a.txt.parquet").metadata
-    old = parquet_files(out)
+    old = committed(out)
     read_embeddings(str(out))  # readers accept it as it is
     result = run_embed(EmbedConfig(input=str(src), output=str(out), quiet=True))
     assert result.files_written == 1 and result.files_skipped == 2
-    assert {f: parquet_files(out)[f] for f in old} == old
+    assert {f: committed(out)[f] for f in old} == old
     ids, _ = read_embeddings(str(out))
     assert sorted(ids) == sorted(["a.txt:0", "a.txt:1", "a.txt:2", "b.txt:0", "b.txt:1", "c.txt:0", "c.txt:1"])
     assert (out / RUN_FILE).exists()  # from now on the output has an identity
@@ -294,7 +289,7 @@ def test_kill_9_after_the_first_commit_then_other_settings_are_refused_and_the_s
     out = tmp_path / "out"
     args = ["embed", "--input", str(src), "--output", str(out), "--trust-remote-code", "--max-batch-tokens", "4096",
             "--quiet"]
-    killed = kill_cli_when([*args, "--model", slow], ready=lambda: len(parquet_files(out)) >= 1)
+    killed = kill_cli_when([*args, "--model", slow], ready=lambda: len(committed(out)) >= 1)
     assert killed, "the run finished before the kill: nothing was tested"
     assert not (out / "_manifest.json").exists() and (out / RUN_FILE).exists()
     before = {f: b for f, b in snapshot(out).items() if not f.startswith(("_tmp", "_pieces"))}
