@@ -253,9 +253,9 @@ def test_on_invalid_error_names_shard_and_row(tmp_path, name, content, message):
 
 
 def test_on_invalid_error_counts_rows_across_read_batches(tmp_path, monkeypatch):
-    import pipeline.storage.sources as sources
+    import pipeline.storage.formats as formats
 
-    monkeypatch.setattr(sources, "READ_BATCH_ROWS", 4)
+    monkeypatch.setattr(formats, "READ_BATCH_ROWS", 4)
     shard = shard_of(tmp_path, "long.txt", b"".join(b"doc %d\n" % i for i in range(9)) + b"  \n")
     with pytest.raises(InputError, match=r"long.txt: row 9 \(line 10\) has blank text"):
         rows_of(shard, INVALID)
