@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from pipeline.stages.encode import plan_micro_batches
+from pipeline.stages.batching import plan_micro_batches
 
 
 def test_rows_fill_the_token_budget():

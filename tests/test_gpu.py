@@ -105,7 +105,7 @@ def test_a_real_cuda_out_of_memory_splits_the_batch_and_ids_keep_their_vectors(d
     total = torch.cuda.get_device_properties(0).total_memory
     torch.cuda.set_per_process_memory_fraction((torch.cuda.memory_allocated() + (160 << 20)) / total)
     try:
-        with caplog.at_level(logging.WARNING, logger="pipeline.stages.encode"):
+        with caplog.at_level(logging.WARNING, logger="pipeline.stages.batching"):
             split = stage(tokens)
     finally:
         torch.cuda.set_per_process_memory_fraction(1.0)

@@ -136,7 +136,7 @@ def cpu_encoder_path(config: EmbedConfig, kind: str = "dense") -> str:
 
 def planned_dtype(config: EmbedConfig, plan: Plan | None) -> str | None:
     """The dtype the encoders will compute in, or None where no plan tells the device."""
-    from pipeline.stages.encode import compute_dtype
+    from pipeline.stages.batching import compute_dtype
 
     device = plan.device if plan is not None else config.device
     if device == "auto":

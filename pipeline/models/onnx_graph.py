@@ -127,7 +127,7 @@ def build_graph(config: EmbedConfig) -> bytes:
     import torch
     from sentence_transformers.base.modules import Transformer
 
-    from pipeline.stages.encode import padding
+    from pipeline.stages.batching import padding
     from pipeline.models.loading import load_model, model_normalizes, resolve_prompt
 
     model = load_model(config, device="cpu", weights=True).eval()

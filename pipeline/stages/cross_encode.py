@@ -5,9 +5,11 @@ A block's pairs are tokenised by the model's `preprocess` (what
 `CrossEncoder.predict` calls: the pair template, the default prompt,
 truncation to max_seq_length), sorted by token length, cut into micro-batches
 by a token budget (`--max-batch-tokens`), padded only to the longest pair of
-each, and scored under `torch.inference_mode`. The logits are upcast to
-float32 and go through the model's `activation_fn` exactly as in `predict`
-(Sigmoid for a single label unless the model saved another).
+each, and scored under `torch.inference_mode`; a micro-batch that runs out of
+CUDA memory is split in two and retried (the batching is EncodeStage's:
+pipeline.stages.batching). The logits are upcast to float32 and go through
+the model's `activation_fn` exactly as in `predict` (Sigmoid for a single
+label unless the model saved another).
 
 Only single-score models (num_labels == 1) are taken: reranking sorts by one
 number. A classifier with several labels, a bi-encoder, or a bare encoder
@@ -19,8 +21,8 @@ bi-encoder with a freshly initialised, random head and score noise.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
-import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -28,10 +30,11 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from pipeline.stages.encode import padding, plan_micro_batches, to_device, usable_device
 from pipeline.errors import InputError
-
-log = logging.getLogger(__name__)
+from pipeline.stages.batching import (
+    compute_dtype, micro_batches, on_device, pad_features, padding, split_on_oom, usable_device,
+)
+from pipeline.stages.columns import PAIR, PAIR_TOKENS, RERANK_SCORE, TEXT_A, TEXT_B
 
 SUB_BATCH = 256  # pairs per preprocess call; sorted by length so the tokenizer pads little
 # Default token budgets. CPU, measured on 512 fortune pairs with a MiniLM-size model and one thread:
@@ -141,7 +144,10 @@ def load_cross_encoder(name: str, device: str = "cpu", trust_remote_code: bool =
 
 
 class CrossEncodeStage:
-    """Maps a block of `pair, text_a, text_b` to `pair, rerank_score: float32, n_tokens: int32`."""
+    """Maps a block of `pair, text_a, text_b` to `pair, rerank_score: float32, n_tokens: int32`.
+
+    Its columns are declared in pipeline.stages.columns (CROSS_ENCODE).
+    """
 
     def __init__(self, config, device: str = "cpu", threads: int | None = None):
         import torch
@@ -155,7 +161,7 @@ class CrossEncodeStage:
         self.model.eval()
         if self.model.num_labels != 1:
             raise InputError(f"--model {config.model}: has {self.model.num_labels} labels; rerank needs num_labels 1")
-        dtype = config.dtype if config.dtype != "auto" else ("float16" if self.device.type == "cuda" else "float32")
+        dtype = compute_dtype(config.dtype, self.device.type)
         if dtype != "float32":
             self.model.to(getattr(torch, dtype))
         self.max_batch_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS)
@@ -165,17 +171,17 @@ class CrossEncodeStage:
         self.left_pad, self.pad_values = padding(self.model.tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
-        pairs = list(zip(batch["text_a"].to_pylist(), batch["text_b"].to_pylist()))
+        pairs = list(zip(batch[TEXT_A].to_pylist(), batch[TEXT_B].to_pylist()))
         rows, lengths = self.tokenize(pairs)
         order = np.argsort(-lengths, kind="stable")
         scores = np.zeros(len(pairs), np.float32)
-        for start, end in plan_micro_batches(lengths[order], self.max_batch_tokens):
-            idx = order[start:end]
-            scores[idx] = self._score(idx, rows, lengths)
+        score = functools.partial(self._score, rows=rows, lengths=lengths)
+        for idx in micro_batches(order, lengths, self.max_batch_tokens):
+            scores[idx] = split_on_oom(score, idx, lengths, np.concatenate)
         return pa.table({
-            "pair": batch["pair"],
-            "rerank_score": pa.array(scores, pa.float32()),
-            "n_tokens": pa.array(lengths, pa.int32()),
+            PAIR: batch[PAIR],
+            RERANK_SCORE: pa.array(scores, pa.float32()),
+            PAIR_TOKENS: pa.array(lengths, pa.int32()),
         })
 
     def tokenize(self, pairs: list[tuple[str, str]]) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
@@ -198,39 +204,16 @@ class CrossEncodeStage:
         return rows, lengths
 
     def _score(self, idx: np.ndarray, rows: dict[str, list[np.ndarray]], lengths: np.ndarray) -> np.ndarray:
+        """The scores of pairs `idx`, float32 (B,)."""
         torch = self.torch
-        width = int(lengths[idx].max())
-        features: dict[str, Any] = {}
-        for key, per_row in rows.items():
-            features[key] = self._padded([per_row[i] for i in idx], width, self.pad_values.get(key, 0))
-        features["attention_mask"] = self._padded([np.ones(lengths[i], np.int64) for i in idx], width, 0)
-        tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
-        tensors.update(self.extras)
-        try:
-            with torch.inference_mode():
-                scores = self.model(tensors)["scores"]  # (B, 1)
-                if torch.is_floating_point(scores) and torch.finfo(scores.dtype).bits < 32:
-                    scores = scores.float()  # as predict(): upcast before the activation
-                if self.model.activation_fn is not None:
-                    scores = self.model.activation_fn(scores)
-                scores = scores.reshape(len(idx))
-        except torch.cuda.OutOfMemoryError:
-            if len(idx) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(idx) // 2
-            log.warning("CUDA out of memory on %d pairs x %d tokens; splitting the batch", len(idx), width)
-            return np.concatenate([self._score(idx[:half], rows, lengths), self._score(idx[half:], rows, lengths)])
+        tokens = {key: [per_row[i] for i in idx] for key, per_row in rows.items()}
+        features = pad_features(tokens, lengths[idx], self.left_pad, self.pad_values)
+        tensors = on_device(features, self.device, self.extras)
+        with torch.inference_mode():
+            scores = self.model(tensors)["scores"]  # (B, 1)
+            if torch.is_floating_point(scores) and torch.finfo(scores.dtype).bits < 32:
+                scores = scores.float()  # as predict(): upcast before the activation
+            if self.model.activation_fn is not None:
+                scores = self.model.activation_fn(scores)
+            scores = scores.reshape(len(idx))
         return scores.float().cpu().numpy()
-
-    def _padded(self, arrays: list[np.ndarray], width: int, pad: int) -> np.ndarray:
-        out = np.full((len(arrays), width), pad, np.int64)  # (B, T)
-        for j, row in enumerate(arrays):
-            if self.left_pad:
-                out[j, width - len(row) :] = row
-            else:
-                out[j, : len(row)] = row
-        return out
-
-    def _to_device(self, tensor):
-        return to_device(tensor, self.device)

@@ -2,9 +2,10 @@
 
 Rows arrive sorted by length. They are cut into micro-batches by a token
 budget (rows x longest row <= max_batch_tokens), padded only to the longest
-row of each micro-batch, and run through the SentenceTransformer's modules:
-on CPU as their traced ONNX graph on ONNX Runtime (pipeline.models.onnx_graph),
-else on PyTorch under `torch.inference_mode`. Output vectors are float32.
+row of each micro-batch (both in pipeline.stages.batching, shared with the
+cross-encoder), and run through the SentenceTransformer's modules: on CPU as
+their traced ONNX graph on ONNX Runtime (pipeline.models.onnx_graph), else on
+PyTorch under `torch.inference_mode`. Output vectors are float32.
 
 A sparse (SPLADE) model's output is vocabulary-sized and mostly zero: each
 row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
@@ -13,7 +14,7 @@ row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
 import threading
 
@@ -24,10 +25,12 @@ from pipeline.config import EmbedConfig
 from pipeline.errors import PipelineError, UsageError
 from pipeline.models.loading import is_sparse, load_model, model_normalizes, resolve_prompt, sparse_top_k
 from pipeline.storage.sink import SinkSpec, commit_block
-from pipeline.stages.tokenize import TOKEN_PREFIX, segments
+from pipeline.stages.columns import EMBEDDING, INDICES, N_TOKENS, VALUES, token_column, token_features
+from pipeline.stages.batching import (
+    compute_dtype, micro_batches, on_device, pad_features, padding, split_on_oom, usable_device,
+)
+from pipeline.stages.tokenize import segments
 from pipeline.engine.watchdog import Progress
-
-log = logging.getLogger(__name__)
 
 # Default token budgets of one forward pass. CPU, all-MiniLM-L6-v2 on 3,072 fortunes in 1,024-row
 # blocks, one thread, CPU time: 16384 tokens 74.1 s, 4096 57.7 s, 2048 51.6 s, 1024 50.1 s
@@ -40,63 +43,8 @@ GPU_BATCH_TOKENS = 16384
 SPARSE_LOGITS_BYTES = 256 << 20
 
 
-def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
-    """[start, end) slices over rows sorted by descending length.
-
-    Each slice holds as many rows as fit the budget once padded to its first
-    (longest) row; a row longer than the budget gets a slice of its own.
-    """
-    spans, start, n = [], 0, len(lengths)
-    while start < n:
-        longest = max(int(lengths[start]), 1)
-        size = max(1, max_batch_tokens // longest)
-        end = min(n, start + size)
-        spans.append((start, end))
-        start = end
-    return spans
-
-
-def padding(tokenizer) -> tuple[bool, dict[str, int]]:
-    """(pads on the left, pad value per token feature) of a tokenizer, as its own padding would use."""
-    pad_id = getattr(tokenizer, "pad_token_id", None)
-    if pad_id is None:
-        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
-    left = getattr(tokenizer, "padding_side", "right") == "left"
-    return left, {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
-
-
-def to_device(tensor, device):
-    """On CUDA, through pinned memory, so the copy is asynchronous and overlaps the previous batch."""
-    if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
-
-
-def usable_device(planned: str, asked: str) -> str:
-    """The device this replica runs on: the planned one, or CPU when the plan said CUDA
-    only because of `--device auto` and this node's torch sees no CUDA device (a GPU that
-    Ray counts but torch cannot use). With `--device cuda` that is an error instead."""
-    if planned != "cuda":
-        return planned
-    import torch
-
-    if torch.cuda.is_available():
-        return planned
-    if asked == "cuda":
-        raise PipelineError("--device cuda: Ray gave this encoder a GPU, but torch on its node sees no CUDA device")
-    log.warning("Ray gave this encoder a GPU, but torch sees no CUDA device; encoding on CPU (--device auto)")
-    return "cpu"
-
-
-def compute_dtype(asked: str, device: str) -> str:
-    """The dtype the encoder computes in: `--dtype`, where auto is float16 on CUDA and float32 on CPU."""
-    if asked == "auto":
-        return "float16" if device == "cuda" else "float32"
-    return asked
-
-
 class EncodeStage:
-    """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]`.
+    """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]` (columns.ENCODE).
 
     With `graph` (pipeline.models.onnx_graph: the model as a checked ONNX graph, float32 or int8) the
     encoder runs it on ONNX Runtime and imports neither torch nor sentence-transformers; without
@@ -190,21 +138,20 @@ class EncodeStage:
         return commit_block(encoded, self.sink, self.board)
 
     def _encode_block(self, batch: pa.Table) -> pa.Table:
-        keys = [c[len(TOKEN_PREFIX):] for c in batch.column_names if c.startswith(TOKEN_PREFIX)]
-        lists = {k: _flat(batch[TOKEN_PREFIX + k]) for k in keys}
-        lengths = np.asarray(batch["_n_tokens"].to_numpy(zero_copy_only=False))
+        keys = token_features(batch.column_names)
+        lists = {k: _flat(batch[token_column(k)]) for k in keys}
+        lengths = np.asarray(batch[N_TOKENS].to_numpy(zero_copy_only=False))
         valid = np.flatnonzero(lengths > 0)
         rows, copy_of = _distinct_rows(valid, lists)
         rows = rows[np.argsort(-lengths[rows], kind="stable")]
-        out = batch.drop_columns([TOKEN_PREFIX + k for k in keys])
+        out = batch.drop_columns([token_column(k) for k in keys])
         if self.sparse:
             return self._encode_sparse(out, rows, copy_of, valid, lists, lengths)
         vectors = np.zeros((batch.num_rows, self.dim), np.float32)
         # Micro-batches are queued on the device one after another and their vectors copied back
         # once per block: on a GPU the host pads the next micro-batch while the last one runs.
         done = []
-        for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
-            idx = rows[start:end]
+        for idx in micro_batches(rows, lengths, self.max_batch_tokens):
             done.append((idx, self._forward(idx, lists, lengths)))
             self.progress.tick()
         if done:
@@ -215,14 +162,13 @@ class EncodeStage:
                 vectors[rows_done] = self.torch.cat([e for _, e in done]).cpu().numpy()
         vectors[valid] = vectors[copy_of]  # repeated texts take the vector of their first copy
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
-        return out.append_column("embedding", embedding)
+        return out.append_column(EMBEDDING, embedding)
 
     def _encode_sparse(self, out: pa.Table, rows, copy_of, valid, lists: dict, lengths) -> pa.Table:
         """`indices` and `values` columns: each row's non-zero terms (invalid rows: none)."""
         empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
         terms = [empty] * out.num_rows
-        for start, end in plan_micro_batches(lengths[rows], self.max_batch_tokens):
-            idx = rows[start:end]
+        for idx in micro_batches(rows, lengths, self.max_batch_tokens):
             dense = self._forward(idx, lists, lengths).cpu().numpy()
             for i, row_terms in zip(idx, sparse_terms(dense, self.sparse_top_k)):
                 terms[i] = row_terms
@@ -235,50 +181,30 @@ class EncodeStage:
         flat_val = np.concatenate([t[1] for t in terms]) if terms else np.zeros(0, np.float32)
         indices = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_idx, pa.int32()))
         values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_val, pa.float32()))
-        return out.append_column("indices", indices).append_column("values", values)
+        return out.append_column(INDICES, indices).append_column(VALUES, values)
 
     def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray):
         """Vectors of rows `idx`: a float32 array from the ONNX graph, or a float32 tensor on the
-        device from PyTorch (queued there, not waited for)."""
-        features = self._features(idx, lists, lengths)
+        device from PyTorch (queued there, not waited for), split where CUDA runs out of memory."""
         if self.onnx is not None:
-            return self.onnx(features)
+            return self.onnx(self._features(idx, lists, lengths))
+        forward = functools.partial(self._forward_torch, lists=lists, lengths=lengths)
+        return split_on_oom(forward, idx, lengths, self.torch.cat)
+
+    def _forward_torch(self, idx: np.ndarray, lists: dict, lengths: np.ndarray):
         torch = self.torch
-        tensors = {k: self._to_device(torch.from_numpy(v)) for k, v in features.items()}
-        tensors.update(self.extras)
-        try:
-            with torch.inference_mode():
-                emb = self._run(tensors).float()
-                if self.normalize:
-                    emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-        except torch.cuda.OutOfMemoryError:
-            if len(idx) == 1:
-                raise
-            torch.cuda.empty_cache()
-            half = len(idx) // 2
-            log.warning("CUDA out of memory on %d rows x %d tokens; splitting the batch", len(idx), features["attention_mask"].shape[1])
-            return torch.cat([self._forward(idx[:half], lists, lengths), self._forward(idx[half:], lists, lengths)])
+        tensors = on_device(self._features(idx, lists, lengths), self.device, self.extras)
+        with torch.inference_mode():
+            emb = self._run(tensors).float()  # (B, dim)
+            if self.normalize:
+                emb = torch.nn.functional.normalize(emb, p=2, dim=1)
         return emb
 
     def _features(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> dict[str, np.ndarray]:
         """The token features of rows `idx`, padded to the longest of them, and their attention mask (int64)."""
         row_len = lengths[idx].astype(np.int64)
-        width = int(row_len.max())
-        columns = np.arange(width)
-        if self.left_pad:
-            mask = columns[None, :] >= (width - row_len)[:, None]
-        else:
-            mask = columns[None, :] < row_len[:, None]
-        features = {}
-        for key, (values, offsets) in lists.items():
-            padded = np.full((len(idx), width), self.pad_values.get(key, 0), np.int64)
-            padded[mask] = values[segments(offsets[idx], row_len)]  # row after row, as the mask's True cells
-            features[key] = padded
-        features["attention_mask"] = mask.astype(np.int64)
-        return features
-
-    def _to_device(self, tensor):
-        return to_device(tensor, self.device)
+        tokens = {key: values[segments(offsets[idx], row_len)] for key, (values, offsets) in lists.items()}
+        return pad_features(tokens, row_len, self.left_pad, self.pad_values)
 
     def _run(self, features: dict):
         """The model's modules on one micro-batch (PyTorch)."""

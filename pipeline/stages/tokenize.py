@@ -20,13 +20,13 @@ from pipeline.config import EmbedConfig
 from pipeline.models.loading import load_model, resolve_prompt
 from pipeline.models.fast_tokenizer import PlainTokenizer, TokenizerSpec
 from pipeline.engine.watchdog import Progress
+from pipeline.stages.columns import FILE, N_TOKENS, TEXT, TRUNCATED, VALID, token_column
 
-TOKEN_PREFIX = "tok_"
 SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays small
 
 
 class TokenizeStage:
-    """Adds `tok_<feature>` list columns, `_n_tokens` and `_truncated`; drops the text."""
+    """Adds `tok_<feature>` list columns, `_n_tokens` and `_truncated`; drops the text (columns.TOKENIZE)."""
 
     def __init__(self, config: EmbedConfig, board=None, spec: TokenizerSpec | None = None):
         self.progress = Progress(board, "tokenize")
@@ -48,9 +48,9 @@ class TokenizeStage:
             return self._tokenize_block(batch)
 
     def _tokenize_block(self, batch: pa.Table) -> pa.Table:
-        valid = np.asarray(batch["_valid"].to_numpy(zero_copy_only=False), dtype=bool)
+        valid = np.asarray(batch[VALID].to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.flatnonzero(valid)
-        texts = batch["text"].to_pylist()
+        texts = batch[TEXT].to_pylist()
         features, lengths, truncated = self.tokenize([texts[i] for i in rows])
 
         n = batch.num_rows
@@ -58,15 +58,13 @@ class TokenizeStage:
         all_lengths[rows] = lengths
         all_truncated = np.zeros(n, bool)
         all_truncated[rows] = truncated
-        out = batch if self.keep_text else batch.drop_columns(["text"])
+        out = batch if self.keep_text else batch.drop_columns([TEXT])
         for key, (values, offsets_valid) in features.items():
-            out = out.append_column(TOKEN_PREFIX + key, _scatter_lists(values, offsets_valid, rows, n))
-        out = out.append_column("_n_tokens", pa.array(all_lengths)).append_column(
-            "_truncated", pa.array(all_truncated)
-        )
+            out = out.append_column(token_column(key), _scatter_lists(values, offsets_valid, rows, n))
+        out = out.append_column(N_TOKENS, pa.array(all_lengths)).append_column(TRUNCATED, pa.array(all_truncated))
         file_rank = np.zeros(n, np.int64)
-        if "_file" in batch.column_names:
-            file_rank = np.unique(batch["_file"].to_numpy(zero_copy_only=False), return_inverse=True)[1]
+        if FILE in batch.column_names:
+            file_rank = np.unique(batch[FILE].to_numpy(zero_copy_only=False), return_inverse=True)[1]
         order = np.lexsort((-all_lengths, file_rank))  # by output file, then longest first
         return out.take(pa.array(order))
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 from pipeline.errors import PipelineError
 from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 from pipeline.engine.watchdog import Progress
+from pipeline.stages.columns import CHUNK_ROWS, FILE, N_TOKENS, ROW, SHARD, TRUNCATED, VALID
 
 PIECES_DIR = "_pieces"
 MANIFEST = "_manifest.json"
@@ -65,15 +66,15 @@ def commit_block(batch: pa.Table, sink: SinkSpec, board=None) -> pa.Table:
 def _commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
     fs, root = get_fs(sink.output, sink.storage_options)
     summaries = []
-    files = batch["_file"]
+    files = batch[FILE]
     for name in pc.unique(files).to_pylist():
         rows = batch.filter(pc.equal(files, name))
-        chunk_rows = int(rows["_chunk_rows"][0].as_py())
+        chunk_rows = int(rows[CHUNK_ROWS][0].as_py())
         if rows.num_rows == chunk_rows:
             stats = write_chunk(fs, root, name, rows, sink)
             summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows, "first_row": None})
         else:
-            first = int(pc.min(rows["_row"]).as_py())
+            first = int(pc.min(rows[ROW]).as_py())
             piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}.parquet")
             write_bytes_atomic(fs, piece, parquet_bytes(rows))
             summaries.append(
@@ -95,8 +96,8 @@ def merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
     for p in paths:
         with fs.open(p, "rb") as f:
             tables.append(pq.read_table(f))
-    rows = pa.concat_tables(tables, promote_options="default").sort_by("_row")
-    row_ids = rows["_row"].to_numpy()
+    rows = pa.concat_tables(tables, promote_options="default").sort_by(ROW)
+    row_ids = rows[ROW].to_numpy()
     first = np.ones(len(row_ids), bool)
     first[1:] = row_ids[1:] != row_ids[:-1]
     rows = rows.filter(pa.array(first))
@@ -108,22 +109,22 @@ def merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
 
 
 def chunk_stats(rows: pa.Table, name: str) -> dict:
-    valid = np.asarray(rows["_valid"].to_numpy(zero_copy_only=False), bool)
+    valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
     return {
         "file": name,
-        "shard": rows["_shard"][0].as_py() if rows.num_rows else "",
+        "shard": rows[SHARD][0].as_py() if rows.num_rows else "",
         "rows": rows.num_rows,
         "embedded": int(valid.sum()),
         "invalid": int((~valid).sum()),
-        "truncated": int(pc.sum(rows["_truncated"]).as_py() or 0),
-        "tokens": int(pc.sum(rows["_n_tokens"]).as_py() or 0),
+        "truncated": int(pc.sum(rows[TRUNCATED]).as_py() or 0),
+        "tokens": int(pc.sum(rows[N_TOKENS]).as_py() or 0),
     }
 
 
 def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dict:
     """Write a complete chunk to `root/name` atomically; return its stats."""
     stats = chunk_stats(rows, name)
-    rows = rows.sort_by("_row").filter(rows.sort_by("_row")["_valid"])
+    rows = rows.sort_by(ROW).filter(rows.sort_by(ROW)[VALID])
     if "embedding" in rows.column_names:
         embedding = rows["embedding"]
         if sink.output_dtype == "float16":

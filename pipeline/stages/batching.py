@@ -1,0 +1,146 @@
+"""The host work both encoders share (EncodeStage, CrossEncodeStage): token-budget
+micro-batches, padding, the device and compute dtype, device moves, and the split of a
+micro-batch that runs out of CUDA memory.
+
+Rows arrive sorted longest first. They are cut into micro-batches by a token budget
+(rows x longest row <= max_batch_tokens) and each micro-batch is padded only to its own
+longest row, on the tokenizer's side with its pad ids, as the tokenizer itself would pad it.
+
+torch is imported only by the functions that need it: an encoder on ONNX Runtime plans and
+pads its micro-batches here without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Callable, Iterator, Sequence, TypeVar
+
+import numpy as np
+
+from pipeline.errors import PipelineError
+
+log = logging.getLogger(__name__)
+
+Result = TypeVar("Result")
+
+
+def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
+    """[start, end) slices over rows sorted by descending length.
+
+    Each slice holds as many rows as fit the budget once padded to its first
+    (longest) row; a row longer than the budget gets a slice of its own.
+    """
+    spans, start, n = [], 0, len(lengths)
+    while start < n:
+        longest = max(int(lengths[start]), 1)
+        size = max(1, max_batch_tokens // longest)
+        end = min(n, start + size)
+        spans.append((start, end))
+        start = end
+    return spans
+
+
+def micro_batches(rows: np.ndarray, lengths: np.ndarray, max_batch_tokens: int) -> Iterator[np.ndarray]:
+    """`rows` (sorted longest first) cut as plan_micro_batches cuts them; `lengths` is indexed by row."""
+    for start, end in plan_micro_batches(lengths[rows], max_batch_tokens):
+        yield rows[start:end]
+
+
+def padding(tokenizer) -> tuple[bool, dict[str, int]]:
+    """(pads on the left, pad value per token feature) of a tokenizer, as its own padding would use."""
+    pad_id = getattr(tokenizer, "pad_token_id", None)
+    if pad_id is None:
+        pad_id = getattr(tokenizer, "eos_token_id", None) or 0
+    left = getattr(tokenizer, "padding_side", "right") == "left"
+    return left, {"input_ids": pad_id, "token_type_ids": getattr(tokenizer, "pad_token_type_id", 0) or 0}
+
+
+def pad_features(
+    tokens: dict[str, np.ndarray | Sequence[np.ndarray]], lengths: np.ndarray, left: bool, pad_values: dict[str, int],
+) -> dict[str, np.ndarray]:
+    """The token features of B rows padded to the longest of them, and their attention mask: int64 (B, T).
+
+    `tokens[key]` holds the rows' tokens one row after another (row b has lengths[b] of them),
+    as one flat array or as one array per row. Each row is padded on the left or on the right
+    with pad_values[key] (0 for a feature without one), as `padding(tokenizer)` says.
+    """
+    lengths = np.asarray(lengths, np.int64)
+    width = int(lengths.max())
+    columns = np.arange(width)
+    if left:
+        mask = columns[None, :] >= (width - lengths)[:, None]  # (B, T)
+    else:
+        mask = columns[None, :] < lengths[:, None]  # (B, T)
+    features = {}
+    for key, rows in tokens.items():
+        flat = rows if isinstance(rows, np.ndarray) else np.concatenate(rows)
+        padded = np.full((len(lengths), width), pad_values.get(key, 0), np.int64)  # (B, T)
+        padded[mask] = flat  # row after row, as the mask's True cells
+        features[key] = padded
+    features["attention_mask"] = mask.astype(np.int64)
+    return features
+
+
+def usable_device(planned: str, asked: str) -> str:
+    """The device this replica runs on: the planned one, or CPU when the plan said CUDA
+    only because of `--device auto` and this node's torch sees no CUDA device (a GPU that
+    Ray counts but torch cannot use). With `--device cuda` that is an error instead."""
+    if planned != "cuda":
+        return planned
+    import torch
+
+    if torch.cuda.is_available():
+        return planned
+    if asked == "cuda":
+        raise PipelineError("--device cuda: Ray gave this encoder a GPU, but torch on its node sees no CUDA device")
+    log.warning("Ray gave this encoder a GPU, but torch sees no CUDA device; encoding on CPU (--device auto)")
+    return "cpu"
+
+
+def compute_dtype(asked: str, device: str) -> str:
+    """The dtype the encoder computes in: `--dtype`, where auto is float16 on CUDA and float32 on CPU."""
+    if asked == "auto":
+        return "float16" if device == "cuda" else "float32"
+    return asked
+
+
+def to_device(tensor, device):
+    """On CUDA, through pinned memory, so the copy is asynchronous and overlaps the previous batch."""
+    if device.type != "cuda":
+        return tensor
+    return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def on_device(features: dict[str, np.ndarray], device, extras: dict[str, Any]) -> dict[str, Any]:
+    """Padded features as torch tensors on `device` (torch.device), with the model's features
+    that are not tensors (`extras`: the modality, a prompt's length) as they are."""
+    import torch
+
+    tensors: dict[str, Any] = {k: to_device(torch.from_numpy(v), device) for k, v in features.items()}
+    tensors.update(extras)
+    return tensors
+
+
+def split_on_oom(
+    forward: Callable[[np.ndarray], Result], rows: np.ndarray, lengths: np.ndarray,
+    join: Callable[[list[Result]], Result],
+) -> Result:
+    """`forward(rows)`; where that runs out of CUDA memory, `forward` on each half of `rows`, joined in order.
+
+    Halves are split again until they fit; a single row that does not fit raises. The failed
+    try's tensors go with its traceback, before the cache is emptied and the halves run.
+    `lengths` (indexed by row) only names the failed micro-batch's width in the warning.
+    """
+    import torch
+
+    try:
+        return forward(rows)
+    except torch.cuda.OutOfMemoryError:
+        if len(rows) == 1:
+            raise
+    log.warning(
+        "CUDA out of memory on %d rows x %d tokens; splitting the batch", len(rows), int(lengths[rows].max()),
+    )
+    torch.cuda.empty_cache()
+    half = len(rows) // 2
+    return join([split_on_oom(forward, rows[:half], lengths, join), split_on_oom(forward, rows[half:], lengths, join)])

@@ -1,0 +1,113 @@
+"""The columns that pass between the steps of a chain: their names, and what each step reads and adds.
+
+embed:  read (storage) -> TokenizeStage -> EncodeStage -> sink (storage, inside the encoder)
+rerank: join (storage.pair_texts) -> CrossEncodeStage -> the driver
+
+Columns whose names start with `_` are the pipeline's own bookkeeping: the sink uses them and
+never writes them to an output file, which holds `id`, the vectors and --keep-columns only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# The rows of the input, as the read tasks normalise them.
+ID = "id"  # string: --id-field's value, else "<shard key>:<row>"
+TEXT = "text"  # string: --text-field's value, under this name whatever the field is called (the sink restores it)
+VALID = "_valid"  # bool: the text is neither empty, blank nor null; an invalid row is counted, not embedded
+ROW = "_row"  # int64: the row's 0-based place in its shard; orders a file's rows and names a piece
+LINE = "_line"  # int64: 1-based line, from the line-based readers, for messages; it never leaves the read task
+
+# Which output file a row goes to, added by the read tasks to every chunk.
+SHARD = "_shard"  # string: the shard's key (its path under --input)
+FILE = "_file"  # string: the output file of the row's chunk, e.g. "sub__d.csv-00001.parquet"
+CHUNK_ROWS = "_chunk_rows"  # int64: the rows of that chunk, so the sink knows when its file is complete
+
+# Tokens, added by TokenizeStage.
+TOKEN_PREFIX = "tok_"  # list<int32> per token feature, unpadded: tok_input_ids, tok_token_type_ids, ...
+TOKENS = TOKEN_PREFIX + "*"  # stands for all of them in the contracts below
+N_TOKENS = "_n_tokens"  # int32: tokens after truncation; 0 for an invalid row
+TRUNCATED = "_truncated"  # bool: the text was longer than max_seq_length and was cut
+
+# Vectors, added by EncodeStage.
+EMBEDDING = "embedding"  # fixed_size_list<float32>[dim]: a dense model's vector
+INDICES = "indices"  # list<int32>, ascending: a sparse model's non-zero terms
+VALUES = "values"  # list<float32>: their weights
+
+# rerank
+PAIR = "pair"  # int64: the pair's place in the pairs file
+TEXT_A = "text_a"  # string: the text of id_a
+TEXT_B = "text_b"  # string: the text of id_b
+RERANK_SCORE = "rerank_score"  # float32: the cross-encoder's score, after its activation
+PAIR_TOKENS = "n_tokens"  # int32: the pair's tokens after truncation
+
+
+def token_column(feature: str) -> str:
+    """The column of one token feature: token_column("input_ids") == "tok_input_ids"."""
+    return TOKEN_PREFIX + feature
+
+
+def token_features(column_names: list[str]) -> list[str]:
+    """The token features present among `column_names`, in their order: ["input_ids", ...]."""
+    return [c[len(TOKEN_PREFIX):] for c in column_names if c.startswith(TOKEN_PREFIX)]
+
+
+@dataclass(frozen=True)
+class Contract:
+    """What one step of a chain reads from a block, adds to it, and drops from it.
+
+    Columns a step neither reads nor drops (`id`, --keep-columns, the bookkeeping it does not
+    use) pass through it unchanged. TOKENS stands for every `tok_<feature>` column.
+    """
+
+    reads: tuple[str, ...]
+    adds: tuple[str, ...]
+    drops: tuple[str, ...] = ()
+    replaces: bool = False
+    """True: the step returns only `adds`, not the block with them."""
+
+    def missing(self, column_names: list[str]) -> list[str]:
+        """The columns this step reads that `column_names` lacks."""
+        present = set(column_names)
+        has_tokens = any(c.startswith(TOKEN_PREFIX) for c in column_names)
+        return [c for c in self.reads if not (has_tokens if c == TOKENS else c in present)]
+
+
+READ = Contract(
+    reads=(),
+    adds=(ID, TEXT, VALID, ROW, SHARD, FILE, CHUNK_ROWS),
+)
+"""storage.sources' read tasks: a shard's rows in chunks, with --keep-columns beside them."""
+
+TOKENIZE = Contract(
+    reads=(TEXT, VALID),
+    adds=(TOKENS, N_TOKENS, TRUNCATED),
+    drops=(TEXT,),
+)
+"""TokenizeStage: tokens of the valid rows; it drops the text unless --keep-columns keeps it,
+and sorts the rows by FILE (when there) then longest first."""
+
+ENCODE = Contract(
+    reads=(TOKENS, N_TOKENS),
+    adds=(EMBEDDING,),
+    drops=(TOKENS,),
+)
+"""EncodeStage: one vector per row (a zero vector for an invalid row, which the sink skips);
+a sparse model adds INDICES and VALUES instead of EMBEDDING."""
+
+SPARSE_ENCODE = Contract(reads=ENCODE.reads, adds=(INDICES, VALUES), drops=ENCODE.drops)
+"""EncodeStage with a sparse model."""
+
+SINK = Contract(
+    reads=(FILE, CHUNK_ROWS, ROW, VALID, SHARD, N_TOKENS, TRUNCATED, ID),
+    adds=(),
+)
+"""storage.sink: writes ID, the vectors and --keep-columns of the valid rows; returns one summary
+row per file or piece written (sink.SUMMARY_SCHEMA)."""
+
+CROSS_ENCODE = Contract(
+    reads=(PAIR, TEXT_A, TEXT_B),
+    adds=(PAIR, RERANK_SCORE, PAIR_TOKENS),
+    replaces=True,
+)
+"""CrossEncodeStage: one score per pair, tokenised by the model's own preprocess."""
