@@ -16,7 +16,7 @@ ID = "id"  # string: --id-field's value, else "<shard key>:<row>"
 TEXT = "text"  # string: --text-field's value, under this name whatever the field is called (the sink restores it)
 VALID = "_valid"  # bool: the text is neither empty, blank nor null; an invalid row is counted, not embedded
 ROW = "_row"  # int64: the row's 0-based place in its shard; orders a file's rows and names a piece
-LINE = "_line"  # int64: 1-based line, from the line-based readers, for messages; it never leaves the read task
+LINE = "_line"  # int64: 1-based line, from the line-based readers (storage.formats), for messages; never leaves the read
 
 # Which output file a row goes to, added by the read tasks to every chunk.
 SHARD = "_shard"  # string: the shard's key (its path under --input)
@@ -77,7 +77,8 @@ READ = Contract(
     reads=(),
     adds=(ID, TEXT, VALID, ROW, SHARD, FILE, CHUNK_ROWS),
 )
-"""storage.sources' read tasks: a shard's rows in chunks, with --keep-columns beside them."""
+"""The read tasks: a shard's rows normalised (storage.rows), in chunks tagged with their file
+(storage.sources), with --keep-columns beside them."""
 
 TOKENIZE = Contract(
     reads=(TEXT, VALID),
