@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from pipeline.stages.columns import LINE
 from pipeline.errors import InputError
 from pipeline.storage.discovery import Shard, describe_os_error
 
@@ -38,7 +39,6 @@ class ReadSpec:
     on_invalid: str = "skip"
 
 
-LINE = "_line"  # 1-based line of each row, added by the line-based readers for messages
 _UTF8_HINT = "use --encoding-errors replace to embed it with replacement characters"
 
 

@@ -23,6 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.stages.columns import VALID
 from pipeline.errors import InputError
 from pipeline.storage.sources import ReadSpec, Shard, read_shard
 
@@ -45,7 +46,7 @@ def pick_texts(shard: Shard, spec: ReadSpec, wanted: pa.Array, parts: int) -> li
     found = []
     for table in read_shard(shard, spec):
         pos = np.array([lookup.get(i, -1) for i in table["id"].to_pylist()], np.int64)
-        keep = (pos >= 0) & np.asarray(table["_valid"].to_numpy(zero_copy_only=False), bool)
+        keep = (pos >= 0) & np.asarray(table[VALID].to_numpy(zero_copy_only=False), bool)
         if not keep.any():
             continue
         pos, texts = pos[keep], table["text"].filter(pa.array(keep))

@@ -15,6 +15,7 @@ from typing import Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from pipeline.stages.columns import ID, ROW, TEXT, VALID
 from pipeline.errors import InputError
 from pipeline.storage.discovery import Shard, compression_of, describe_os_error
 from pipeline.storage.filesystems import get_fs
@@ -65,7 +66,7 @@ def _normalise(table: pa.Table, shard: Shard, spec: ReadSpec, first_row: int) ->
         ids = ids.cast(pa.string())
     else:
         ids = pa.array([f"{shard.key}:{r}" for r in range(first_row, first_row + n)], pa.string())
-    columns = {"id": ids, "text": pc.fill_null(texts, ""), "_valid": valid, "_row": rows}
+    columns = {ID: ids, TEXT: pc.fill_null(texts, ""), VALID: valid, ROW: rows}
     for col in spec.keep_columns:
         if col != spec.text_field:  # the text travels as "text"; the sink restores its name
             columns[col] = table[col]

@@ -16,6 +16,7 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
+from pipeline.stages.columns import CHUNK_ROWS, FILE, SHARD
 from pipeline.errors import InputError
 from pipeline.storage.discovery import Shard, discover_shards, output_stem
 from pipeline.storage.formats import ReadSpec
@@ -93,9 +94,9 @@ def read_chunks(shard: Shard, spec: ReadSpec, rows_per_file: int, committed: fro
             return
         table = _longest_first(table)
         n = table.num_rows
-        yield table.append_column("_shard", pa.array([shard.key] * n, pa.string())).append_column(
-            "_file", pa.array([name] * n, pa.string())
-        ).append_column("_chunk_rows", pa.array([n] * n, pa.int64()))
+        yield table.append_column(SHARD, pa.array([shard.key] * n, pa.string())).append_column(
+            FILE, pa.array([name] * n, pa.string())
+        ).append_column(CHUNK_ROWS, pa.array([n] * n, pa.int64()))
 
     for table in read_shard(shard, spec):
         buffer.append(table)
