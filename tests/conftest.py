@@ -1,4 +1,8 @@
-"""Shared fixtures: one real local Ray cluster per session, real and tiny models."""
+"""Shared fixtures and helpers, each defined once: one real local Ray cluster per session, real and
+tiny models, running the CLI (in a process or in this one), output snapshots, S3 (a moto server).
+
+Test files import the helpers from here (`from tests.conftest import run_main`), never from
+another test file."""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may need the network
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -84,6 +89,32 @@ def tiny_decoder_dir(tmp_path_factory, default_model_path) -> str:
     return str(out)
 
 
+def save_cross_encoder(base_model: str, out: str, num_labels: int = 1) -> str:
+    """A tiny random CrossEncoder directory (BertForSequenceClassification, hidden 32, 2 layers, the
+    tokenizer of `base_model`), its weights drawn wide so that scores spread."""
+    import torch
+    from sentence_transformers import CrossEncoder
+    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(3)
+    tokenizer = AutoTokenizer.from_pretrained(base_model)
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels, initializer_range=0.5,
+    )
+    hf = out + "-hf"
+    BertForSequenceClassification(config).eval().save_pretrained(hf)
+    tokenizer.save_pretrained(hf)
+    CrossEncoder(hf).save_pretrained(out)  # a proper CrossEncoder directory (modules.json, activation)
+    return out
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_dir(tmp_path_factory, default_model_path) -> str:
+    """The tiny one-label cross-encoder over MiniLM's tokenizer, made once."""
+    return save_cross_encoder(default_model_path, str(tmp_path_factory.mktemp("cross-encoder") / "ce"))
+
+
 def make_st_dir(base_dir: str, out_dir: str, pooling, normalize: bool = False, max_seq_length: int = 64,
                 dense: bool = False, prompts: dict | None = None) -> str:
     """A sentence-transformers directory (modules.json, Pooling, optional Dense/Normalize) over `base_dir`."""
@@ -106,6 +137,13 @@ def make_st_dir(base_dir: str, out_dir: str, pooling, normalize: bool = False, m
         shutil.rmtree(out_dir)
     model.save(out_dir)
     return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, tiny_bert_dir) -> str:
+    """The tiny BERT as a sentence-transformers directory with mean pooling (32-dimensional vectors),
+    made once: the model of the tests that need any small model, not a particular one."""
+    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("tiny-model") / "st"), pooling="mean")
 
 
 def sample_texts() -> list[str]:
@@ -133,8 +171,16 @@ def varied_texts(n_sample: int = 500) -> list[str]:
 
 
 def snapshot(directory) -> dict[str, bytes]:
-    """Every file of an output directory, by name, to check a failed run left it byte-identical."""
-    return {f: (directory / f).read_bytes() for f in os.listdir(directory)}
+    """Every file under an output directory (a Path), by its path relative to it ('a.parquet',
+    '_overwrite/a.parquet'), to check a failed run left it byte-identical."""
+    return {p.relative_to(directory).as_posix(): p.read_bytes() for p in directory.rglob("*") if p.is_file()}
+
+
+def committed(out) -> dict[str, int]:
+    """Final output files visible to readers, with their mtimes ({} while `out` does not exist)."""
+    if not os.path.isdir(out):
+        return {}
+    return {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".parquet") and not f.startswith(("_", "."))}
 
 
 def write_lines(path, texts) -> str:
@@ -155,6 +201,22 @@ def cli(*args, timeout=300, env: dict | None = None):
         [sys.executable, "-m", "pipeline", *args], capture_output=True, text=True, timeout=timeout, cwd=REPO,
         env=env or cli_env(),
     )
+
+
+class Run(NamedTuple):
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_main(capsys, *args: str) -> Run:
+    """`embedpipe ARGS` in this process: exit code and captured output, as `cli()` gives them."""
+    from pipeline.cli import main
+
+    capsys.readouterr()  # drop what earlier steps printed
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return Run(code, captured.out, captured.err)
 
 
 def assert_one_line_error(proc, code, message):
@@ -217,6 +279,74 @@ def kill_cli_when(args, ready, timeout=240, env: dict | None = None, poll=0.02) 
             proc.wait(30)
 
 
+# --------------------------------------------------------------------------- vectors
+
+
+def cosines(a, b):
+    """Row-wise cosine similarity of two (n, d) arrays."""
+    import numpy as np
+
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def assert_same(ours, ref) -> None:
+    """Equal to sentence-transformers: per-document cosine >= 0.99999, max abs difference <= 1e-5."""
+    import numpy as np
+
+    assert ours.shape == ref.shape
+    cos = cosines(ours, ref)
+    assert cos.min() >= 0.99999, cos.min()
+    assert np.abs(ours - ref).max() <= 1e-5, np.abs(ours - ref).max()
+
+
+def encode_in_process(config, texts: list[str], graph: bytes | None = None, threads: int = 1):
+    """The tokenize and encode stages themselves, without Ray (what every actor runs): one CPU
+    encoder with `threads` threads, on ONNX Runtime when `graph` is given; vectors in the order of `texts`."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
+
+    batch = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "_valid": [True] * len(texts)})
+    out = EncodeStage(config, "cpu", threads, None, graph)(TokenizeStage(config)(batch))
+    order = np.argsort(np.asarray([int(i) for i in out["id"].to_pylist()]))
+    return np.asarray(out["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(texts), -1)[order]
+
+
+def random_vectors(n, d=24, seed=0):
+    import numpy as np
+
+    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
+
+
+def clustered_vectors(n, d=24, clusters=15, noise=0.05, seed=1):
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((clusters, d))
+    labels = rng.integers(0, clusters, n)
+    return (centres[labels] + noise * rng.standard_normal((n, d))).astype(np.float32)
+
+
+def duplicate_groups():
+    """12 groups of 3 identical one-hot vectors (scores exactly 1 or 0), and the 18 pairs mining them gives.
+
+    With blocks of 6 rows, groups 0-5 have one member in each of blocks 0, 1
+    and 2; groups 6-11 lie each within a block (rows 18-35). top_k=2 gives each
+    row its two duplicates. The diagonal blocks hold 36 scores of 1 (groups
+    6-11), so with max_pairs=18 the floor is exactly 1. Of the 36 pairs, all
+    scoring 1, the best 18 by (i, j) are those of groups 0-5: all from
+    off-diagonal blocks, all exactly at the floor.
+    """
+    import numpy as np
+
+    group = np.r_[np.arange(18) % 6, np.repeat(np.arange(6, 12), 3)]
+    x = np.eye(12, dtype=np.float32)[group]
+    spread = [(i, j) for i in range(18) for j in range(i + 1, 18) if group[i] == group[j]]
+    return x, spread
+
+
 # --------------------------------------------------------------------------- S3 (moto server)
 
 
@@ -265,6 +395,19 @@ class MotoS3:
             f"{self.endpoint_url}/moto-api/reset-auth", data=body, headers={"Content-Type": "text/plain"}
         )
         urllib.request.urlopen(request, timeout=10).close()
+
+
+def objects(s3, bucket: str, prefix: str = "") -> dict[str, dict]:
+    """Every object under `prefix`, by key (ETag, LastModified, Size); `s3` is a boto3 client."""
+    out = {}
+    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        out.update({o["Key"]: o for o in page.get("Contents", [])})
+    return out
+
+
+def read_object(s3, bucket: str, key: str, version: str | None = None) -> bytes:
+    extra = {"VersionId": version} if version else {}
+    return s3.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
 
 
 def _free_port() -> int:

@@ -16,7 +16,6 @@ import io
 import json
 import os
 import shutil
-from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -24,21 +23,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import assert_one_line_error, cli, make_st_dir, sample_texts, snapshot, write_lines
-
-
-class Run(NamedTuple):
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-def run_main(capsys, *args: str) -> Run:
-    """`embedpipe ARGS` in this process: exit code and captured output, as `cli()` gives them."""
-    capsys.readouterr()  # drop what earlier steps printed
-    code = main(list(args))
-    captured = capsys.readouterr()
-    return Run(code, captured.out, captured.err)
+from tests.conftest import Run, assert_one_line_error, cli, run_main, sample_texts, snapshot, write_lines
 
 
 def assert_refused(run, message: str, out, before: dict) -> None:
@@ -50,11 +35,6 @@ def parquet_bytes(table: pa.Table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return buf.getvalue()
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_bert_dir) -> str:
-    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("bad-input-model") / "st"), pooling="mean")
 
 
 LATIN1 = "café".encode("latin-1")
@@ -254,18 +234,6 @@ def test_invalid_option_values(embed_into, out, bad_file, args, message):
     assert_refused(run, message, out, before)
 
 
-def test_max_seq_length_is_bounded_by_the_models_positions(tiny_model):
-    """The tiny BERT has 128 learned positions: 129 would fail inside every encoder, 128 is fine."""
-    from pipeline import EmbedConfig
-    from pipeline.errors import UsageError
-    from pipeline.models.loading import load_model
-
-    with pytest.raises(UsageError, match="--max-seq-length 129: model .* takes at most 128 tokens"):
-        load_model(EmbedConfig(input="x", output="y", model=tiny_model, max_seq_length=129), weights=False)
-    model = load_model(EmbedConfig(input="x", output="y", model=tiny_model, max_seq_length=128), weights=False)
-    assert model.max_seq_length == 128
-
-
 # --------------------------------------------------------------------------- mine
 
 
@@ -350,7 +318,7 @@ def test_one_megabyte_document_is_truncated_counted_and_embedded_as_encode_does(
 ):
     from sentence_transformers import SentenceTransformer
 
-    from tests.test_fidelity import assert_same
+    from tests.conftest import assert_same
 
     text = " ".join(sample_texts()).replace("\n", " ")
     text = (text * (1_000_000 // len(text) + 1))[:1_000_000]

@@ -97,6 +97,19 @@ def test_to_device_leaves_a_cpu_tensor_as_it_is():
     assert to_device(tensor, torch.device("cpu")) is tensor
 
 
+def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_auto(monkeypatch):
+    import torch
+
+    from pipeline.stages.encode import usable_device
+    from pipeline.errors import PipelineError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert usable_device("cuda", "auto") == "cpu"
+    assert usable_device("cpu", "auto") == "cpu"
+    with pytest.raises(PipelineError, match="--device cuda: Ray gave this encoder a GPU, but torch"):
+        usable_device("cuda", "cuda")
+
+
 # --------------------------------------------------------------------------- out-of-memory split
 
 
@@ -162,13 +175,6 @@ def test_encode_stage_splits_out_of_memory_micro_batches_into_the_unsplit_vector
     got = split["embedding"].combine_chunks().flatten().to_numpy()
     want = unsplit["embedding"].combine_chunks().flatten().to_numpy()
     assert np.abs(got - want).max() < 1e-5  # halves are padded to their own longest row: float noise only
-
-
-@pytest.fixture(scope="module")
-def cross_encoder_dir(tmp_path_factory, default_model_path) -> str:
-    from tests.test_rerank import save_cross_encoder
-
-    return save_cross_encoder(default_model_path, str(tmp_path_factory.mktemp("cross-encoder") / "ce"))
 
 
 def test_cross_encode_stage_splits_out_of_memory_micro_batches_into_the_unsplit_scores(cross_encoder_dir, monkeypatch):

@@ -8,17 +8,16 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, assert_one_line_error, cli, cli_env, make_st_dir, snapshot
+from tests.conftest import REPO, assert_one_line_error, cli, cli_env, snapshot
 
 
 @pytest.fixture
-def thirty_lines(tmp_path, tiny_bert_dir):
+def thirty_lines(tmp_path, tiny_model):
     """(a mean-pooling tiny model, an input folder holding a.txt of 30 lines)."""
-    model = make_st_dir(tiny_bert_dir, str(tmp_path / "st"), pooling="mean")
     src = tmp_path / "in"
     src.mkdir()
     (src / "a.txt").write_text("".join(f"line {i}\n" for i in range(30)))
-    return model, src
+    return tiny_model, src
 
 
 def test_embed_and_mine_then_info(tmp_path, thirty_lines):

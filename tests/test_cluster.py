@@ -1,5 +1,7 @@
-"""Running on a real Ray cluster: `ray job submit` to a head started with `ray start`,
-replica placement on a multi-node cluster, and jobs that must never start their own."""
+"""Starting or joining Ray (pipeline.engine.cluster): the settings ray.init gets, the local cluster's
+environment, an unreachable address; and running on a real Ray cluster: `ray job submit` to a head
+started with `ray start`, replica placement on a multi-node cluster, and jobs that must never start
+their own."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 import urllib.error
 import urllib.request
@@ -19,14 +22,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import read_embeddings
-from tests.conftest import REPO, _free_port, assert_one_line_error, cli, cli_env, make_st_dir, session_processes
+from pipeline.engine.cluster import LOCAL_GCS_ENV, WORKER_ENV
+from tests.conftest import REPO, _free_port, assert_one_line_error, cli, cli_env, session_processes
 
 VENV_BIN = os.path.dirname(sys.executable)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_bert_dir):
-    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("m") / "st"), pooling="mean", normalize=True)
 
 
 def write_shards(directory, shards: int = 4, rows: int = 25) -> list[str]:
@@ -34,6 +33,79 @@ def write_shards(directory, shards: int = 4, rows: int = 25) -> list[str]:
     for k in range(shards):
         (directory / f"s{k}.txt").write_text("".join(f"shard {k} document {i}\n" for i in range(rows)))
     return sorted(f"s{k}.txt:{i}" for k in range(shards) for i in range(rows))
+
+
+# --------------------------------------------------------------------------- ray.init settings, the local cluster, reachability
+
+
+def test_a_local_cluster_has_no_public_dashboard_and_no_secrets_in_its_runtime_env(monkeypatch):
+    from pipeline.engine.cluster import ray_init_kwargs
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "do-not-ship-me")
+    local = ray_init_kwargs(None, quiet=True)
+    assert local["include_dashboard"] is False and local["dashboard_host"] == "127.0.0.1"
+    assert local["address"] == "local"  # never silently joins a cluster `ray start` left running
+    assert "do-not-ship-me" not in repr(local) and "runtime_env" not in local  # workers inherit WORKER_ENV
+    joined = ray_init_kwargs("auto", quiet=False)
+    assert joined["address"] == "auto" and "include_dashboard" not in joined  # the cluster's own settings stand
+    assert "do-not-ship-me" not in repr(joined) and "AWS" not in repr(joined["runtime_env"])
+
+
+def test_a_local_cluster_passes_the_worker_settings_to_its_workers_and_leaves_the_callers_environment():
+    """Without a runtime_env the workers Ray prestarted serve the first tasks; the settings reach
+    them through the raylet's environment, set only while ray.init starts it."""
+    script = textwrap.dedent(
+        """
+        import json, os
+        import ray
+        from pipeline.engine.cluster import LOCAL_GCS_ENV, WORKER_ENV, ray_session_for
+
+        names = [*WORKER_ENV, *LOCAL_GCS_ENV]
+        os.environ["TRANSFORMERS_VERBOSITY"] = "info"  # the caller's own value
+        with ray_session_for(None, quiet=True):
+            seen = ray.get(ray.remote(num_cpus=1)(lambda: {k: os.environ.get(k) for k in names}).remote())
+        print(json.dumps({"worker": seen, "caller": {k: os.environ.get(k) for k in names}}))
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TOKENIZERS_PARALLELISM", "RAY_ADDRESS", *LOCAL_GCS_ENV)}
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["worker"] == {**WORKER_ENV, **LOCAL_GCS_ENV}  # what the GCS and raylet started with
+    assert out["caller"] == {"TOKENIZERS_PARALLELISM": None, "TRANSFORMERS_VERBOSITY": "info", **dict.fromkeys(LOCAL_GCS_ENV)}
+
+
+def test_a_job_runtime_env_and_ray_init_never_set_the_same_variable(monkeypatch):
+    """Under `ray job submit --runtime-env configs/runtime_env.yaml`, Ray refuses a ray.init runtime_env
+    that sets a variable the job's runtime_env sets too ("Failed to merge the Job's runtime env")."""
+    from pipeline.engine.cluster import ray_init_kwargs
+
+    job = {"runtime_env": {"working_dir": "gcs://pkg.zip", "env_vars": {"TOKENIZERS_PARALLELISM": "false"}}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps(job))
+    env_vars = ray_init_kwargs("auto", quiet=True)["runtime_env"]["env_vars"]
+    assert "TOKENIZERS_PARALLELISM" not in env_vars and set(env_vars) == set(WORKER_ENV) - {"TOKENIZERS_PARALLELISM"}
+    monkeypatch.delenv("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    assert ray_init_kwargs("auto", quiet=True)["runtime_env"]["env_vars"] == WORKER_ENV
+
+
+def test_an_unreachable_cluster_address_fails_fast():
+    import socket
+    import time
+
+    from pipeline.errors import PipelineError
+    from pipeline.engine.cluster import check_reachable
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    started = time.time()
+    for address in (f"127.0.0.1:{port}", f"ray://127.0.0.1:{port}"):
+        with pytest.raises(PipelineError, match=f"cannot reach the Ray cluster at {address}"):
+            check_reachable(address, timeout=5)
+    assert time.time() - started < 10
+    check_reachable("auto")  # left to Ray
 
 
 # --------------------------------------------------------------------------- multi-node placement

@@ -13,7 +13,7 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.commands.embed import run_embed
-from tests.conftest import make_st_dir, varied_texts, write_lines
+from tests.conftest import assert_same, make_st_dir, varied_texts, write_lines
 
 TINY_TEXTS = [
     "Hello world", "The cat sat on the mat.", "a", "猫", "床前明月光，疑是地上霜。",
@@ -42,13 +42,6 @@ def reference(model_dir, texts, normalize=False, **kwargs):
     if "max_seq_length" in kwargs:
         model.max_seq_length = kwargs.pop("max_seq_length")
     return model.encode(texts, batch_size=16, normalize_embeddings=normalize, **kwargs)
-
-
-def assert_same(ours: np.ndarray, ref: np.ndarray) -> None:
-    assert ours.shape == ref.shape
-    cos = (ours * ref).sum(1) / (np.linalg.norm(ours, axis=1) * np.linalg.norm(ref, axis=1))
-    assert cos.min() >= 0.99999, cos.min()
-    assert np.abs(ours - ref).max() <= 1e-5, np.abs(ours - ref).max()
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,5 @@
-"""Local output checks (`prepare_output`) and atomic writes, on places that really fail for root.
+"""Output checks (`prepare_output`, `check_bucket`) and atomic writes (pipeline.storage.filesystems):
+locally, on places that really fail for root, and on S3 (a moto server).
 
 Tests run as root, for whom `os.access` says "writable" almost everywhere;
 the checks must prove writability by writing, so the failing places used
@@ -9,13 +10,14 @@ under a regular file.
 from __future__ import annotations
 
 import os
+import posixpath
 
 import pytest
 
 from pipeline.errors import InputError
 from pipeline.engine.cluster import prepare_output
-from pipeline.storage.filesystems import get_fs, write_bytes_atomic
-from tests.conftest import assert_one_line_error, cli
+from pipeline.storage.filesystems import check_bucket, get_fs, write_bytes_atomic
+from tests.conftest import assert_one_line_error, cli, objects, read_object
 
 
 def embed_to(tmp_path, output: str):
@@ -74,3 +76,55 @@ def test_atomic_local_write_replaces_whole_and_leaves_no_temporary(tmp_path):
     write_bytes_atomic(fs, path, b"second")
     assert open(path, "rb").read() == b"second"
     assert os.listdir(tmp_path / "sub") == ["f.parquet"]
+
+
+# --------------------------------------------------------------------------- on S3 (in process)
+
+
+def test_output_that_is_an_object_is_refused_and_kept(moto_s3):
+    bucket = moto_s3.new_bucket("isfile")
+    moto_s3.client().put_object(Bucket=bucket, Key="out", Body=b"I am an object")
+    with pytest.raises(InputError, match=f"--output s3://{bucket}/out: is a file, expected a directory"):
+        prepare_output(f"s3://{bucket}/out", moto_s3.storage_options())
+    assert read_object(moto_s3.client(), bucket, "out") == b"I am an object"
+
+
+def test_atomic_write_leaves_only_the_final_object(moto_s3):
+    bucket = moto_s3.new_bucket("atomic")
+    fs, root = get_fs(f"s3://{bucket}/out", moto_s3.storage_options())
+    write_bytes_atomic(fs, posixpath.join(root, "f.parquet"), b"payload")
+    assert list(objects(moto_s3.client(), bucket)) == ["out/f.parquet"]
+    assert read_object(moto_s3.client(), bucket, "out/f.parquet") == b"payload"
+
+
+def test_check_bucket_ignores_local_paths(tmp_path, monkeypatch):
+    """A local path passes unchecked and makes no S3 call; the same tripwire on the two entry
+    points every S3 request goes through (botocore and aiobotocore, which s3fs uses) does
+    catch the call an s3:// path makes, so it would catch one made for a local path."""
+    import aiobotocore.client
+    import botocore.client
+
+    calls: list[str] = []
+
+    class Tripwire(Exception):
+        pass
+
+    def sync_call(self, operation, params):
+        calls.append(operation)
+        raise Tripwire(operation)
+
+    async def async_call(self, operation, params):
+        calls.append(operation)
+        raise Tripwire(operation)
+
+    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", sync_call)
+    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", async_call)
+    for path in (str(tmp_path), str(tmp_path / "missing" / "*.txt")):
+        fs, root = get_fs(path)
+        assert check_bucket(fs, root, "--output x") is None
+    assert calls == []
+    # the control: an s3:// path reaches the tripwire (nothing listens on the endpoint)
+    fs, root = get_fs("s3://no-such-bucket/out", {"anon": True, "endpoint_url": "http://127.0.0.1:9"})
+    with pytest.raises(Tripwire):
+        check_bucket(fs, root, "--output s3://no-such-bucket/out")
+    assert calls == ["ListObjectsV2"]

@@ -5,27 +5,13 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import UsageError
 from pipeline.commands.embed import run_embed
 from pipeline.engine.plan import plan_resources
-from tests.conftest import make_st_dir, sample_texts, write_lines
-
-
-def encode_in_process(config: EmbedConfig, texts: list[str], graph: bytes | None = None) -> np.ndarray:
-    """The tokenize and encode stages themselves, without Ray: what every actor runs."""
-    from pipeline.stages.encode import EncodeStage
-    from pipeline.stages.tokenize import TokenizeStage
-
-    batch = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "_valid": [True] * len(texts)})
-    tokens = TokenizeStage(config)(batch)
-    out = EncodeStage(config, "cpu", 2, None, graph)(tokens)
-    order = np.argsort(np.asarray([int(i) for i in out["id"].to_pylist()]))
-    vectors = np.asarray(out["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(texts), -1)
-    return vectors[order]
+from tests.conftest import cosines, encode_in_process, make_st_dir, sample_texts, write_lines
 
 
 def float_matmul_weights(graph: bytes) -> list[tuple[int, ...]]:
@@ -35,10 +21,6 @@ def float_matmul_weights(graph: bytes) -> list[tuple[int, ...]]:
     model = onnx.load_from_string(graph)
     floats = {t.name: tuple(t.dims) for t in model.graph.initializer if t.data_type == onnx.TensorProto.FLOAT}
     return [floats[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in floats]
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def test_int8_vectors_of_the_real_model_stay_close_to_float32(tmp_path, monkeypatch):

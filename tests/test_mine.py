@@ -14,8 +14,7 @@ from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
 
 from pipeline.errors import InputError, UsageError
 from pipeline.commands.mine import MineConfig, run_mine
-from tests.conftest import SAMPLE
-from tests.test_mining import clustered_vectors, duplicate_groups, random_vectors
+from tests.conftest import SAMPLE, clustered_vectors, duplicate_groups, random_vectors
 
 
 def write_vectors(directory, vectors, ids, files=3):

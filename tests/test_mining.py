@@ -19,33 +19,7 @@ from pipeline.mining import (
     row_blocks,
     score_floor,
 )
-
-
-def random_vectors(n, d=24, seed=0):
-    return np.random.default_rng(seed).standard_normal((n, d)).astype(np.float32)
-
-
-def clustered_vectors(n, d=24, clusters=15, noise=0.05, seed=1):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((clusters, d))
-    labels = rng.integers(0, clusters, n)
-    return (centres[labels] + noise * rng.standard_normal((n, d))).astype(np.float32)
-
-
-def duplicate_groups():
-    """12 groups of 3 identical one-hot vectors (scores exactly 1 or 0), and the 18 pairs mining them gives.
-
-    With blocks of 6 rows, groups 0-5 have one member in each of blocks 0, 1
-    and 2; groups 6-11 lie each within a block (rows 18-35). top_k=2 gives each
-    row its two duplicates. The diagonal blocks hold 36 scores of 1 (groups
-    6-11), so with max_pairs=18 the floor is exactly 1. Of the 36 pairs, all
-    scoring 1, the best 18 by (i, j) are those of groups 0-5: all from
-    off-diagonal blocks, all exactly at the floor.
-    """
-    group = np.r_[np.arange(18) % 6, np.repeat(np.arange(6, 12), 3)]
-    x = np.eye(12, dtype=np.float32)[group]
-    spread = [(i, j) for i in range(18) for j in range(i + 1, 18) if group[i] == group[j]]
-    return x, spread
+from tests.conftest import clustered_vectors, duplicate_groups, random_vectors
 
 
 def diagonal_floor(x, top_k, max_pairs, block_size):

@@ -9,35 +9,19 @@ import subprocess
 import sys
 
 import numpy as np
-import pyarrow as pa
 import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.errors import UsageError
 from pipeline.commands.embed import run_embed
 from pipeline.engine.plan import plan_resources
-from tests.conftest import REPO, assert_one_line_error, cli, make_st_dir, varied_texts, write_lines
+from tests.conftest import REPO, assert_one_line_error, cli, cosines, encode_in_process, make_st_dir, varied_texts, write_lines
 
 
 def fingerprint(config: EmbedConfig) -> str:
     from pipeline.models.loading import fingerprint, resolve_model_path
 
     return fingerprint(resolve_model_path(config.model))
-
-
-def encode_stage(config: EmbedConfig, texts: list[str], graph: bytes | None) -> np.ndarray:
-    """Tokenize and encode stages in process; vectors in the order of `texts`."""
-    from pipeline.stages.encode import EncodeStage
-    from pipeline.stages.tokenize import TokenizeStage
-
-    batch = pa.table({"id": [str(i) for i in range(len(texts))], "text": texts, "_valid": [True] * len(texts)})
-    out = EncodeStage(config, "cpu", 1, None, graph)(TokenizeStage(config)(batch))
-    order = np.argsort(np.asarray([int(i) for i in out["id"].to_pylist()]))
-    return np.asarray(out["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(texts), -1)[order]
-
-
-def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 def assert_same_vectors(got: np.ndarray, want: np.ndarray) -> None:
@@ -71,8 +55,8 @@ def test_the_graph_gives_the_vectors_of_encode(base, options, extra, tiny_bert_d
     st = SentenceTransformer(model, device="cpu")
     want = st.encode(texts, batch_size=16, prompt_name=extra.get("prompt_name"),
                      normalize_embeddings=bool(extra.get("normalize")), convert_to_numpy=True)
-    assert_same_vectors(encode_stage(config, texts, graph), want)
-    assert_same_vectors(encode_stage(config, texts, None), want)  # and PyTorch, for the record
+    assert_same_vectors(encode_in_process(config, texts, graph), want)
+    assert_same_vectors(encode_in_process(config, texts, None), want)  # and PyTorch, for the record
 
 
 def test_the_real_model_in_a_process_without_torch(default_model_path, tmp_path):
@@ -169,7 +153,7 @@ def test_a_child_process_builds_the_same_checked_graph(tiny_bert_dir, tmp_path):
     here, _ = build_or_reason(config)
     texts = varied_texts(60)
     assert OnnxEncoder(graph, 1).dim == OnnxEncoder(here, 1).dim == 32
-    np.testing.assert_array_equal(encode_stage(config, texts, graph), encode_stage(config, texts, here))
+    np.testing.assert_array_equal(encode_in_process(config, texts, graph), encode_in_process(config, texts, here))
 
 
 def test_end_to_end_the_backend_is_recorded_and_both_give_the_same_vectors(ray_cluster, tiny_bert_dir, tmp_path):

@@ -1,4 +1,5 @@
-"""The output opens unchanged in pyarrow, pandas, polars, duckdb and datasets."""
+"""The output opens unchanged in read_embeddings (pipeline.storage.readers), pyarrow, pandas, polars,
+duckdb and datasets; on S3 the readers never use a stale listing."""
 
 from __future__ import annotations
 
@@ -7,19 +8,17 @@ import pytest
 
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.commands.embed import run_embed
-from tests.conftest import make_st_dir
 
 
 @pytest.fixture(scope="module")
-def output_dir(ray_cluster, tmp_path_factory, tiny_bert_dir):
+def output_dir(ray_cluster, tmp_path_factory, tiny_model):
     base = tmp_path_factory.mktemp("readers")
-    model = make_st_dir(tiny_bert_dir, str(base / "st"), pooling="mean")
     src = base / "in"
     src.mkdir()
     (src / "a.txt").write_text("".join(f"alpha {i}\n" for i in range(7)))
     (src / "b.txt").write_text("".join(f"beta {i}\n" for i in range(5)))
     out = base / "out"
-    run_embed(EmbedConfig(input=str(src), output=str(out), model=model, num_encoders=1, quiet=True))  # 12 rows
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, num_encoders=1, quiet=True))  # 12 rows
     ids, vectors = read_embeddings(str(out))
     return out, ids, vectors
 
@@ -81,3 +80,22 @@ def test_datasets_load_dataset(output_dir):
     row = ds[0]
     i = ids.index(row["id"])
     np.testing.assert_allclose(np.asarray(row["embedding"], np.float32), vectors[i])
+
+
+def test_readers_see_files_committed_after_an_earlier_read(moto_s3):
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.storage.sink import parquet_bytes
+
+    bucket = moto_s3.new_bucket("reread")
+    uri, options = f"s3://{bucket}/out", moto_s3.storage_options()
+
+    def put(name: str, ids: list[str]) -> None:
+        emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(2 * len(ids), np.float32)), 2)
+        moto_s3.client().put_object(Bucket=bucket, Key=f"out/{name}", Body=parquet_bytes(pa.table({"id": ids, "embedding": emb})))
+
+    put("a.parquet", ["a"])
+    assert read_embeddings(uri, options)[0] == ["a"]
+    put("b.parquet", ["b"])
+    assert read_embeddings(uri, options)[0] == ["a", "b"]

@@ -12,28 +12,16 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import EmbedConfig, read_embeddings
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError
 from pipeline.commands.embed import run_embed
-from tests.conftest import assert_one_line_error, cli, kill_cli_when, make_st_dir, snapshot, write_lines
+from tests.conftest import assert_one_line_error, cli, committed, kill_cli_when, snapshot, write_lines
 from tests.slow_model import make_slow_model
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory, tiny_bert_dir):
-    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("m") / "st"), pooling="mean")
 
 
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory, tiny_bert_dir):
     """Sleeps 0.5 s per forward: a few seconds per encoder call, so files commit one after another."""
     return make_slow_model(tiny_bert_dir, str(tmp_path_factory.mktemp("slow") / "model"), delay=0.5)
-
-
-def committed(out) -> dict[str, int]:
-    """Final output files visible to readers, with their mtimes."""
-    if not os.path.isdir(out):
-        return {}
-    return {f: os.stat(out / f).st_mtime_ns for f in os.listdir(out) if f.endswith(".parquet") and not f.startswith(("_", "."))}
 
 
 def assert_exactly_once(out, expected_ids):
@@ -149,47 +137,7 @@ def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(
 # --------------------------------------------------------------------------- never hang silently
 
 
-def test_the_watchdog_kills_the_stage_actors_and_names_the_stalled_step(ray_cluster):
-    """The driver's watchdog on a real board and a real stage actor: a step that stops reporting
-    ends the run with one line naming it, and the stage's actors are killed (so Ray Data stops)."""
-    import ray
-
-    from pipeline.errors import PipelineError
-    from pipeline.engine.execution import watched as _watched
-    from pipeline.engine.watchdog import ProgressBoard
-
-    board = ray.remote(num_cpus=0)(ProgressBoard).remote()
-
-    @ray.remote(num_cpus=0)
-    class Stage:
-        def ping(self) -> bool:
-            return True
-
-    actor = Stage.remote()
-    ray.get(board.register.remote("encode", actor))
-    ray.get(board.begin.remote("encode", "step-1", "encoding 50 rows"))
-
-    def results():  # one block, then nothing, as a hung encoder gives, until its actor is gone
-        yield "block 1"
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            ray.get(actor.ping.remote())
-            time.sleep(0.2)
-        raise AssertionError("the watchdog never ended the run")
-
-    got = []
-    try:
-        with pytest.raises(PipelineError, match="the encode stage made no progress for [0-9]+s") as err:
-            for item in _watched(results(), board, stall_timeout=2):
-                got.append(item)
-        assert got == ["block 1"] and "stuck encoding 50 rows" in str(err.value)
-        with pytest.raises(ray.exceptions.RayActorError):
-            ray.get(actor.ping.remote())
-    finally:
-        ray.kill(board)
-
-
-@pytest.mark.slow  # ~75 s; make test checks the watchdog itself on a real board above
+@pytest.mark.slow  # ~75 s; make test checks the watchdog itself on a real board (test_execution)
 def test_a_stalled_stage_ends_the_run_with_a_message_naming_it(tmp_path, tiny_bert_dir):
     hung = make_slow_model(tiny_bert_dir, str(tmp_path / "hung"), delay=3600)
     write_lines(tmp_path / "a.txt", [f"document {i}" for i in range(50)])
@@ -200,13 +148,6 @@ def test_a_stalled_stage_ends_the_run_with_a_message_naming_it(tmp_path, tiny_be
     assert "stuck encoding 50 rows" in proc.stderr
     assert time.time() - started < 200  # it ended on its own, far before the model would have woken up
     assert not committed(tmp_path / "out")
-
-
-def test_asking_for_gpus_on_a_cluster_without_any_is_an_error_up_front(ray_cluster, tmp_path, tiny_model):
-    write_lines(tmp_path / "a.txt", ["one", "two"])
-    with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPUs"):
-        run_embed(EmbedConfig(input=str(tmp_path / "a.txt"), output=str(tmp_path / "out"), model=tiny_model,
-                              device="cuda", quiet=True))
 
 
 # --------------------------------------------------------------------------- --overwrite
@@ -223,7 +164,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluste
     (src / "z_bad.jsonl").write_text('{"text": "fine"}\n{"text": oops\n')  # fails after the good shards
     with pytest.raises(InputError, match="z_bad.jsonl: line 2 is not valid JSON"):
         run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, num_encoders=1, pooling="cls", overwrite=True, quiet=True))
-    visible = {f: b for f, b in snapshot_files(out).items() if not f.startswith("_overwrite")}
+    visible = {f: b for f, b in snapshot(out).items() if not f.startswith("_overwrite")}
     assert visible == old, "a failed --overwrite run changed the old output"
 
     os.remove(src / "z_bad.jsonl")
@@ -279,7 +220,3 @@ def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_clus
     assert_exactly_once(out, expected)
     ids, vectors = read_embeddings(str(out))
     assert all((vectors[i] == new_vectors[id_]).all() for i, id_ in enumerate(ids))  # every file is the new run's
-
-
-def snapshot_files(directory) -> dict[str, bytes]:
-    return {f: (directory / f).read_bytes() for f in os.listdir(directory) if (directory / f).is_file()}

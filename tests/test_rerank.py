@@ -23,7 +23,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import InputError, UsageError
 from tests.conftest import REPO, assert_one_line_error, sample_texts, snapshot
-from tests.test_bad_input import run_main
+from tests.conftest import run_main
 
 
 def save_cross_encoder(base_model: str, out: str, num_labels: int = 1) -> str:

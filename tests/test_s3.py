@@ -10,7 +10,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import posixpath
 import time
 
 import pyarrow.parquet as pq
@@ -19,12 +18,10 @@ import pytest
 from pipeline import build_config, read_embeddings
 from pipeline.errors import InputError
 from pipeline.engine.cluster import prepare_output
-from pipeline.manifest import read as read_manifest
 from pipeline.storage.output import committed_files
-from pipeline.storage.filesystems import check_bucket, get_fs, write_bytes_atomic
 from tests.conftest import (
     kill_cli_when,
-    REPO, assert_one_line_error, cli, cli_env, make_st_dir, sample_texts, start_moto_server,
+    REPO, assert_one_line_error, cli, cli_env, objects, read_object, sample_texts, start_moto_server,
     stop_moto_server,
 )
 
@@ -33,11 +30,6 @@ KEY_ID = "EMBEDPIPEKEYID7X3Q"
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-@pytest.fixture(scope="module")
-def st_model(tmp_path_factory, tiny_bert_dir) -> str:
-    return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("s3m") / "st"), pooling="mean")
 
 
 def upload_shards(s3, bucket: str, prefix: str, shards: dict[str, int]) -> list[str]:
@@ -52,14 +44,6 @@ def upload_shards(s3, bucket: str, prefix: str, shards: dict[str, int]) -> list[
     return expected
 
 
-def objects(s3, bucket: str, prefix: str = "") -> dict[str, dict]:
-    """Every object under `prefix`, by key (ETag, LastModified, Size)."""
-    out = {}
-    for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-        out.update({o["Key"]: o for o in page.get("Contents", [])})
-    return out
-
-
 def is_visible(key: str) -> bool:
     """What a Parquet reader picks up: names not starting with '_' or '.' (at any level below the output)."""
     return not any(part.startswith(("_", ".")) for part in key.split("/")[1:])
@@ -67,11 +51,6 @@ def is_visible(key: str) -> bool:
 
 def visible_parquet(s3, bucket: str, prefix: str) -> dict[str, dict]:
     return {k: o for k, o in objects(s3, bucket, prefix + "/").items() if k.endswith(".parquet") and is_visible(k)}
-
-
-def read_object(s3, bucket: str, key: str, version: str | None = None) -> bytes:
-    extra = {"VersionId": version} if version else {}
-    return s3.get_object(Bucket=bucket, Key=key, **extra)["Body"].read()
 
 
 def manifest_on_s3(s3, bucket: str, prefix: str) -> dict:
@@ -92,12 +71,12 @@ def assert_every_id_once(ids: list[str], expected: list[str]) -> None:
 
 
 @pytest.fixture(scope="module")
-def env_run(moto_s3, st_model):
+def env_run(moto_s3, tiny_model):
     """`embed` from s3:// to s3:// with AWS_ENDPOINT_URL and AWS_* credentials in the environment."""
     s3 = moto_s3.client()
     bucket = moto_s3.new_bucket("env")
     expected = upload_shards(s3, bucket, "in", {"a.txt": 120, "sub/b.txt": 90})
-    proc = cli("embed", "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model", st_model,
+    proc = cli("embed", "--input", f"s3://{bucket}/in/", "--output", f"s3://{bucket}/out", "--model", tiny_model,
                env=cli_env(**moto_s3.env()))
     return proc, bucket, expected
 
@@ -118,14 +97,14 @@ def test_env_configured_run_embeds_every_id_once(moto_s3, env_run):
 
 
 @pytest.fixture(scope="module")
-def options_run(moto_s3, st_model):
+def options_run(moto_s3, tiny_model):
     """`embed`, then `mine`, s3:// to s3://, configured only by --storage-options with a distinctive secret."""
     s3 = moto_s3.client()
     bucket = moto_s3.new_bucket("opt")
     expected = upload_shards(s3, bucket, "in", {"a.txt": 150, "b.txt": 110})
     options = json.dumps(moto_s3.storage_options(key=KEY_ID, secret=SECRET))
     env = env_without_aws()
-    embed = cli("embed", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--model", st_model,
+    embed = cli("embed", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--model", tiny_model,
                 "--storage-options", options, env=env)
     mine = cli("mine", "--embeddings", f"s3://{bucket}/out", "--output", f"s3://{bucket}/pairs", "--top-k", "3",
                "--storage-options", options, env=env)
@@ -182,7 +161,7 @@ def test_credentials_never_printed_or_written(moto_s3, options_run):
 
 
 @pytest.fixture(scope="module")
-def killed_and_resumed(moto_s3, st_model):
+def killed_and_resumed(moto_s3, tiny_model):
     """Crash an S3 run once some of its files are committed, then run the same command again.
 
     Versioning is on, so every write of a key stays visible to the checks,
@@ -195,7 +174,7 @@ def killed_and_resumed(moto_s3, st_model):
     expected = upload_shards(s3, bucket, "in", shards)
     rows_per_file = 10
     total_files = sum(-(-rows // rows_per_file) for rows in shards.values())
-    args = ["embed", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--model", st_model,
+    args = ["embed", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/out", "--model", tiny_model,
             "--rows-per-file", str(rows_per_file), "--quiet"]
     env = cli_env(**moto_s3.env())
     killed = kill_cli_when(args, lambda: len(visible_parquet(s3, bucket, "out")) >= 1, env=env, poll=0.02)
@@ -264,13 +243,13 @@ def test_resume_leaves_committed_objects_untouched(moto_s3, killed_and_resumed):
 
 
 @pytest.mark.parametrize("side", ["output", "input"])
-def test_missing_bucket_exits_2_naming_it(moto_s3, tmp_path, st_model, side):
+def test_missing_bucket_exits_2_naming_it(moto_s3, tmp_path, tiny_model, side):
     (tmp_path / "a.txt").write_text("hello\n")
     missing = f"no-such-bucket-{side}"
     paths = {"input": str(tmp_path / "a.txt"), "output": str(tmp_path / "out")}
     paths[side] = f"s3://{missing}/x"
     options = json.dumps(moto_s3.storage_options(key=KEY_ID, secret=SECRET))
-    proc = cli("embed", "--input", paths["input"], "--output", paths["output"], "--model", st_model,
+    proc = cli("embed", "--input", paths["input"], "--output", paths["output"], "--model", tiny_model,
                "--storage-options", options, env=env_without_aws())
     assert_one_line_error(proc, 2, f"--{side} s3://{missing}/x: bucket '{missing}' does not exist")
     assert SECRET not in proc.stderr + proc.stdout
@@ -299,11 +278,11 @@ def moto_s3_auth():
         stop_moto_server(proc)
 
 
-def test_wrong_secret_exits_2_naming_the_bucket(moto_s3_auth, tmp_path, st_model):
+def test_wrong_secret_exits_2_naming_the_bucket(moto_s3_auth, tmp_path, tiny_model):
     server = moto_s3_auth
     assert "Contents" in server.client().list_objects_v2(Bucket="guarded")  # the right credentials work
     env = cli_env(**server.env(AWS_SECRET_ACCESS_KEY=SECRET))
-    proc = cli("embed", "--input", "s3://guarded/in", "--output", str(tmp_path / "out"), "--model", st_model, env=env)
+    proc = cli("embed", "--input", "s3://guarded/in", "--output", str(tmp_path / "out"), "--model", tiny_model, env=env)
     assert_one_line_error(proc, 2, "--input s3://guarded/in: access to bucket 'guarded' denied")
     assert "check the credentials" in proc.stderr and SECRET not in proc.stderr + proc.stdout
 
@@ -320,89 +299,6 @@ def test_right_credentials_pass_the_check(moto_s3_auth):
     server = moto_s3_auth
     fs, root = prepare_output("s3://guarded/out", server.storage_options())
     assert root == "guarded/out" and committed_files(fs, root) == {}
-
-
-# --------------------------------------------------------------------------- storage helpers on S3 (in process)
-
-
-def test_committed_files_sees_objects_written_behind_its_back(moto_s3):
-    """s3fs caches listings per process; resume decisions must not use an old one."""
-    bucket = moto_s3.new_bucket("cache")
-    fs, root = prepare_output(f"s3://{bucket}/out", moto_s3.storage_options())
-    moto_s3.client().put_object(Bucket=bucket, Key="out/first.parquet", Body=b"x")
-    assert set(committed_files(fs, root)) == {"first.parquet"}  # s3fs now holds a listing of out/
-    moto_s3.client().put_object(Bucket=bucket, Key="out/second.parquet", Body=b"x")
-    moto_s3.client().put_object(Bucket=bucket, Key="out/_manifest.json", Body=b'{"version": 1}')
-    assert set(committed_files(fs, root)) == {"first.parquet", "second.parquet"}
-    assert read_manifest(fs, root)["version"] == 1  # read from storage, not from a listing
-
-
-def test_readers_see_files_committed_after_an_earlier_read(moto_s3):
-    import numpy as np
-    import pyarrow as pa
-
-    from pipeline.storage.sink import parquet_bytes
-
-    bucket = moto_s3.new_bucket("reread")
-    uri, options = f"s3://{bucket}/out", moto_s3.storage_options()
-
-    def put(name: str, ids: list[str]) -> None:
-        emb = pa.FixedSizeListArray.from_arrays(pa.array(np.ones(2 * len(ids), np.float32)), 2)
-        moto_s3.client().put_object(Bucket=bucket, Key=f"out/{name}", Body=parquet_bytes(pa.table({"id": ids, "embedding": emb})))
-
-    put("a.parquet", ["a"])
-    assert read_embeddings(uri, options)[0] == ["a"]
-    put("b.parquet", ["b"])
-    assert read_embeddings(uri, options)[0] == ["a", "b"]
-
-
-def test_output_that_is_an_object_is_refused_and_kept(moto_s3):
-    bucket = moto_s3.new_bucket("isfile")
-    moto_s3.client().put_object(Bucket=bucket, Key="out", Body=b"I am an object")
-    with pytest.raises(InputError, match=f"--output s3://{bucket}/out: is a file, expected a directory"):
-        prepare_output(f"s3://{bucket}/out", moto_s3.storage_options())
-    assert read_object(moto_s3.client(), bucket, "out") == b"I am an object"
-
-
-def test_atomic_write_leaves_only_the_final_object(moto_s3):
-    bucket = moto_s3.new_bucket("atomic")
-    fs, root = get_fs(f"s3://{bucket}/out", moto_s3.storage_options())
-    write_bytes_atomic(fs, posixpath.join(root, "f.parquet"), b"payload")
-    assert list(objects(moto_s3.client(), bucket)) == ["out/f.parquet"]
-    assert read_object(moto_s3.client(), bucket, "out/f.parquet") == b"payload"
-
-
-def test_check_bucket_ignores_local_paths(tmp_path, monkeypatch):
-    """A local path passes unchecked and makes no S3 call; the same tripwire on the two entry
-    points every S3 request goes through (botocore and aiobotocore, which s3fs uses) does
-    catch the call an s3:// path makes, so it would catch one made for a local path."""
-    import aiobotocore.client
-    import botocore.client
-
-    calls: list[str] = []
-
-    class Tripwire(Exception):
-        pass
-
-    def sync_call(self, operation, params):
-        calls.append(operation)
-        raise Tripwire(operation)
-
-    async def async_call(self, operation, params):
-        calls.append(operation)
-        raise Tripwire(operation)
-
-    monkeypatch.setattr(botocore.client.BaseClient, "_make_api_call", sync_call)
-    monkeypatch.setattr(aiobotocore.client.AioBaseClient, "_make_api_call", async_call)
-    for path in (str(tmp_path), str(tmp_path / "missing" / "*.txt")):
-        fs, root = get_fs(path)
-        assert check_bucket(fs, root, "--output x") is None
-    assert calls == []
-    # the control: an s3:// path reaches the tripwire (nothing listens on the endpoint)
-    fs, root = get_fs("s3://no-such-bucket/out", {"anon": True, "endpoint_url": "http://127.0.0.1:9"})
-    with pytest.raises(Tripwire):
-        check_bucket(fs, root, "--output s3://no-such-bucket/out")
-    assert calls == ["ListObjectsV2"]
 
 
 # --------------------------------------------------------------------------- configs/s3.yaml

@@ -1,0 +1,53 @@
+"""The embed chain (pipeline.engine.chain) on the local Ray cluster: chunks that Ray splits across
+blocks are written as pieces and joined once each (`FileTracker`)."""
+
+from __future__ import annotations
+
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import EmbedConfig, read_embeddings
+from pipeline.commands.embed import run_embed
+
+
+@pytest.mark.parametrize(
+    "spread",
+    [False, pytest.param(True, marks=pytest.mark.slow)],  # the multi-node join path, in make test-all (keeps make test < 15 min)
+    ids=["joined-by-the-driver", "joined-by-ray-tasks"],
+)
+def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model, monkeypatch, spread):
+    """Tiny Ray blocks force chunks to be split across blocks: the pieces are joined, once each,
+    by a driver thread (one node) or by Ray tasks (what a multi-node cluster does)."""
+    from ray.data import DataContext
+
+    from pipeline.engine import chain
+
+    class Tracker(chain.FileTracker):
+        def __init__(self, sink, **options):
+            assert options == {"spread": False}  # the local cluster has one node
+            super().__init__(sink, spread=spread)
+
+    monkeypatch.setattr(chain, "FileTracker", Tracker)
+
+    src = tmp_path / "in"
+    src.mkdir()
+    n = 2500
+    (src / "big.txt").write_text("".join(f"document number {i} " + "word " * (i % 13) + "\n" for i in range(n)))
+    (src / "small.txt").write_text("just one line\n")
+    ctx = DataContext.get_current()
+    saved = ctx.target_max_block_size
+    ctx.target_max_block_size = 16 * 1024
+    try:
+        out = tmp_path / "out"
+        result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, rows_per_file=1000, quiet=True))
+    finally:
+        ctx.target_max_block_size = saved
+    files = sorted(f for f in os.listdir(out) if f.endswith(".parquet"))
+    assert files == ["big.txt-00000.parquet", "big.txt-00001.parquet", "big.txt-00002.parquet", "small.txt.parquet"]
+    assert [pq.read_metadata(out / f).num_rows for f in files] == [1000, 1000, 500, 1]
+    ids, _ = read_embeddings(str(out))
+    assert ids == [f"big.txt:{i}" for i in range(n)] + ["small.txt:0"]
+    assert not (out / "_pieces").exists()
+    assert result.files_written == 4

@@ -1,0 +1,38 @@
+"""The resource plan (pipeline.engine.plan): pools and reservations from a cluster's resources,
+without a cluster."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipeline import EmbedConfig
+from pipeline.errors import UsageError
+from pipeline.engine.plan import plan_resources
+
+
+def test_resource_plan_fits_two_cpus():
+    config = EmbedConfig(input="x", output="y")
+    plan = plan_resources(config, {"CPU": 2.0}, nodes=1)
+    reserved = plan.num_encoders * plan.encoder_cpus + plan.num_tokenizers * plan.tokenizer_cpus
+    assert plan.device == "cpu" and reserved <= 1.5  # read + commit tasks keep 0.5 CPU
+    gpu = plan_resources(config, {"CPU": 16.0, "GPU": 2.0}, nodes=2)
+    assert gpu.device == "cuda" and gpu.num_encoders == 2 and gpu.encoder_gpus == 1
+    assert gpu.num_tokenizers == 13  # up to 8 per GPU, capped by the CPUs the encoders and read/commit leave
+    assert plan_resources(config, {"CPU": 16.0, "GPU": 1.0}, nodes=1).num_tokenizers == 8
+    with pytest.raises(UsageError, match="no GPUs"):
+        plan_resources(EmbedConfig(input="x", output="y", device="cuda"), {"CPU": 2.0}, nodes=1)
+    with pytest.raises(UsageError, match="do not fit"):
+        plan_resources(EmbedConfig(input="x", output="y", num_encoders=20), {"CPU": 2.0}, nodes=1)
+
+
+def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
+    config = EmbedConfig(input="x", output="y", encoders_per_node=2)
+    plan = plan_resources(config, {"CPU": 32.0}, nodes=2)  # two 16-CPU nodes
+    assert plan.device == "cpu" and plan.num_encoders == 4 and plan.encoder_threads == 7  # one core left per node
+    node_cpus = 16.0
+    assert 2 * plan.encoder_cpus + plan.tokenizer_cpus <= node_cpus  # two replicas and a tokenizer fit a node ...
+    assert 3 * plan.encoder_cpus > node_cpus  # ... a third replica does not, so Ray must use the other node
+    gpu = plan_resources(config, {"CPU": 32.0, "GPU": 4.0}, nodes=2)
+    assert gpu.num_encoders == 4 and gpu.encoder_gpus == 1  # GPUs: one per GPU, encoders_per_node does not apply
+    with pytest.raises(UsageError, match="--encoders-per-node must be a positive integer"):
+        EmbedConfig(input="x", output="y", encoders_per_node=0)
