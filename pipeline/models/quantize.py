@@ -14,6 +14,13 @@ and still reached only 0.95945: its scale is set by the batch's largest value,
 so a text's vector depended on its batch mates. Quantising every Linear per
 tensor had dropped the minimum to 0.80, and torch's own dynamic quantisation
 to 0.91.
+
+Both operands are uint8 with zero point 128 (weights too, 2026-12-06): ONNX Runtime's uint8 x int8
+kernel on x86 CPUs with AVX2 but no VNNI adds its products in pairs into int16 (VPMADDUBSW) and
+saturates, so 8-bit values there came back with wrong sums (255 * 127 * 2 = 64,770 > 32,767); its
+uint8 x uint8 kernel widens to int16 first and adds in int32, exact on every CPU, and ran as fast
+here (AMD EPYC, AVX2, no VNNI). 7-bit weights (`reduce_range`) were exact too but further from
+float32 than the saturated sums; int8 x int8 was exact but 1.7x slower (BENCHMARKS.md, 2026-12-06).
 """
 
 from __future__ import annotations
@@ -28,8 +35,12 @@ def quantize_per_token(path: str) -> bytes:
     share its micro-batch; ONNX Runtime's dynamic quantisation scales a whole batch by its
     largest value, and one outlier token in it coarsened every other row (a long fortune: cosine
     0.9966 to float32 alone, 0.9685 beside 7 others; BENCHMARKS.md). q(x) is computed once per
-    activation and shared by the MatMuls that read it (query, key, value), and held as uint8
-    with zero point 128: ONNX Runtime's int8 x int8 kernel ran 4x slower here than uint8 x int8.
+    activation and shared by the MatMuls that read it (query, key, value).
+
+    Both q(x) and q(W) are held as uint8 with zero point 128 (values -127..127 as 1..255), so ONNX
+    Runtime runs its uint8 x uint8 kernel, whose integer sums are exact on every CPU. Its uint8 x
+    int8 kernel adds products in int16 pairs on AVX2 without VNNI and saturates (one pair of
+    255 * 127 overflows); int8 x int8 ran 1.7x-4x slower (module docstring).
     """
     import numpy as np
     import onnx
@@ -62,11 +73,11 @@ def quantize_per_token(path: str) -> bytes:
         if len(weights[w_name].dims) != 2:
             nodes.append(node)
             continue
-        w_q, w_s = f"{w_name}/int8", f"{w_name}/scale"
+        w_q, w_s = f"{w_name}/uint8", f"{w_name}/scale"
         if w_name not in done:  # a weight shared by two MatMuls is quantised once
             w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
             w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
-            const(w_q, np.clip(np.round(w / w_scale), -127, 127).astype(np.int8))
+            const(w_q, (np.clip(np.round(w / w_scale), -127, 127) + 128).astype(np.uint8))
             const(w_s, w_scale.astype(np.float32))
             done.add(w_name)
         if x not in scaled:
@@ -78,7 +89,7 @@ def quantize_per_token(path: str) -> bytes:
             scaled[x] = p
         p = scaled[x]
         out = node.output[0]
-        acc = op("MatMulInteger", [f"{p}/uint8", w_q, zero_point], f"{out}/int32")
+        acc = op("MatMulInteger", [f"{p}/uint8", w_q, zero_point, zero_point], f"{out}/int32")
         tokens = op("Mul", [op("Cast", [acc], f"{out}/float", to=TensorProto.FLOAT), f"{p}/scale"], f"{out}/token_scaled")
         op("Mul", [tokens, w_s], out)
     del graph.node[:]
