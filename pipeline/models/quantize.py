@@ -42,62 +42,93 @@ def quantize_per_token(path: str) -> bytes:
     int8 kernel adds products in int16 pairs on AVX2 without VNNI and saturates (one pair of
     255 * 127 overflows); int8 x int8 ran 1.7x-4x slower (module docstring).
     """
-    import numpy as np
     import onnx
-    from onnx import TensorProto, helper, numpy_helper
 
     model = onnx.load(path, load_external_data=False)
     graph = model.graph
-    weights = {t.name: t for t in graph.initializer}
-    added: list = []
-
-    def const(name: str, value) -> str:
-        added.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
-
-    one, eps, levels = const("q_one", np.float32(1)), const("q_eps", np.float32(1e-12)), const("q_127", np.float32(127))
-    offset, zero_point = const("q_128", np.float32(128)), const("q_zero_point", np.uint8(128))
-    nodes: list = []
-    scaled: dict[str, str] = {}  # activation -> prefix of its quantised form
-    done: set[str] = set()  # weights already quantised
-
-    def op(kind: str, inputs: list[str], output: str, **attrs) -> str:
-        nodes.append(helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs))
-        return output
-
+    rewrite = _Rewrite({t.name: t for t in graph.initializer})
+    nodes = []
     for node in graph.node:
-        if node.op_type != "MatMul" or node.input[1] not in weights:
-            nodes.append(node)
-            continue
-        x, w_name = node.input
-        if len(weights[w_name].dims) != 2:
-            nodes.append(node)
-            continue
-        w_q, w_s = f"{w_name}/uint8", f"{w_name}/scale"
-        if w_name not in done:  # a weight shared by two MatMuls is quantised once
-            w = numpy_helper.to_array(weights[w_name]).astype(np.float32)
-            w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
-            const(w_q, (np.clip(np.round(w / w_scale), -127, 127) + 128).astype(np.uint8))
-            const(w_s, w_scale.astype(np.float32))
-            done.add(w_name)
-        if x not in scaled:
-            p = f"q{len(scaled)}"
-            top = op("ReduceMax", [op("Abs", [x], f"{p}/abs")], f"{p}/max", axes=[-1], keepdims=1)
-            scale = op("Div", [op("Max", [top, eps], f"{p}/max_eps"), levels], f"{p}/scale")
-            ints = op("Round", [op("Mul", [x, op("Div", [one, scale], f"{p}/inverse")], f"{p}/scaled")], f"{p}/round")
-            op("Cast", [op("Add", [ints, offset], f"{p}/shifted")], f"{p}/uint8", to=TensorProto.UINT8)
-            scaled[x] = p
-        p = scaled[x]
-        out = node.output[0]
-        acc = op("MatMulInteger", [f"{p}/uint8", w_q, zero_point, zero_point], f"{out}/int32")
-        tokens = op("Mul", [op("Cast", [acc], f"{out}/float", to=TensorProto.FLOAT), f"{p}/scale"], f"{out}/token_scaled")
-        op("Mul", [tokens, w_s], out)
+        nodes += rewrite.matmul(node) if rewrite.by_weight(node) else [node]
     del graph.node[:]
     graph.node.extend(nodes)
-    graph.initializer.extend(added)
+    graph.initializer.extend(rewrite.added)
     used = {name for n in graph.node for name in n.input}
     kept = [t for t in graph.initializer if t.name in used]  # the float32 weights are gone
     del graph.initializer[:]
     graph.initializer.extend(kept)
     onnx.checker.check_model(model)
     return model.SerializeToString()
+
+
+class _Rewrite:
+    """The nodes and constants that replace each MatMul by a 2-D weight (see quantize_per_token)."""
+
+    def __init__(self, weights: dict):
+        self.weights = weights
+        self.added: list = []  # new initializers
+        self.nodes: list = []  # nodes of the MatMul being rewritten
+        self.scaled: dict[str, str] = {}  # activation -> prefix of its quantised form
+        self.done: set[str] = set()  # weights already quantised
+        self.one, self.eps = self.const("q_one", 1.0), self.const("q_eps", 1e-12)
+        self.levels, self.offset = self.const("q_127", 127.0), self.const("q_128", 128.0)
+        self.zero_point = self.const("q_zero_point", 128, "uint8")
+
+    def const(self, name: str, value, dtype: str = "float32") -> str:
+        import numpy as np
+        from onnx import numpy_helper
+
+        self.added.append(numpy_helper.from_array(np.asarray(value, dtype), name))
+        return name
+
+    def op(self, kind: str, inputs: list[str], output: str, **attrs) -> str:
+        from onnx import helper
+
+        self.nodes.append(helper.make_node(kind, inputs, [output], name=f"{output}/{kind}", **attrs))
+        return output
+
+    def by_weight(self, node) -> bool:
+        return node.op_type == "MatMul" and node.input[1] in self.weights and len(self.weights[node.input[1]].dims) == 2
+
+    def matmul(self, node) -> list:
+        """x @ W as (q(x) @ q(W)) * s(x) * s(W), in int32 then float32."""
+        from onnx import TensorProto
+
+        self.nodes = []
+        x, w_name = node.input
+        w_q, w_s = self.weight(w_name)
+        p = self.activation(x)
+        out = node.output[0]
+        acc = self.op("MatMulInteger", [f"{p}/uint8", w_q, self.zero_point, self.zero_point], f"{out}/int32")
+        as_float = self.op("Cast", [acc], f"{out}/float", to=TensorProto.FLOAT)
+        tokens = self.op("Mul", [as_float, f"{p}/scale"], f"{out}/token_scaled")
+        self.op("Mul", [tokens, w_s], out)
+        return self.nodes
+
+    def weight(self, w_name: str) -> tuple[str, str]:
+        """W per output column: uint8 values 1..255 (zero point 128) and float32 scales; once per weight."""
+        import numpy as np
+        from onnx import numpy_helper
+
+        w_q, w_s = f"{w_name}/uint8", f"{w_name}/scale"
+        if w_name not in self.done:  # a weight shared by two MatMuls is quantised once
+            w = numpy_helper.to_array(self.weights[w_name]).astype(np.float32)
+            w_scale = np.maximum(np.abs(w).max(axis=0), 1e-12) / 127
+            self.const(w_q, (np.clip(np.round(w / w_scale), -127, 127) + 128).astype(np.uint8), "uint8")
+            self.const(w_s, w_scale.astype(np.float32))
+            self.done.add(w_name)
+        return w_q, w_s
+
+    def activation(self, x: str) -> str:
+        """x per token (its last axis) at run time, once per activation: the prefix of `<p>/uint8` and `<p>/scale`."""
+        from onnx import TensorProto
+
+        if x not in self.scaled:
+            p, op = f"q{len(self.scaled)}", self.op
+            top = op("ReduceMax", [op("Abs", [x], f"{p}/abs")], f"{p}/max", axes=[-1], keepdims=1)
+            scale = op("Div", [op("Max", [top, self.eps], f"{p}/max_eps"), self.levels], f"{p}/scale")
+            inverse = op("Div", [self.one, scale], f"{p}/inverse")
+            ints = op("Round", [op("Mul", [x, inverse], f"{p}/scaled")], f"{p}/round")
+            op("Cast", [op("Add", [ints, self.offset], f"{p}/shifted")], f"{p}/uint8", to=TensorProto.UINT8)
+            self.scaled[x] = p
+        return self.scaled[x]
