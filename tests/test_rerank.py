@@ -23,30 +23,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.errors import InputError, UsageError
 from tests.conftest import REPO, assert_one_line_error, sample_texts, snapshot
-from tests.conftest import run_main
-
-
-def save_cross_encoder(base_model: str, out: str, num_labels: int = 1) -> str:
-    import torch
-    from sentence_transformers import CrossEncoder
-    from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
-
-    torch.manual_seed(3)
-    tokenizer = AutoTokenizer.from_pretrained(base_model)
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=64, max_position_embeddings=128, num_labels=num_labels, initializer_range=0.5,
-    )
-    hf = out + "-hf"
-    BertForSequenceClassification(config).eval().save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
-    CrossEncoder(hf).save_pretrained(out)  # a proper CrossEncoder directory (modules.json, activation)
-    return out
-
-
-@pytest.fixture(scope="session")
-def cross_encoder_dir(tmp_path_factory, default_model_path) -> str:
-    return save_cross_encoder(default_model_path, str(tmp_path_factory.mktemp("cross-encoder") / "ce"))
+from tests.conftest import run_main, save_cross_encoder
 
 
 @pytest.fixture(scope="session")
