@@ -193,23 +193,29 @@ def read_all_facts(fs, paths: dict[str, str]) -> dict[str, FileFacts]:
         return dict(zip(paths, facts))
 
 
-def trusted_without_metadata(name: str, facts: FileFacts, run: dict | None, manifest: dict | None) -> bool:
+def listed_files(manifest: dict | None) -> frozenset[str] | None:
+    """The files a manifest lists (read once per output, not per file), or None without a manifest."""
+    if not manifest:
+        return None
+    return frozenset(entry.get("file") for entry in manifest.get("files", []) if isinstance(entry, dict))
+
+
+def trusted_without_metadata(name: str, facts: FileFacts, run: dict | None, listed: frozenset[str] | None) -> bool:
     """A file from before file metadata existed: written by embedpipe (it has our statistics), in an
-    output whose manifest vouches for it (it lists the file, or there is no `_run.json` yet)."""
-    if facts.stats is None or not manifest:
+    output whose manifest vouches for it (`listed`: it lists the file, or there is no `_run.json` yet)."""
+    if facts.stats is None or listed is None:
         return False
-    listed = {entry.get("file") for entry in manifest.get("files", []) if isinstance(entry, dict)}
     return name in listed or run is None
 
 
 def check_resumable(where: str, facts: dict[str, FileFacts], identity: dict, run: dict | None,
                     manifest: dict | None) -> None:
     """Refuse a resume onto files that are not this run's: other settings, or no metadata to tell."""
-    unknown = []
+    unknown, listed = [], listed_files(manifest)
     for name in sorted(facts):
         if facts[name].identity is not None:
             check_against(facts[name].identity, identity, f"{where}: {name}")
-        elif not trusted_without_metadata(name, facts[name], run, manifest):
+        elif not trusted_without_metadata(name, facts[name], run, listed):
             unknown.append(name)
     if not unknown:
         return
@@ -246,13 +252,13 @@ def consistency_problems(fs, root: str, paths: dict[str, str]) -> list[str]:
     reference = run
     if reference is None:
         reference = next((facts[n].identity for n in sorted(facts) if facts[n].identity is not None), None)
-    problems = []
+    problems, listed = [], listed_files(manifest)
     for name in sorted(facts):
         own = facts[name].identity
         if own is None:
             if facts[name].stats is None:
                 problems.append(f"{name}: not written by embedpipe (no embedpipe metadata in the file)")
-            elif reference is not None and not trusted_without_metadata(name, facts[name], run, manifest):
+            elif reference is not None and not trusted_without_metadata(name, facts[name], run, listed):
                 problems.append(f"{name}: not written with this output's settings (no embedpipe settings in the file)")
             continue
         found = differences(reference["settings"], own["settings"])
