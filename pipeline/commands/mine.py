@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import MineConfig
-from pipeline.errors import InputError
+from pipeline.errors import InputError, UsageError
 from pipeline.identity import check_consistent, names_to_paths
 from pipeline.manifest import build as build_manifest, write as write_manifest
 from pipeline.storage.readers import embedding_files
@@ -200,7 +200,7 @@ def _identity_hash(config: MineConfig) -> str | None:
     fs, root = get_fs(config.embeddings, config.storage_options)
     try:
         run = read_run(fs, root.rstrip("/"))
-    except Exception:  # noqa: BLE001 - a single file, or an unreadable one: nothing to record
+    except (UsageError, OSError):  # a single file (no folder to hold _run.json), or an unreadable one: nothing to record
         return None
     return run.get("hash") if run else None
 
