@@ -24,6 +24,11 @@ process (jobs/st_mine_baseline.py) on N x D clustered random vectors; checks the
 
     python jobs/benchmark.py --task mine [--vectors 50000] [--dim 384] [--top-k 100] [--max-pairs 500000]
 
+host: the pipeline's own host work, with a near-zero-cost model on --lines short fortune lines,
+against the same model in a sentence-transformers script (jobs/bench_host.py).
+
+    python jobs/benchmark.py --task host [--lines 1000000] [--repeat 1] [--variants "" "--flag ..."]
+
 rerank: `embedpipe rerank` (whole command) against CrossEncoder.predict in one process
 (jobs/st_rerank_baseline.py) on N random pairs of the corpus's texts; checks the scores agree.
 The cross-encoder is all-MiniLM-L6-v2's BERT with a new one-label classification head (seed 0):
@@ -117,10 +122,11 @@ def main() -> None:
                    help="several jobs/st_baseline.py flag sets (e.g. '' '--dtype float16 --batch-size 256'); "
                         "the first one's vectors are the reference")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
-    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank"), default="embed")
+    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank", "host"), default="embed")
     p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity, pairs to score for --task rerank")
     p.add_argument("--rerank-args", default="", help="extra flags for embedpipe rerank")
     p.add_argument("--scale-docs", type=int, nargs="+", default=[100_000, 1_000_000], help="corpus sizes for --task scale")
+    p.add_argument("--lines", type=int, default=1_000_000, help="short lines for --task host")
     p.add_argument("--vectors", type=int, default=50_000)
     p.add_argument("--dim", type=int, default=384)
     p.add_argument("--top-k", type=int, default=100)
@@ -135,6 +141,11 @@ def main() -> None:
         return bench_fidelity(args)
     if args.task == "rerank":
         return bench_rerank(args)
+    if args.task == "host":
+        from jobs.bench_host import bench_host
+
+        bench_host(args)
+        return
 
     import numpy as np
     import pyarrow.parquet as pq

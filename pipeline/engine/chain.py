@@ -70,7 +70,7 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
         config.on_invalid,
     )
     ds = ray.data.read_datasource(
-        ShardDatasource(shards, spec, config.rows_per_file, committed),
+        ShardDatasource(shards, spec, config.rows_per_file, committed, board),
         num_cpus=READ_CPUS,
         override_num_blocks=len(shards),  # one read task per shard; no splitting of its chunks
         # One shard read in flight per tokenizer keeps each fed; more only adds worker processes

@@ -43,25 +43,33 @@ class ProgressBoard:
         if step is not None and began is not None and ended is not None:
             self._account(step[0], step[1], began, ended)
 
-    def _account(self, stage: str, what: str, began: float, ended: float) -> None:
+    def account(self, stage: str, what: str, began: float, ended: float, busy: float | None = None) -> None:
+        """A finished piece of work that was not a step: a read task's time inside its generator
+        (`busy`, less than ended - began), the encoder's time inside the model call."""
+        self.last = time.monotonic()
+        self._account(stage, what, began, ended, busy)
+
+    def _account(self, stage: str, what: str, began: float, ended: float, busy: float | None = None) -> None:
         """Per stage and kind of step (loading, encoding, ...): count, busy seconds, first start, last end."""
         name = f"{stage}.{what.split()[0]}"
         span = self.spans.setdefault(name, {"steps": 0, "busy_s": 0.0, "first": began, "last": ended})
         span["steps"] += 1
-        span["busy_s"] += ended - began
+        span["busy_s"] += ended - began if busy is None else busy
         span["first"] = min(span["first"], began)
         span["last"] = max(span["last"], ended)
 
-    def timings(self) -> dict[str, dict[str, float]]:
-        """Where the run's time went: for each stage step kind, seconds from the board's start."""
+    def timings(self) -> dict[str, Any]:
+        """Where the run's time went: for each stage step kind, seconds from the board's start
+        (`origin_unix`, the board's start as a Unix time)."""
         return {
-            name: {
+            "origin_unix": round(self.created, 3),
+            **{name: {
                 "steps": int(s["steps"]),
                 "busy_s": round(s["busy_s"], 3),
                 "first_s": round(s["first"] - self.created, 3),
                 "last_s": round(s["last"] - self.created, 3),
             }
-            for name, s in sorted(self.spans.items())
+            for name, s in sorted(self.spans.items())},
         }
 
     def tick(self) -> None:
@@ -158,6 +166,24 @@ class Progress:
     def tick(self) -> None:
         if self.board is not None:
             self.board.tick.remote()
+
+    def account(self, what: str, began: float, ended: float, busy: float | None = None) -> None:
+        """Report a finished piece of work (see ProgressBoard.account)."""
+        if self.board is not None:
+            self.board.account.remote(self.stage, what, began, ended, busy)
+
+    def timed(self, what: str, blocks: Iterator[Any]) -> Iterator[Any]:
+        """`blocks` as they are, each reported with the time spent producing it (not the time
+        its consumer held it): a read task's generator."""
+        while True:
+            began = time.time()
+            t0 = time.perf_counter()
+            try:
+                block = next(blocks)
+            except StopIteration:
+                return
+            self.account(what, began, time.time(), time.perf_counter() - t0)
+            yield block
 
 
 def replica_placement(stage: str, **extra: Any) -> tuple[str, dict[str, Any]]:

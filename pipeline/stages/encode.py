@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import os
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -71,6 +72,7 @@ class EncodeStage:
         # On a GPU, Ray Data runs two calls at once (ENCODER_CALLS_ON_GPU): one encodes while
         # the other writes its block; encoding itself stays one block at a time.
         self._device_lock = threading.Lock()
+        self._model_s = 0.0
         threads = threads or config.encoder_threads or os.cpu_count() or 1
         with self.progress.step("loading the model"):
             if graph is not None:
@@ -132,7 +134,10 @@ class EncodeStage:
         a task (and often a worker process) per block.
         """
         with self._device_lock, self.progress.step(f"encoding {batch.num_rows} rows"):
+            began, self._model_s = time.time(), 0.0
             encoded = self._encode_block(batch)
+            # the time inside the model's calls: the encoder's host work is the rest of its step
+            self.progress.account("model", began, time.time(), self._model_s)
         if self.sink is None:
             return encoded
         return commit_block(encoded, self.sink, self.board)
@@ -187,7 +192,11 @@ class EncodeStage:
         """Vectors of rows `idx`: a float32 array from the ONNX graph, or a float32 tensor on the
         device from PyTorch (queued there, not waited for), split where CUDA runs out of memory."""
         if self.onnx is not None:
-            return self.onnx(self._features(idx, lists, lengths))
+            features = self._features(idx, lists, lengths)
+            t0 = time.perf_counter()
+            vectors = self.onnx(features)
+            self._model_s += time.perf_counter() - t0
+            return vectors
         forward = functools.partial(self._forward_torch, lists=lists, lengths=lengths)
         return split_on_oom(forward, idx, lengths, self.torch.cat)
 
@@ -195,9 +204,11 @@ class EncodeStage:
         torch = self.torch
         tensors = on_device(self._features(idx, lists, lengths), self.device, self.extras)
         with torch.inference_mode():
+            t0 = time.perf_counter()
             emb = self._run(tensors).float()  # (B, dim)
             if self.normalize:
                 emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+            self._model_s += time.perf_counter() - t0
         return emb
 
     def _features(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> dict[str, np.ndarray]:

@@ -17,6 +17,7 @@ from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
 from pipeline.stages.columns import CHUNK_ROWS, FILE, SHARD
+from pipeline.engine.watchdog import Progress
 from pipeline.errors import InputError
 from pipeline.storage.discovery import Shard, discover_shards, output_stem
 from pipeline.storage.formats import ReadSpec
@@ -42,8 +43,11 @@ class ShardDatasource(Datasource):
     embedded. Chunks whose file is already committed are not yielded.
     """
 
-    def __init__(self, shards: list[Shard], spec: ReadSpec, rows_per_file: int, committed: frozenset[str]):
+    def __init__(
+        self, shards: list[Shard], spec: ReadSpec, rows_per_file: int, committed: frozenset[str], board=None,
+    ):
         super().__init__()
+        self._board = board
         self._shards = shards
         self._spec = spec
         self._rows_per_file = rows_per_file
@@ -57,10 +61,11 @@ class ShardDatasource(Datasource):
 
     def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None, data_context=None) -> list[ReadTask]:
         tasks = []
+        progress = Progress(self._board, "read")
         for shard in self._shards:
             spec, rows, committed = self._spec, self._rows_per_file, self._committed
             meta = BlockMetadata(num_rows=None, size_bytes=shard.size or None, input_files=[shard.key], exec_stats=None)
-            tasks.append(ReadTask(lambda s=shard: read_chunks(s, spec, rows, committed), meta))
+            tasks.append(ReadTask(lambda s=shard: progress.timed("reading", read_chunks(s, spec, rows, committed)), meta))
         return tasks
 
 
