@@ -34,18 +34,23 @@ def main() -> None:
 
     torch.set_num_threads(1)
     texts = english_corpus()[: args.docs]
-    tokenizer = TokenizeStage(EmbedConfig(input="x", output="y"))
-    blocks = []
-    for start in range(0, len(texts), 1024):
-        part = texts[start : start + 1024]
-        blocks.append(tokenizer(pa.table({"id": [str(i) for i in range(len(part))], "text": part, "_valid": [True] * len(part)})))
-    stages = {b: EncodeStage(EmbedConfig(input="x", output="y", max_batch_tokens=b), "cpu", 1) for b in args.budgets}
+    config = EmbedConfig(input="x", output="y")
+    stage = EncodeStage(config, "cpu", 1)
+    stages, blocks_for = {}, {}
+    for budget in args.budgets:  # the tokenizer cuts the micro-batches: one layout per budget
+        tokenizer = TokenizeStage(config, batch_tokens=budget)
+        blocks_for[budget] = []
+        for start in range(0, len(texts), 1024):
+            part = texts[start : start + 1024]
+            table = pa.table({"id": [str(i) for i in range(len(part))], "text": part, "_valid": [True] * len(part)})
+            blocks_for[budget].append(tokenizer(table))
+        stages[budget] = stage
     best = {b: float("inf") for b in args.budgets}
     reference = None
     for _ in range(2):
         for budget, stage in stages.items():
             started = time.process_time()
-            out = [stage(block) for block in blocks]
+            out = [stage(block) for block in blocks_for[budget]]
             best[budget] = min(best[budget], time.process_time() - started)
             vectors = np.concatenate(
                 [np.asarray(o["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(o.num_rows, -1) for o in out]

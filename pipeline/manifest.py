@@ -49,8 +49,11 @@ COMMON_KEYS = {
     "files": "the Parquet files: `file` and `rows` (for embeddings also `shard`, `embedded`, `invalid`, "
              "`truncated`, `tokens`)",
     "config": "every option of the run, as in docs/reference.md; storage options (credentials) are never written",
-    "timings": "`started`, `finished` (UTC, ISO 8601), `seconds`; embeddings add `stages` (per stage and step: "
-               "count, busy seconds, first start and last end after the chain started), reranks `join_s`, `score_s`",
+    "timings": "`started`, `finished` (UTC, ISO 8601), `seconds`; embeddings add `stages` (per stage and step "
+               "(`read.reading`, `tokenize.tokenizing`, `encode.encoding`, `encode.model`: the time inside the model's "
+               "calls, `write.writing`, `write.joining`, ...): `steps`, `busy_s` (wall clock), `cpu_s` (CPU time of the "
+               "thread doing it), `first_s` and `last_s` after `origin_unix`; and `chain_started_s`), reranks "
+               "`join_s`, `score_s`",
     "versions": "versions of embedpipe, ray, torch, transformers, sentence-transformers, pyarrow, tokenizers",
 }
 KEYS: dict[str, dict[str, str]] = {
@@ -67,7 +70,8 @@ KEYS: dict[str, dict[str, str]] = {
         "vocab_size": "sparse outputs: the vocabulary size",
         "sparse_top_k": "sparse outputs: the terms kept per document (None: all non-zero ones)",
         "shards": "per input shard: `shard`, its `files`, `rows`, `embedded`",
-        "resources": "the resource plan: device, tokenizer and encoder counts and reservations, threads, block rows",
+        "resources": "the resource plan: device, tokenizer and encoder counts and reservations (encoder_gpus: "
+                     "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget)",
         "replicas": "where each stage's actors ran: per stage, `actors` (node, IP, GPUs, device, dtype, backend) "
                     "and `per_node` counts",
     },

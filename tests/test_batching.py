@@ -92,9 +92,15 @@ def test_compute_dtype_auto_is_float16_on_cuda_and_float32_on_cpu():
     assert compute_dtype("float32", "cuda") == "float32"
 
 
-def test_to_device_leaves_a_cpu_tensor_as_it_is():
-    tensor = torch.arange(3)
-    assert to_device(tensor, torch.device("cpu")) is tensor
+def test_to_device_copies_a_read_only_view_of_an_arrow_buffer_once_on_cpu():
+    import pyarrow as pa
+
+    view = np.asarray(pa.array(np.arange(6, dtype=np.int64))).reshape(2, 3)  # read-only, as a ready micro-batch
+    assert not view.flags.writeable
+    tensor = to_device(view, torch.device("cpu"))
+    assert tensor.dtype == torch.int64 and tensor.tolist() == [[0, 1, 2], [3, 4, 5]]
+    tensor += 1  # its own memory: the Arrow buffer is untouched
+    assert view.tolist() == [[0, 1, 2], [3, 4, 5]]
 
 
 def test_an_encoder_given_a_gpu_torch_cannot_see_falls_back_only_under_device_auto(monkeypatch):
@@ -174,7 +180,7 @@ def test_encode_stage_splits_out_of_memory_micro_batches_into_the_unsplit_vector
     assert split["id"].to_pylist() == unsplit["id"].to_pylist()
     got = split["embedding"].combine_chunks().flatten().to_numpy()
     want = unsplit["embedding"].combine_chunks().flatten().to_numpy()
-    assert np.abs(got - want).max() < 1e-5  # halves are padded to their own longest row: float noise only
+    assert np.abs(got - want).max() < 1e-5  # halves keep their micro-batch's width: float noise only
 
 
 def test_cross_encode_stage_splits_out_of_memory_micro_batches_into_the_unsplit_scores(cross_encoder_dir, monkeypatch):

@@ -22,12 +22,15 @@ def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model,
     by a driver thread (one node) or by Ray tasks (what a multi-node cluster does)."""
     from ray.data import DataContext
 
-    from pipeline.engine import chain
+    from pipeline.engine import chain, plan
+
+    spread_joins = spread
+    monkeypatch.setattr(plan, "block_rows_for", lambda device, weights: 256)  # the tiny model would get 4,096
 
     class Tracker(chain.FileTracker):
-        def __init__(self, sink, **options):
-            assert options == {"spread": False}  # the local cluster has one node
-            super().__init__(sink, spread=spread)
+        def __init__(self, sink, spread, board):
+            assert spread is False  # the local cluster has one node
+            super().__init__(sink, spread=spread_joins, board=board)
 
     monkeypatch.setattr(chain, "FileTracker", Tracker)
 
@@ -51,3 +54,4 @@ def test_shard_larger_than_a_block_and_a_file(ray_cluster, tmp_path, tiny_model,
     assert ids == [f"big.txt:{i}" for i in range(n)] + ["small.txt:0"]
     assert not (out / "_pieces").exists()
     assert result.files_written == 4
+    assert result.manifest["timings"]["stages"]["write.joining"]["steps"] == 3  # the big files came in pieces

@@ -154,6 +154,36 @@ def test_encoder_pool_gets_one_replica_per_gpu_node(tmp_path, tiny_model):
     assert sorted(ids) == expected and vectors.shape == (len(expected), 32)
 
 
+@pytest.mark.slow  # ~2 min on 2 cores: three raylets and four encoder processes
+def test_two_encoders_share_each_gpu_when_asked(tmp_path, tiny_model):
+    """--encoders-per-gpu 2 on two nodes of one (logical) GPU each: four replicas, two on each GPU
+    node, each reserving half a GPU and handed that node's GPU 0, and every row embedded once."""
+    from ray.cluster_utils import Cluster
+
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        gpu_nodes = {cluster.add_node(num_cpus=3, num_gpus=1).node_id for _ in range(2)}
+        cluster.wait_for_nodes()
+        expected = write_shards(tmp_path / "in")
+        out = tmp_path / "out"
+        args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", tiny_model,
+                "--ray-address", cluster.address, "--num-tokenizers", "1", "--encoders-per-gpu", "2", "--quiet"]
+        dry = cli(*args, "--dry-run")
+        assert dry.returncode == 0, dry.stderr[-2000:]
+        assert "encode:   4 actor(s) x 0.5 GPU + 1 CPU (2 per GPU, on every GPU node)" in dry.stdout
+        proc = cli(*args)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    manifest = json.loads((out / "_manifest.json").read_text())
+    encoders = manifest["replicas"]["encode"]
+    assert sorted(encoders["per_node"]) == sorted(gpu_nodes) and list(encoders["per_node"].values()) == [2, 2]
+    assert all(a["gpu_ids"] == ["0"] for a in encoders["actors"])
+    assert manifest["resources"]["num_encoders"] == 4 and manifest["resources"]["encoder_gpus"] == 0.5
+    ids, vectors = read_embeddings(str(out))
+    assert sorted(ids) == expected and vectors.shape == (len(expected), 32)
+
+
 # --------------------------------------------------------------------------- ray start --head + ray job submit
 
 

@@ -26,7 +26,7 @@ def test_each_step_of_the_embed_chain_reads_only_what_the_steps_before_it_add():
 
 
 def test_a_step_that_runs_too_early_is_caught():
-    assert ENCODE.missing(flow(READ)) == [TOKENS, "_n_tokens"]
+    assert ENCODE.missing(flow(READ)) == [TOKENS, "_mb", "_copy_of"]
     assert SINK.missing(flow(READ)) == ["_n_tokens", "_truncated"]
     assert CROSS_ENCODE.missing(["pair", "text_a"]) == ["text_b"]
 

@@ -96,10 +96,10 @@ def test_a_real_cuda_out_of_memory_splits_the_batch_and_ids_keep_their_vectors(d
     texts = [f"{i} " + " ".join(f"w{(i * 7 + j) % 997}" for j in range(200 + i % 50)) for i in range(256)]
     batch = pa.table({"id": [str(i) for i in range(256)], "text": texts, "_valid": [True] * 256})
     small = EmbedConfig(input="x", output="y", model=default_model_path, max_batch_tokens=4096)
-    tokens = TokenizeStage(small)(batch)
-    expected = EncodeStage(small, "cuda", None)(tokens)
+    expected = EncodeStage(small, "cuda", None)(TokenizeStage(small)(batch))
     huge = EmbedConfig(input="x", output="y", model=default_model_path, max_batch_tokens=1 << 20)
-    stage = EncodeStage(huge, "cuda", None)  # one micro-batch of 256 x 256 tokens
+    tokens = TokenizeStage(huge)(batch)  # the tokenizer cuts the micro-batches: one of 256 x 256 tokens
+    stage = EncodeStage(huge, "cuda", None)
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
     total = torch.cuda.get_device_properties(0).total_memory

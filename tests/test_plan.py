@@ -36,3 +36,33 @@ def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
     assert gpu.num_encoders == 4 and gpu.encoder_gpus == 1  # GPUs: one per GPU, encoders_per_node does not apply
     with pytest.raises(UsageError, match="--encoders-per-node must be a positive integer"):
         EmbedConfig(input="x", output="y", encoders_per_node=0)
+
+
+def test_several_encoders_share_a_gpu_and_num_encoders_caps_them():
+    config = EmbedConfig(input="x", output="y", encoders_per_gpu=4)
+    plan = plan_resources(config, {"CPU": 32.0, "GPU": 2.0}, nodes=2)
+    assert plan.device == "cuda" and plan.num_encoders == 8 and plan.encoder_gpus == 0.25
+    assert plan.num_tokenizers == 16  # tokenizers follow the GPUs, not the replicas
+    capped = plan_resources(EmbedConfig(input="x", output="y", encoders_per_gpu=4, num_encoders=5),
+                            {"CPU": 32.0, "GPU": 2.0}, nodes=2)
+    assert capped.num_encoders == 5 and capped.encoder_gpus == 0.25  # --num-encoders wins
+    with pytest.raises(UsageError, match="only 2 GPUs for 4 encoder"):
+        plan_resources(EmbedConfig(input="x", output="y", encoders_per_gpu=4, num_encoders=9), {"CPU": 32.0, "GPU": 2.0},
+                       nodes=2)
+    with pytest.raises(UsageError, match="add --encoders-per-gpu"):
+        plan_resources(EmbedConfig(input="x", output="y", num_encoders=3), {"CPU": 32.0, "GPU": 2.0}, nodes=2)
+    assert plan_resources(config, {"CPU": 2.0}, nodes=1).encoder_gpus == 0  # ignored without GPUs
+
+
+def test_blocks_grow_for_a_cheaper_model_on_cpu_only():
+    from pipeline.engine.plan import CPU_BLOCK_ROWS, GPU_BLOCK_ROWS, MAX_CPU_BLOCK_ROWS, REFERENCE_WEIGHTS
+
+    config = EmbedConfig(input="x", output="y")
+
+    def rows(weights, resources=None):
+        return plan_resources(config, resources or {"CPU": 2.0}, 1, weights_per_token=weights).block_rows
+
+    assert rows(REFERENCE_WEIGHTS) == rows(None) == rows(3 * REFERENCE_WEIGHTS) == CPU_BLOCK_ROWS
+    assert rows(REFERENCE_WEIGHTS // 4) == 4 * CPU_BLOCK_ROWS
+    assert rows(8528) == MAX_CPU_BLOCK_ROWS  # the host benchmark's near-zero-cost model
+    assert rows(8528, {"CPU": 16.0, "GPU": 1.0}) == GPU_BLOCK_ROWS

@@ -134,6 +134,46 @@ def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(
     assert state.actors()[killed["ActorID"]]["NumRestarts"] >= 1  # Ray replaced it; nothing was dropped
 
 
+def test_an_encoder_killed_while_a_file_is_in_pieces_still_commits_it_once(ray_cluster, tmp_path, slow_model, monkeypatch):
+    """One file of 3,000 rows in blocks of 100: each block is written as a piece by the encoder and
+    the driver joins them. An encoder killed after some pieces exist is replaced, its block is
+    redone, and the joined file holds every row exactly once; no piece is left behind."""
+    from pipeline.engine import plan
+
+    monkeypatch.setattr(plan, "block_rows_for", lambda device, weights: 100)
+    src = tmp_path / "in"
+    src.mkdir()
+    write_lines(src / "big.txt", [f"document {i} " + "word " * (i % 7) for i in range(3000)])
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(src), output=str(out), model=slow_model, trust_remote_code=True,
+                         max_batch_tokens=4096, rows_per_file=3000, quiet=True)
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = run_embed(config)
+        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    killed, deadline = None, time.time() + 240
+    pieces = out / "_pieces" / "big.txt.parquet"
+    while time.time() < deadline and thread.is_alive() and killed is None:
+        if pieces.is_dir() and len([p for p in os.listdir(pieces) if p.endswith(".arrow")]) >= 2:
+            for actor in encoder_actors()[:1]:
+                killed = actor
+                os.kill(actor["Pid"], signal.SIGKILL)
+        time.sleep(0.05)
+    thread.join(300)
+    assert killed is not None, "the run ended before the encoder could be killed"
+    assert "error" not in outcome, outcome.get("error")
+    assert list(committed(out)) == ["big.txt.parquet"] and not (out / "_pieces").exists()
+    ids, _ = read_embeddings(str(out))
+    assert sorted(ids) == sorted(f"big.txt:{i}" for i in range(3000))
+    assert outcome["result"].embedded == 3000
+
+
 # --------------------------------------------------------------------------- never hang silently
 
 

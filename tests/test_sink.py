@@ -94,7 +94,7 @@ def test_the_pieces_folder_is_removed_after_the_join_and_only_that_one(sink):
     write_pieces(sink, [0, 1], name=other, chunk_rows=4)
     merge_pieces(sink, NAME, 6)
     assert not os.path.exists(pieces_dir(sink))
-    assert os.listdir(pieces_dir(sink, other)) == ["000000000000.parquet"]  # another chunk's pieces stay
+    assert os.listdir(pieces_dir(sink, other)) == ["000000000000.arrow"]  # another chunk's pieces stay
     assert sorted(os.listdir(sink.output)) == [PIECES_DIR, NAME]
 
 

@@ -11,6 +11,8 @@ address, the cluster is joined only to read its resources.
 
 from __future__ import annotations
 
+import math
+
 import json
 import os
 from dataclasses import dataclass
@@ -164,10 +166,11 @@ def estimate_seconds(plan, documents: int, config: EmbedConfig) -> tuple[float |
     model = config.model
     other_model = "" if model == DEFAULT_MODEL else f"; measured for {DEFAULT_MODEL}, {model} may be much slower"
     if plan.device == "cuda":
-        rate = GPU_DOCS_PER_S * plan.num_encoders
+        gpus = max(1, math.ceil(plan.num_encoders * plan.encoder_gpus - 1e-6))
+        rate = GPU_DOCS_PER_S * gpus
         return documents / rate, (
             f"{GPU_DOCS_PER_S:,} docs/s per GPU (BENCHMARKS.md, one H100, {DEFAULT_MODEL}, short sentences of "
-            f"~{GPU_BENCHMARK_CHARS_PER_DOC} characters, start-up not counted) x {plan.num_encoders} GPU(s) = "
+            f"~{GPU_BENCHMARK_CHARS_PER_DOC} characters, start-up not counted) x {gpus} GPU(s) = "
             f"{rate:,.0f} docs/s; longer texts cost about in proportion to their tokens{other_model}"
         )
     cores = plan.num_encoders * (plan.encoder_threads or 1)
@@ -249,7 +252,8 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
     lines.append("actor pools:")
     lines.append(f"  tokenize: {plan.num_tokenizers} actor(s) x {plan.tokenizer_cpus:g} CPU")
     if plan.device == "cuda":
-        where = "one per GPU, on every GPU node"
+        per_gpu = round(1 / plan.encoder_gpus) if plan.encoder_gpus else 1
+        where = "one per GPU, on every GPU node" if per_gpu == 1 else f"{per_gpu} per GPU, on every GPU node"
         lines.append(f"  encode:   {plan.num_encoders} actor(s) x {plan.encoder_gpus:g} GPU + {plan.encoder_cpus:g} CPU ({where})")
     else:
         per_node = f"{plan.num_encoders / max(1, cpu_nodes):g} per node on {cpu_nodes} node(s)"

@@ -81,7 +81,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
             check_resume(config, info, run_identity(config, info, planned_dtype(config, None)), *earlier)
         with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
             info, vectors, tokenizer_spec = describing.result()
-            plan = plan_from_cluster(config) if todo else None
+            plan = plan_from_cluster(config, vectors.get("vocab_size"), info.weights_per_token) if todo else None
             identity = run_identity(config, info, planned_dtype(config, plan))
             target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
             sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype,

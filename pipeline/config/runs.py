@@ -82,10 +82,14 @@ class EmbedConfig(_Recorded):
     """Sparse (SPLADE) models: keep only this many strongest terms per document, as
     SparseEncoder.encode's max_active_dims; default all non-zero terms."""
     num_encoders: int | None = None
-    """Encoder replicas in all; default one per GPU (CUDA) or encoders_per_node on every node (CPU)."""
+    """Encoder replicas in all; default encoders_per_gpu on every GPU (CUDA) or encoders_per_node on
+    every node (CPU). It caps the total: with both, --num-encoders wins."""
+    encoders_per_gpu: int | None = None
+    """GPU clusters: encoder replicas sharing each GPU (each reserves 1/N of it), so that one
+    replica's host work overlaps another's GPU work; default 1."""
     encoders_per_node: int | None = None
     """CPU-only clusters: encoder replicas on each node, sharing its CPUs; default the resource plan's
-    (one per node). Ignored on GPUs: one replica per GPU."""
+    (one per node). Ignored on GPUs (see encoders_per_gpu)."""
     num_tokenizers: int | None = None
     """Tokenizer actors; default scales with the cluster's CPUs."""
     encoder_threads: int | None = None
@@ -140,6 +144,7 @@ class EmbedConfig(_Recorded):
         _positive("--max-batch-tokens", self.max_batch_tokens)
         _positive("--num-encoders", self.num_encoders)
         _positive("--encoders-per-node", self.encoders_per_node)
+        _positive("--encoders-per-gpu", self.encoders_per_gpu)
         _positive("--num-tokenizers", self.num_tokenizers)
         _positive("--encoder-threads", self.encoder_threads)
         _positive("--rows-per-file", self.rows_per_file)

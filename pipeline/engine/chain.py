@@ -79,7 +79,7 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
     )
     ds = ds.map_batches(
         TokenizeStage,
-        fn_constructor_args=(config, board, tokenizer_spec),
+        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens),
         batch_size=plan.block_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
@@ -95,7 +95,7 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
         num_gpus=plan.encoder_gpus,
     )
 
-    files = FileTracker(sink, spread=multi_node)
+    files = FileTracker(sink, spread=multi_node, board=board)
     try:
         for batch in watched(ds.iter_batches(batch_size=None, batch_format="pyarrow"), board, config.stall_timeout):
             for row in batch.to_pylist():
@@ -132,8 +132,9 @@ class FileTracker:
     ends is joined then (the join itself checks that no row is missing).
     """
 
-    def __init__(self, sink: SinkSpec, spread: bool):
+    def __init__(self, sink: SinkSpec, spread: bool, board=None):
         self.sink = sink
+        self.board = board
         self._threads = None
         if spread:  # joins are spread over the cluster's nodes, as Ray tasks
             import ray
@@ -157,12 +158,12 @@ class FileTracker:
         self.chunk_rows[name] = row["chunk_rows"]
         self.pieces.setdefault(name, {})[row["first_row"]] = row["rows"]
         if name not in self.merges and sum(self.pieces[name].values()) == row["chunk_rows"]:
-            self.merges[name] = self._join(self.sink, name, row["chunk_rows"])
+            self.merges[name] = self._join(self.sink, name, row["chunk_rows"], self.board)
 
     def finish(self) -> dict[str, dict]:
         for name in self.pieces:
             if name not in self.merges and name not in self.written:
-                self.merges[name] = self._join(self.sink, name, self.chunk_rows[name])
+                self.merges[name] = self._join(self.sink, name, self.chunk_rows[name], self.board)
         for name, pending in self.merges.items():
             self.written[name] = self._result(pending)
         return self.written

@@ -13,6 +13,7 @@ from typing import Any
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import UsageError
+from pipeline.stages.batching import CPU_BATCH_TOKENS, batch_tokens
 
 READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
 COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
@@ -25,6 +26,13 @@ COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
 # A GPU takes larger ones.
 CPU_BLOCK_ROWS = 256
 GPU_BLOCK_ROWS = 8192
+# ... for all-MiniLM-L6-v2, whose tokens pass through this many weights. A cheaper model's block
+# costs less to encode, while every block costs the same to move, schedule and report (Ray
+# tasks, Arrow tables, the progress board): on CPU its blocks grow in proportion, up to
+# MAX_CPU_BLOCK_ROWS. A near-zero-cost model's host work per row fell by a third from 256-row
+# to 4,096-row blocks (BENCHMARKS.md, host benchmark).
+REFERENCE_WEIGHTS = 10_795_392
+MAX_CPU_BLOCK_ROWS = 4096
 TOKENIZERS_PER_GPU = 8
 
 
@@ -40,12 +48,17 @@ class Plan:
     encoder_gpus: float
     encoder_threads: int | None
     block_rows: int = CPU_BLOCK_ROWS
+    batch_tokens: int = CPU_BATCH_TOKENS
+    """Tokens per micro-batch (rows x longest row): the tokenizers cut micro-batches to it."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int) -> Plan:
+def plan_resources(
+    config: EmbedConfig, resources: dict[str, float], nodes: int, vocab_size: int | None = None,
+    weights_per_token: int | None = None,
+) -> Plan:
     """Pool sizes and reservations that fit the cluster, leaving room for read/write tasks.
 
     A chain whose actors reserve so many CPUs that read and commit tasks
@@ -68,13 +81,18 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         raise UsageError(f"the Ray cluster has {cpus:g} CPUs; embedpipe needs at least 1")
     headroom = READ_CPUS + COMMIT_CPUS
     if device == "cuda":
-        encoders = config.num_encoders or int(gpus)
-        if encoders > gpus:
-            raise UsageError(f"--num-encoders {encoders}: the cluster has only {gpus:g} GPUs")
+        per_gpu = config.encoders_per_gpu or 1
+        encoders = config.num_encoders or int(gpus) * per_gpu
+        if encoders > gpus * per_gpu:
+            raise UsageError(
+                f"--num-encoders {encoders}: the cluster has only {gpus:g} GPUs for {per_gpu} encoder(s) each"
+                + ("" if per_gpu > 1 else "; add --encoders-per-gpu to share them")
+            )
         # One tokenizer keeps up with roughly a tenth of what an H100 encodes (BENCHMARKS.md, GPU):
         # a GPU takes up to TOKENIZERS_PER_GPU of them, as many as the spare cores allow.
-        tokenizers = config.num_tokenizers or max(1, min(TOKENIZERS_PER_GPU * encoders, int(cpus - encoders - headroom)))
-        tok_cpus, enc_cpus, threads = 1.0, 1.0, None
+        gpus_used = -(-encoders // per_gpu)
+        tokenizers = config.num_tokenizers or max(1, min(TOKENIZERS_PER_GPU * gpus_used, int(cpus - encoders - headroom)))
+        tok_cpus, enc_cpus, threads, enc_gpus = 1.0, 1.0, None, 1.0 / per_gpu
     else:
         # Single-threaded encoders, one per core, beat one encoder using every core:
         # small GEMMs scale poorly over threads (BENCHMARKS.md, "layout"). On nodes of
@@ -90,7 +108,7 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
         per_node = config.encoders_per_node or max(1, int(usable // threads))
         encoders = config.num_encoders or per_node * nodes
         tokenizers = config.num_tokenizers or nodes
-        tok_cpus = 0.5
+        tok_cpus, enc_gpus = 0.5, 0.0
         enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)
     needed = encoders * enc_cpus + tokenizers * tok_cpus + headroom
     if enc_cpus < 0.1 or needed > cpus + 1e-9:
@@ -99,15 +117,28 @@ def plan_resources(config: EmbedConfig, resources: dict[str, float], nodes: int)
             "lower --num-encoders or --num-tokenizers"
         )
     return Plan(
-        device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), 1.0 if device == "cuda" else 0.0, threads,
-        GPU_BLOCK_ROWS if device == "cuda" else CPU_BLOCK_ROWS,
+        device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), round(enc_gpus, 6), threads,
+        block_rows_for(device, weights_per_token), batch_tokens(config.max_batch_tokens, device, vocab_size),
     )
 
 
-def plan_from_cluster(config: EmbedConfig) -> Plan:
+def block_rows_for(device: str, weights_per_token: int | None) -> int:
+    """Rows per block: GPU_BLOCK_ROWS on a GPU; on CPU, CPU_BLOCK_ROWS for a model of MiniLM's cost
+    or more, and more for a cheaper one (a power of two, at most MAX_CPU_BLOCK_ROWS)."""
+    if device == "cuda":
+        return GPU_BLOCK_ROWS
+    if not weights_per_token:
+        return CPU_BLOCK_ROWS
+    scale = max(1, min(MAX_CPU_BLOCK_ROWS // CPU_BLOCK_ROWS, REFERENCE_WEIGHTS // weights_per_token))
+    return CPU_BLOCK_ROWS << (scale.bit_length() - 1)
+
+
+def plan_from_cluster(config: EmbedConfig, vocab_size: int | None = None, weights_per_token: int | None = None) -> Plan:
+    """The plan for the cluster in use; `vocab_size`: a sparse model's output width (its micro-batches
+    are smaller); `weights_per_token`: the model's cost (block_rows_for)."""
     import ray
 
-    return plan_resources(config, ray.cluster_resources(), alive_nodes())
+    return plan_resources(config, ray.cluster_resources(), alive_nodes(), vocab_size, weights_per_token)
 
 
 def alive_nodes() -> int:

@@ -37,23 +37,29 @@ class ProgressBoard:
         self.started.add(stage)
         self.last = time.monotonic()
 
-    def end(self, key: str, began: float | None = None, ended: float | None = None) -> None:
+    def end(self, key: str, began: float | None = None, ended: float | None = None, cpu: float = 0.0) -> None:
         step = self.inflight.pop(key, None)
         self.last = time.monotonic()
         if step is not None and began is not None and ended is not None:
-            self._account(step[0], step[1], began, ended)
+            self._account(step[0], step[1], began, ended, None, cpu)
 
-    def account(self, stage: str, what: str, began: float, ended: float, busy: float | None = None) -> None:
+    def account(
+        self, stage: str, what: str, began: float, ended: float, busy: float | None = None, cpu: float = 0.0,
+    ) -> None:
         """A finished piece of work that was not a step: a read task's time inside its generator
         (`busy`, less than ended - began), the encoder's time inside the model call."""
         self.last = time.monotonic()
-        self._account(stage, what, began, ended, busy)
+        self._account(stage, what, began, ended, busy, cpu)
 
-    def _account(self, stage: str, what: str, began: float, ended: float, busy: float | None = None) -> None:
-        """Per stage and kind of step (loading, encoding, ...): count, busy seconds, first start, last end."""
+    def _account(
+        self, stage: str, what: str, began: float, ended: float, busy: float | None = None, cpu: float = 0.0,
+    ) -> None:
+        """Per stage and kind of step (loading, encoding, ...): count, busy seconds (wall clock),
+        CPU seconds of the thread that did it, first start, last end."""
         name = f"{stage}.{what.split()[0]}"
-        span = self.spans.setdefault(name, {"steps": 0, "busy_s": 0.0, "first": began, "last": ended})
+        span = self.spans.setdefault(name, {"steps": 0, "busy_s": 0.0, "cpu_s": 0.0, "first": began, "last": ended})
         span["steps"] += 1
+        span["cpu_s"] += cpu
         span["busy_s"] += ended - began if busy is None else busy
         span["first"] = min(span["first"], began)
         span["last"] = max(span["last"], ended)
@@ -66,6 +72,7 @@ class ProgressBoard:
             **{name: {
                 "steps": int(s["steps"]),
                 "busy_s": round(s["busy_s"], 3),
+                "cpu_s": round(s["cpu_s"], 3),
                 "first_s": round(s["first"] - self.created, 3),
                 "last_s": round(s["last"] - self.created, 3),
             }
@@ -132,9 +139,16 @@ def stall_message(status: BoardStatus, timeout: float) -> str:
 class Progress:
     """A stage's handle on the board; does nothing when there is no board."""
 
-    def __init__(self, board: Any | None, stage: str):
+    TICK_EVERY_S = 0.5  # a long step's sign of life: the watchdog counts tens of seconds
+
+    def __init__(self, board: Any | None, stage: str, cpu_clock=time.thread_time):
+        """`cpu_clock`: what a step's CPU time is read from: the calling thread's (default), or
+        time.process_time for an actor whose library spreads one call over threads of its own (the
+        Rust tokenizer), where the process does nothing else."""
         self.board = board
         self.stage = stage
+        self._ticked = 0.0
+        self._cpu = cpu_clock
 
     def register_actor(self) -> None:
         if self.board is None:
@@ -157,32 +171,33 @@ class Progress:
             return
         key = uuid.uuid4().hex
         self.board.begin.remote(self.stage, key, what)
-        began = time.time()
+        began, cpu = time.time(), self._cpu()
         try:
             yield
         finally:
-            self.board.end.remote(key, began, time.time())
+            self.board.end.remote(key, began, time.time(), self._cpu() - cpu)
 
     def tick(self) -> None:
-        if self.board is not None:
+        """A sign of life inside a step (after each micro-batch), sent at most every TICK_EVERY_S."""
+        if self.board is not None and time.monotonic() - self._ticked >= self.TICK_EVERY_S:
+            self._ticked = time.monotonic()
             self.board.tick.remote()
 
-    def account(self, what: str, began: float, ended: float, busy: float | None = None) -> None:
+    def account(self, what: str, began: float, ended: float, busy: float | None = None, cpu: float = 0.0) -> None:
         """Report a finished piece of work (see ProgressBoard.account)."""
         if self.board is not None:
-            self.board.account.remote(self.stage, what, began, ended, busy)
+            self.board.account.remote(self.stage, what, began, ended, busy, cpu)
 
     def timed(self, what: str, blocks: Iterator[Any]) -> Iterator[Any]:
         """`blocks` as they are, each reported with the time spent producing it (not the time
         its consumer held it): a read task's generator."""
         while True:
-            began = time.time()
-            t0 = time.perf_counter()
+            began, t0, cpu = time.time(), time.perf_counter(), time.thread_time()
             try:
                 block = next(blocks)
             except StopIteration:
                 return
-            self.account(what, began, time.time(), time.perf_counter() - t0)
+            self.account(what, began, time.time(), time.perf_counter() - t0, time.thread_time() - cpu)
             yield block
 
 

@@ -126,7 +126,8 @@ def _read_cached(path: str | None) -> tuple[ModelInfo, dict[str, Any], Tokenizer
         entry = json.loads(data)
         spec = entry["spec"]
         if spec is not None:
-            spec = TokenizerSpec(**{**spec, "fields": tuple(tuple(f) for f in spec["fields"])})
+            spec = TokenizerSpec(**{**spec, "fields": tuple(tuple(f) for f in spec["fields"]),
+                                    "pad_values": tuple(tuple(p) for p in spec["pad_values"])})
         return ModelInfo(**entry["info"]), entry["vectors"], spec
     except (ValueError, KeyError, TypeError):  # a damaged or older entry: described again
         return None

@@ -289,6 +289,9 @@ class ModelInfo:
     prompt: str | None
     kind: str = "dense"
     """'dense' (one vector per document) or 'sparse' (SPLADE: term indices and weights)."""
+    weights_per_token: int | None = None
+    """Parameters each token passes through (all but the embedding tables): about half the
+    FLOPs per token, what the plan sizes blocks by (pipeline.engine.plan.block_rows_for)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -315,7 +318,17 @@ def describe_model(model, config: EmbedConfig) -> ModelInfo:
         max_seq_length=model.max_seq_length,
         prompt=resolve_prompt(model, config),
         kind="sparse" if is_sparse(model) else "dense",
+        # a sparse model's MLM head shares the embedding table yet costs most of its compute
+        weights_per_token=None if is_sparse(model) else weights_per_token(model),
     )
+
+
+def weights_per_token(model) -> int:
+    """The model's parameters outside its embedding tables (shapes only: works on the meta device)."""
+    import torch
+
+    embedding = sum(p.numel() for m in model.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters())
+    return int(sum(p.numel() for p in model.parameters()) - embedding)
 
 
 def fingerprint(path: str) -> str:

@@ -23,6 +23,24 @@ log = logging.getLogger(__name__)
 
 Result = TypeVar("Result")
 
+# Default token budgets of one forward pass. CPU, all-MiniLM-L6-v2 on 3,072 fortunes in 1,024-row
+# blocks, one thread, CPU time: 16384 tokens 74.1 s, 4096 57.7 s, 2048 51.6 s, 1024 50.1 s
+# (BENCHMARKS.md): small batches keep their activations in the cores' caches. A GPU wants large ones.
+CPU_BATCH_TOKENS = 2048
+GPU_BATCH_TOKENS = 16384
+# A sparse model's MLM head produces rows x tokens x vocabulary logits; its token budget is cut
+# so that they stay within this many bytes (about 2,200 tokens for a 30k vocabulary).
+SPARSE_LOGITS_BYTES = 256 << 20
+
+
+def batch_tokens(asked: int | None, device: str, vocab_size: int | None = None) -> int:
+    """The token budget of one micro-batch: --max-batch-tokens, else the device's default; a sparse
+    model's (`vocab_size`, its output's width) is cut so that its logits fit SPARSE_LOGITS_BYTES."""
+    budget = asked or (GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS)
+    if vocab_size:
+        budget = max(1, min(budget, SPARSE_LOGITS_BYTES // (4 * vocab_size)))
+    return budget
+
 
 def plan_micro_batches(lengths: np.ndarray, max_batch_tokens: int) -> list[tuple[int, int]]:
     """[start, end) slices over rows sorted by descending length.
@@ -104,32 +122,36 @@ def compute_dtype(asked: str, device: str) -> str:
     return asked
 
 
-def to_device(tensor, device):
-    """On CUDA, through pinned memory, so the copy is asynchronous and overlaps the previous batch."""
+def to_device(array: np.ndarray, device):
+    """A tensor on `device` from a numpy array (a read-only view of an Arrow buffer, often): on CUDA
+    copied once into pinned memory, then to the device asynchronously, overlapping the previous
+    micro-batch; on CPU shared where the array is writable, else copied once."""
+    import torch
+
     if device.type != "cuda":
-        return tensor
-    return tensor.pin_memory().to(device, non_blocking=True)
+        return torch.from_numpy(array) if array.flags.writeable else torch.tensor(array)
+    pinned = torch.empty(array.shape, dtype=torch.from_numpy(np.empty(0, array.dtype)).dtype, pin_memory=True)
+    pinned.numpy()[...] = array
+    return pinned.to(device, non_blocking=True)
 
 
 def on_device(features: dict[str, np.ndarray], device, extras: dict[str, Any]) -> dict[str, Any]:
     """Padded features as torch tensors on `device` (torch.device), with the model's features
     that are not tensors (`extras`: the modality, a prompt's length) as they are."""
-    import torch
-
-    tensors: dict[str, Any] = {k: to_device(torch.from_numpy(v), device) for k, v in features.items()}
+    tensors: dict[str, Any] = {k: to_device(v, device) for k, v in features.items()}
     tensors.update(extras)
     return tensors
 
 
 def split_on_oom(
-    forward: Callable[[np.ndarray], Result], rows: np.ndarray, lengths: np.ndarray,
+    forward: Callable[[np.ndarray], Result], rows: np.ndarray, lengths: np.ndarray | None,
     join: Callable[[list[Result]], Result],
 ) -> Result:
     """`forward(rows)`; where that runs out of CUDA memory, `forward` on each half of `rows`, joined in order.
 
     Halves are split again until they fit; a single row that does not fit raises. The failed
     try's tensors go with its traceback, before the cache is emptied and the halves run.
-    `lengths` (indexed by row) only names the failed micro-batch's width in the warning.
+    `lengths` (indexed by row; None where unknown) only names the failed micro-batch's width in the warning.
     """
     import torch
 
@@ -138,9 +160,8 @@ def split_on_oom(
     except torch.cuda.OutOfMemoryError:
         if len(rows) == 1:
             raise
-    log.warning(
-        "CUDA out of memory on %d rows x %d tokens; splitting the batch", len(rows), int(lengths[rows].max()),
-    )
+    width = f" x {int(lengths[rows].max())} tokens" if lengths is not None else ""
+    log.warning("CUDA out of memory on %d rows%s; splitting the batch", len(rows), width)
     torch.cuda.empty_cache()
     half = len(rows) // 2
     return join([split_on_oom(forward, rows[:half], lengths, join), split_on_oom(forward, rows[half:], lengths, join)])

@@ -23,11 +23,13 @@ SHARD = "_shard"  # string: the shard's key (its path under --input)
 FILE = "_file"  # string: the output file of the row's chunk, e.g. "sub__d.csv-00001.parquet"
 CHUNK_ROWS = "_chunk_rows"  # int64: the rows of that chunk, so the sink knows when its file is complete
 
-# Tokens, added by TokenizeStage.
-TOKEN_PREFIX = "tok_"  # list<int32> per token feature, unpadded: tok_input_ids, tok_token_type_ids, ...
-TOKENS = TOKEN_PREFIX + "*"  # stands for all of them in the contracts below
+# Tokens, added by TokenizeStage as ready-to-run micro-batches (pipeline.stages.ready).
+TOKEN_PREFIX = "tok_"  # large_list<int64> per token feature and the mask, padded to the row's micro-batch:
+TOKENS = TOKEN_PREFIX + "*"  # tok_input_ids, tok_attention_mask, ...; stands for all of them in the contracts below
 N_TOKENS = "_n_tokens"  # int32: tokens after truncation; 0 for an invalid row
 TRUNCATED = "_truncated"  # bool: the text was longer than max_seq_length and was cut
+MICRO_BATCH = "_mb"  # int64: the row's micro-batch (rows of one are contiguous); negative: a repeated text, an invalid row
+COPY_OF = "_copy_of"  # int64: a repeated text's first copy (its _row); -1 for other rows
 
 # Vectors, added by EncodeStage.
 EMBEDDING = "embedding"  # fixed_size_list<float32>[dim]: a dense model's vector
@@ -82,16 +84,17 @@ READ = Contract(
 
 TOKENIZE = Contract(
     reads=(TEXT, VALID),
-    adds=(TOKENS, N_TOKENS, TRUNCATED),
+    adds=(TOKENS, N_TOKENS, TRUNCATED, MICRO_BATCH, COPY_OF),
     drops=(TEXT,),
 )
-"""TokenizeStage: tokens of the valid rows; it drops the text unless --keep-columns keeps it,
-and sorts the rows by FILE (when there) then longest first."""
+"""TokenizeStage: tokens of the valid rows, laid out as ready micro-batches (pipeline.stages.ready);
+it drops the text unless --keep-columns keeps it, and sorts the rows by FILE (when there), then
+micro-batch, longest first."""
 
 ENCODE = Contract(
-    reads=(TOKENS, N_TOKENS),
+    reads=(TOKENS, MICRO_BATCH, COPY_OF, ROW),
     adds=(EMBEDDING,),
-    drops=(TOKENS,),
+    drops=(TOKENS, MICRO_BATCH, COPY_OF),
 )
 """EncodeStage: one vector per row (a zero vector for an invalid row, which the sink skips);
 a sparse model adds INDICES and VALUES instead of EMBEDDING."""

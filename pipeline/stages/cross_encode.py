@@ -32,15 +32,14 @@ import pyarrow as pa
 
 from pipeline.errors import InputError
 from pipeline.stages.batching import (
-    compute_dtype, micro_batches, on_device, pad_features, padding, split_on_oom, usable_device,
+    batch_tokens, compute_dtype, micro_batches, on_device, pad_features, padding, split_on_oom, usable_device,
 )
 from pipeline.stages.columns import PAIR, PAIR_TOKENS, RERANK_SCORE, TEXT_A, TEXT_B
 
 SUB_BATCH = 256  # pairs per preprocess call; sorted by length so the tokenizer pads little
-# Default token budgets. CPU, measured on 512 fortune pairs with a MiniLM-size model and one thread:
-# 2048 tokens 13.9 s, 1024 14.2 s, 4096 17.7 s, 16384 22.9 s (predict, batches of 32: 24.1 s).
-CPU_BATCH_TOKENS = 2048
-GPU_BATCH_TOKENS = 16384
+# Default token budgets (pipeline.stages.batching.batch_tokens). CPU, measured on 512 fortune pairs with
+# a MiniLM-size model and one thread: 2048 tokens 13.9 s, 1024 14.2 s, 4096 17.7 s, 16384 22.9 s
+# (predict, batches of 32: 24.1 s).
 
 
 @dataclass(frozen=True)
@@ -164,7 +163,7 @@ class CrossEncodeStage:
         dtype = compute_dtype(config.dtype, self.device.type)
         if dtype != "float32":
             self.model.to(getattr(torch, dtype))
-        self.max_batch_tokens = config.max_batch_tokens or (GPU_BATCH_TOKENS if device == "cuda" else CPU_BATCH_TOKENS)
+        self.max_batch_tokens = batch_tokens(config.max_batch_tokens, device)
         self.prompt = self.model._resolve_prompt(None, None)  # what predict() does without prompt arguments
         probe = self.model.preprocess([["x", "y"]], prompt=self.prompt)
         self.extras = {k: v for k, v in probe.items() if not hasattr(v, "shape")}  # e.g. modality: text

@@ -1,9 +1,9 @@
 """Encode stage: token ids -> pooled vectors, on GPU or CPU actors, written to Parquet there.
 
-Rows arrive sorted by length. They are cut into micro-batches by a token
-budget (rows x longest row <= max_batch_tokens), padded only to the longest
-row of each micro-batch (both in pipeline.stages.batching, shared with the
-cross-encoder), and run through the SentenceTransformer's modules: on CPU as
+Rows arrive as ready-to-run micro-batches (pipeline.stages.ready): the tokenizer has sorted
+them, cut them by the token budget (rows x longest row <= the plan's batch_tokens) and padded
+each micro-batch to its longest row. The encoder takes each as a (rows, width) view of the
+block's buffers and runs it through the SentenceTransformer's modules: on CPU as
 their traced ONNX graph on ONNX Runtime (pipeline.models.onnx_graph), else on
 PyTorch under `torch.inference_mode`. Output vectors are float32.
 
@@ -14,7 +14,6 @@ row is stored as its non-zero terms, `indices: list<int32>` (ascending) and
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 import time
@@ -26,23 +25,12 @@ from pipeline.config import EmbedConfig
 from pipeline.errors import PipelineError, UsageError
 from pipeline.models.loading import is_sparse, load_model, model_normalizes, resolve_prompt, sparse_top_k
 from pipeline.storage.sink import SinkSpec, commit_block
-from pipeline.stages.columns import EMBEDDING, INDICES, N_TOKENS, VALUES, token_column, token_features
+from pipeline.stages.columns import COPY_OF, EMBEDDING, INDICES, MICRO_BATCH, VALUES, token_column, token_features
 from pipeline.stages.batching import (
-    compute_dtype, micro_batches, on_device, pad_features, padding, split_on_oom, usable_device,
+    batch_tokens, compute_dtype, on_device, padding, split_on_oom, usable_device,
 )
-from pipeline.stages.tokenize import segments
+from pipeline.stages.ready import copies_of, features_of, flat_columns, micro_batches_of
 from pipeline.engine.watchdog import Progress
-
-# Default token budgets of one forward pass. CPU, all-MiniLM-L6-v2 on 3,072 fortunes in 1,024-row
-# blocks, one thread, CPU time: 16384 tokens 74.1 s, 4096 57.7 s, 2048 51.6 s, 1024 50.1 s
-# (BENCHMARKS.md): small batches keep their activations in the cores' caches. A GPU wants large ones.
-CPU_BATCH_TOKENS = 2048
-GPU_BATCH_TOKENS = 16384
-
-# A sparse model's MLM head produces rows x tokens x vocabulary logits; its token budget is cut
-# so that they stay within this many bytes (about 2,200 tokens for a 30k vocabulary).
-SPARSE_LOGITS_BYTES = 256 << 20
-
 
 class EncodeStage:
     """Replaces the token columns by `embedding: fixed_size_list<float32>[dim]` (columns.ENCODE).
@@ -72,7 +60,7 @@ class EncodeStage:
         # On a GPU, Ray Data runs two calls at once (ENCODER_CALLS_ON_GPU): one encodes while
         # the other writes its block; encoding itself stays one block at a time.
         self._device_lock = threading.Lock()
-        self._model_s = 0.0
+        self._model_s = self._model_cpu = 0.0
         threads = threads or config.encoder_threads or os.cpu_count() or 1
         with self.progress.step("loading the model"):
             if graph is not None:
@@ -95,7 +83,7 @@ class EncodeStage:
         self.extras = {}
         self.normalize = False  # in the graph
         self.sparse, self.sparse_top_k = False, None
-        self.max_batch_tokens = config.max_batch_tokens or CPU_BATCH_TOKENS
+        self.max_batch_tokens = batch_tokens(config.max_batch_tokens, "cpu")
 
     def _load(self, config: EmbedConfig, device: str, threads: int) -> None:
         import torch
@@ -112,9 +100,7 @@ class EncodeStage:
             self.model.to(getattr(torch, dtype))
         self.dtype = dtype
         self.normalize = bool(config.normalize) and not model_normalizes(self.model)
-        self.max_batch_tokens = config.max_batch_tokens or (
-            GPU_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
-        )
+        self.max_batch_tokens = batch_tokens(config.max_batch_tokens, self.device.type)
         self.sparse = is_sparse(self.model)
         self.sparse_top_k = sparse_top_k(self.model, config)
         prompt = resolve_prompt(self.model, config)
@@ -124,7 +110,7 @@ class EncodeStage:
             probe = {k: v.to(self.device) if hasattr(v, "to") else v for k, v in probe.items()}
             self.dim = int(self._run(probe).shape[1])
         if self.sparse:
-            self.max_batch_tokens = max(1, min(self.max_batch_tokens, SPARSE_LOGITS_BYTES // (4 * self.dim)))
+            self.max_batch_tokens = batch_tokens(config.max_batch_tokens, self.device.type, self.dim)
         self.left_pad, self.pad_values = padding(self.model.tokenizer)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -134,52 +120,66 @@ class EncodeStage:
         a task (and often a worker process) per block.
         """
         with self._device_lock, self.progress.step(f"encoding {batch.num_rows} rows"):
-            began, self._model_s = time.time(), 0.0
+            began, self._model_s, self._model_cpu = time.time(), 0.0, 0.0
             encoded = self._encode_block(batch)
             # the time inside the model's calls: the encoder's host work is the rest of its step
-            self.progress.account("model", began, time.time(), self._model_s)
+            self.progress.account("model", began, time.time(), self._model_s, self._model_cpu)
         if self.sink is None:
             return encoded
         return commit_block(encoded, self.sink, self.board)
 
     def _encode_block(self, batch: pa.Table) -> pa.Table:
+        """Vectors for a block laid out as ready micro-batches (pipeline.stages.ready): each is a
+        slice of the token columns' buffers, run as it is; repeated texts copy their first copy's."""
         keys = token_features(batch.column_names)
-        lists = {k: _flat(batch[token_column(k)]) for k in keys}
-        lengths = np.asarray(batch[N_TOKENS].to_numpy(zero_copy_only=False))
-        valid = np.flatnonzero(lengths > 0)
-        rows, copy_of = _distinct_rows(valid, lists)
-        rows = rows[np.argsort(-lengths[rows], kind="stable")]
-        out = batch.drop_columns([token_column(k) for k in keys])
+        lists = flat_columns(batch, keys)
+        out = batch.drop_columns([token_column(k) for k in keys] + [MICRO_BATCH, COPY_OF])
         if self.sparse:
-            return self._encode_sparse(out, rows, copy_of, valid, lists, lengths)
-        vectors = np.zeros((batch.num_rows, self.dim), np.float32)
+            return self._encode_sparse(batch, out, lists)
+        n = batch.num_rows
+        vectors = np.zeros((n, self.dim), np.float32)
         # Micro-batches are queued on the device one after another and their vectors copied back
-        # once per block: on a GPU the host pads the next micro-batch while the last one runs.
+        # once per block: on a GPU the host copies the next micro-batch in while the last one runs.
         done = []
-        for idx in micro_batches(rows, lengths, self.max_batch_tokens):
-            done.append((idx, self._forward(idx, lists, lengths)))
+        for start, end in micro_batches_of(batch):
+            done.append((start, end, self._forward(np.arange(start, end), lists)))
             self.progress.tick()
-        if done:
-            rows_done = np.concatenate([idx for idx, _ in done])
-            if self.onnx is not None:
-                vectors[rows_done] = np.concatenate([e for _, e in done])
-            else:
-                vectors[rows_done] = self.torch.cat([e for _, e in done]).cpu().numpy()
-        vectors[valid] = vectors[copy_of]  # repeated texts take the vector of their first copy
+        copies, sources, orphans = copies_of(batch, lists, self.left_pad, self.pad_values, self.max_batch_tokens)
+        for rows, features in orphans:  # repeated texts whose first copy Ray Data put in another block
+            done.append((rows, None, self._forward_orphans(features)))
+        self._gather(done, vectors)
+        vectors[copies] = vectors[sources]
         embedding = pa.FixedSizeListArray.from_arrays(pa.array(vectors.reshape(-1)), vectors.shape[1])
         return out.append_column(EMBEDDING, embedding)
 
-    def _encode_sparse(self, out: pa.Table, rows, copy_of, valid, lists: dict, lengths) -> pa.Table:
+    def _gather(self, done: list, vectors: np.ndarray) -> None:
+        """Each micro-batch's vectors into `vectors` (on a GPU: one copy back for the whole block)."""
+        if not done:
+            return
+        parts = [v for _, _, v in done]
+        joined = np.concatenate(parts) if self.onnx is not None else self.torch.cat(parts).cpu().numpy()
+        at = 0
+        for start, end, v in done:
+            rows = len(v)
+            if end is None:
+                vectors[start] = joined[at : at + rows]
+            else:
+                vectors[start:end] = joined[at : at + rows]
+            at += rows
+
+    def _encode_sparse(self, batch: pa.Table, out: pa.Table, lists: dict) -> pa.Table:
         """`indices` and `values` columns: each row's non-zero terms (invalid rows: none)."""
         empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
         terms = [empty] * out.num_rows
-        for idx in micro_batches(rows, lengths, self.max_batch_tokens):
-            dense = self._forward(idx, lists, lengths).cpu().numpy()
-            for i, row_terms in zip(idx, sparse_terms(dense, self.sparse_top_k)):
+        runs = [(np.arange(s, e), self._forward(np.arange(s, e), lists)) for s, e in micro_batches_of(batch)]
+        copies, sources, orphans = copies_of(batch, lists, self.left_pad, self.pad_values, self.max_batch_tokens)
+        runs += [(rows, self._forward_orphans(features)) for rows, features in orphans]
+        for rows, dense in runs:
+            for i, row_terms in zip(rows, sparse_terms(dense.cpu().numpy(), self.sparse_top_k)):
                 terms[i] = row_terms
             self.progress.tick()
-        for j, i in enumerate(valid):  # repeated texts take the terms of their first copy
-            terms[i] = terms[copy_of[j]]
+        for i, j in zip(copies, sources):  # repeated texts take the terms of their first copy
+            terms[i] = terms[j]
         offsets = np.zeros(len(terms) + 1, np.int32)
         np.cumsum([len(t[0]) for t in terms], out=offsets[1:])
         flat_idx = np.concatenate([t[0] for t in terms]) if terms else np.zeros(0, np.int32)
@@ -188,34 +188,44 @@ class EncodeStage:
         values = pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat_val, pa.float32()))
         return out.append_column(INDICES, indices).append_column(VALUES, values)
 
-    def _forward(self, idx: np.ndarray, lists: dict, lengths: np.ndarray):
-        """Vectors of rows `idx`: a float32 array from the ONNX graph, or a float32 tensor on the
-        device from PyTorch (queued there, not waited for), split where CUDA runs out of memory."""
-        if self.onnx is not None:
-            features = self._features(idx, lists, lengths)
-            t0 = time.perf_counter()
-            vectors = self.onnx(features)
-            self._model_s += time.perf_counter() - t0
-            return vectors
-        forward = functools.partial(self._forward_torch, lists=lists, lengths=lengths)
-        return split_on_oom(forward, idx, lengths, self.torch.cat)
+    def _forward(self, rows: np.ndarray, lists: dict):
+        """Vectors of the contiguous rows `rows` of one ready micro-batch: a float32 array from the
+        ONNX graph, or a float32 tensor on the device from PyTorch (queued there, not waited for),
+        split where CUDA runs out of memory."""
+        def run(idx: np.ndarray):
+            return self._forward_padded(features_of(lists, int(idx[0]), int(idx[-1]) + 1))
 
-    def _forward_torch(self, idx: np.ndarray, lists: dict, lengths: np.ndarray):
+        if self.onnx is not None:
+            return run(rows)
+        return split_on_oom(run, rows, None, self.torch.cat)
+
+    def _forward_orphans(self, features: dict[str, np.ndarray]):
+        """`_forward` for a micro-batch padded here (repeated texts without their first copy)."""
+        def run(idx: np.ndarray):
+            return self._forward_padded({k: v[idx] for k, v in features.items()})
+
+        rows = np.arange(len(next(iter(features.values()))))
+        return run(rows) if self.onnx is not None else split_on_oom(run, rows, None, self.torch.cat)
+
+    def _forward_padded(self, features: dict[str, np.ndarray]):
+        """The model on one micro-batch of padded (rows, width) int64 features."""
+        t0, cpu = time.perf_counter(), time.thread_time()
+        if self.onnx is not None:
+            vectors = self.onnx(features)
+        else:
+            vectors = self._forward_torch(features)
+        self._model_s += time.perf_counter() - t0
+        self._model_cpu += time.thread_time() - cpu
+        return vectors
+
+    def _forward_torch(self, features: dict[str, np.ndarray]):
         torch = self.torch
-        tensors = on_device(self._features(idx, lists, lengths), self.device, self.extras)
+        tensors = on_device(features, self.device, self.extras)
         with torch.inference_mode():
-            t0 = time.perf_counter()
             emb = self._run(tensors).float()  # (B, dim)
             if self.normalize:
                 emb = torch.nn.functional.normalize(emb, p=2, dim=1)
-            self._model_s += time.perf_counter() - t0
         return emb
-
-    def _features(self, idx: np.ndarray, lists: dict, lengths: np.ndarray) -> dict[str, np.ndarray]:
-        """The token features of rows `idx`, padded to the longest of them, and their attention mask (int64)."""
-        row_len = lengths[idx].astype(np.int64)
-        tokens = {key: values[segments(offsets[idx], row_len)] for key, (values, offsets) in lists.items()}
-        return pad_features(tokens, row_len, self.left_pad, self.pad_values)
 
     def _run(self, features: dict):
         """The model's modules on one micro-batch (PyTorch)."""
@@ -240,49 +250,3 @@ def sparse_terms(dense: np.ndarray, top_k: int | None) -> list[tuple[np.ndarray,
     values = dense[rows, cols].astype(np.float32)
     cols = cols.astype(np.int32)
     return [(cols[bounds[r] : bounds[r + 1]], values[bounds[r] : bounds[r + 1]]) for r in range(dense.shape[0])]
-
-
-def _distinct_rows(valid: np.ndarray, lists: dict) -> tuple[np.ndarray, np.ndarray]:
-    """Rows to encode (one per distinct token sequence), and for each valid row the row it copies.
-
-    Rows are grouped by length and a 64-bit hash of their tokens (numpy, no per-row Python);
-    only rows that share both are compared token by token, so a hash collision never merges
-    two different texts.
-    """
-    copy_of = valid.astype(np.int64)
-    if len(valid) < 2:
-        return copy_of, copy_of
-    first_values, first_offsets = next(iter(lists.values()))
-    sizes = (first_offsets[valid + 1] - first_offsets[valid]).astype(np.int64)
-    digest = sizes.astype(np.uint64)
-    for values, offsets in lists.values():
-        flat = values[segments(offsets[valid], sizes)].astype(np.uint64)
-        position = segments(np.zeros_like(sizes), sizes).astype(np.uint64)  # each token's place in its row
-        with np.errstate(over="ignore"):
-            mixed = (flat + np.uint64(0x9E3779B97F4A7C15)) * (position * np.uint64(2) + np.uint64(0xBF58476D1CE4E5B9))
-            mixed ^= mixed >> np.uint64(29)
-            sums = np.add.reduceat(mixed, (np.cumsum(sizes) - sizes))  # valid rows have at least one token
-            digest = digest * np.uint64(0x94D049BB133111EB) + sums
-    _, first, inverse = np.unique(digest, return_index=True, return_inverse=True)
-    candidate = valid[first[inverse]]  # the first row with the same digest
-    repeated = np.flatnonzero(candidate != valid)
-    if len(repeated):  # rare in real corpora: confirm each token by token
-        def tokens(i):
-            return b"|".join(v[o[i] : o[i + 1]].tobytes() for v, o in lists.values())
-
-        same = np.array([tokens(valid[j]) == tokens(candidate[j]) for j in repeated], bool)
-        if not same.all():  # a true hash collision: fall back to exact keys
-            seen: dict[bytes, int] = {}
-            for j, i in enumerate(valid):
-                copy_of[j] = seen.setdefault(tokens(i), int(i))
-            return np.fromiter(seen.values(), np.int64, len(seen)), copy_of
-        copy_of[repeated] = candidate[repeated]
-    return valid[np.sort(first)], copy_of
-
-
-def _flat(column) -> tuple[np.ndarray, np.ndarray]:
-    """(values, offsets) of a list column, offsets starting at 0."""
-    arr = column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-    offsets = np.asarray(arr.offsets)
-    values = np.asarray(arr.values)[offsets[0] : offsets[-1]]
-    return values, offsets - offsets[0]

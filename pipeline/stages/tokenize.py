@@ -6,12 +6,14 @@ driver's describe child builds one for a fast text tokenizer and checks it
 against `preprocess`), the actor runs that Rust tokenizer alone and never
 imports torch or sentence-transformers; otherwise it calls `preprocess` on
 a model whose weights were never loaded. Rows leave grouped by output file and, inside each file's
-rows, sorted by token length: the encoder batches rows of similar length,
-and each file's rows reach the sink together, so files commit one after
-another rather than all at the end of a large block.
+rows, as ready-to-run micro-batches (pipeline.stages.ready): longest first, cut by the encoders'
+token budget and padded, so the encoder does no per-row work; each file's rows reach the sink
+together, so files commit one after another rather than all at the end of a large block.
 """
 
 from __future__ import annotations
+
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -20,53 +22,69 @@ from pipeline.config import EmbedConfig
 from pipeline.models.loading import load_model, resolve_prompt
 from pipeline.models.fast_tokenizer import PlainTokenizer, TokenizerSpec
 from pipeline.engine.watchdog import Progress
-from pipeline.stages.columns import FILE, N_TOKENS, TEXT, TRUNCATED, VALID, token_column
+from pipeline.stages.batching import CPU_BATCH_TOKENS, padding
+from pipeline.stages.columns import N_TOKENS, ROW, TEXT, TRUNCATED, VALID
+from pipeline.stages.ready import lay_out, segments
 
 SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays small
 
 
 class TokenizeStage:
-    """Adds `tok_<feature>` list columns, `_n_tokens` and `_truncated`; drops the text (columns.TOKENIZE)."""
+    """Adds the ready micro-batches (pipeline.stages.ready: `tok_<feature>` and `tok_attention_mask`
+    padded, `_mb`, `_copy_of`), `_n_tokens` and `_truncated`; drops the text (columns.TOKENIZE).
 
-    def __init__(self, config: EmbedConfig, board=None, spec: TokenizerSpec | None = None):
-        self.progress = Progress(board, "tokenize")
+    `batch_tokens` is the encoders' token budget per micro-batch (the plan's; by default
+    --max-batch-tokens or the CPU's): it decides the micro-batches, which the encoder runs as
+    they are. A block without `_row` (not made by the read tasks) gets one, numbering its rows."""
+
+    def __init__(self, config: EmbedConfig, board=None, spec: TokenizerSpec | None = None,
+                 batch_tokens: int | None = None):
+        self.progress = Progress(board, "tokenize", time.process_time)  # the Rust tokenizer runs threads of its own
         self.progress.register_actor()
         self.plain = self.model = None
         with self.progress.step("loading the tokenizer"):
             if spec is not None:
                 self.plain = PlainTokenizer(spec)
                 self.max_len = spec.max_len
+                self.left_pad, self.pad_values = spec.left_pad, dict(spec.pad_values)
             else:
                 self.model = load_model(config, weights=False)
                 self.prompt = resolve_prompt(self.model, config)
                 self.max_len = self.model.max_seq_length
+                self.left_pad, self.pad_values = padding(self.model.tokenizer)
         self.progress.report_placement(tokenizer="tokenizers" if self.plain else "sentence-transformers")
         self.keep_text = config.text_field in config.keep_columns
+        self.batch_tokens = batch_tokens or config.max_batch_tokens or CPU_BATCH_TOKENS
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         with self.progress.step(f"tokenizing {batch.num_rows} rows"):
             return self._tokenize_block(batch)
 
     def _tokenize_block(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
         valid = np.asarray(batch[VALID].to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.flatnonzero(valid)
         texts = batch[TEXT].to_pylist()
-        features, lengths, truncated = self.tokenize([texts[i] for i in rows])
+        features, lengths, truncated = self.tokenize(texts if len(rows) == n else [texts[i] for i in rows])
 
-        n = batch.num_rows
         all_lengths = np.zeros(n, np.int32)
         all_lengths[rows] = lengths
         all_truncated = np.zeros(n, bool)
         all_truncated[rows] = truncated
+        sizes = np.zeros(n, np.int64)
+        sizes[rows] = lengths
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(sizes, out=offsets[1:])  # invalid rows have no tokens: the flat values are already in row order
+        tokens = {key: (values, offsets) for key, (values, _) in features.items()}
+        if ROW not in batch.column_names:  # a block not made by the read tasks (a test, a direct call)
+            batch = batch.append_column(ROW, pa.array(np.arange(n, dtype=np.int64)))
+        order, columns = lay_out(batch, tokens, all_lengths, self.batch_tokens, self.left_pad, self.pad_values)
         out = batch if self.keep_text else batch.drop_columns([TEXT])
-        for key, (values, offsets_valid) in features.items():
-            out = out.append_column(token_column(key), _scatter_lists(values, offsets_valid, rows, n))
         out = out.append_column(N_TOKENS, pa.array(all_lengths)).append_column(TRUNCATED, pa.array(all_truncated))
-        file_rank = np.zeros(n, np.int64)
-        if FILE in batch.column_names:
-            file_rank = np.unique(batch[FILE].to_numpy(zero_copy_only=False), return_inverse=True)[1]
-        order = np.lexsort((-all_lengths, file_rank))  # by output file, then longest first
-        return out.take(pa.array(order))
+        out = out.take(pa.array(order))
+        for name, column in columns.items():
+            out = out.append_column(name, column)
+        return out
 
     def tokenize(self, texts: list[str]) -> tuple[dict[str, tuple[np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
         """Token features per text, unpadded: {key: (flat values, offsets)}, lengths, truncated."""
@@ -99,7 +117,7 @@ class TokenizeStage:
         offsets = np.zeros(n + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         gather = _row_order(lengths, by_length)
-        features = {key: (np.concatenate(parts)[gather].astype(np.int32), offsets) for key, parts in chunks.items()}
+        features = {key: (np.concatenate(parts)[gather], offsets) for key, parts in chunks.items()}
         return features, lengths.astype(np.int32), truncated
 
     def _tokenize_plain(self, texts: list[str]):
@@ -112,14 +130,8 @@ class TokenizeStage:
                 truncated[candidates] = longer > self.max_len
         offsets = np.zeros(len(texts) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        features = {key: (flat.astype(np.int32), offsets) for key, flat in values.items()}
+        features = {key: (flat, offsets) for key, flat in values.items()}
         return features, lengths.astype(np.int32), truncated
-
-
-def segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
-    """Indices of the slices [starts[k], starts[k] + sizes[k]), one after another."""
-    ends = np.cumsum(sizes)
-    return np.repeat(starts - (ends - sizes), sizes) + np.arange(ends[-1] if len(ends) else 0)
 
 
 def _row_order(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
@@ -129,13 +141,3 @@ def _row_order(lengths: np.ndarray, order: np.ndarray) -> np.ndarray:
     starts = np.empty(len(order), np.int64)
     starts[order] = sorted_starts
     return segments(starts, lengths)
-
-
-def _scatter_lists(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, n: int) -> pa.ListArray:
-    """A list<int32> column of n rows: row rows[k] gets values[offsets[k]:offsets[k+1]], others []."""
-    sizes = np.zeros(n, np.int64)
-    sizes[rows] = np.diff(offsets)
-    full = np.zeros(n + 1, np.int32)
-    np.cumsum(sizes, out=full[1:])
-    # rows are increasing, so the flat values are already in row order
-    return pa.ListArray.from_arrays(pa.array(full), pa.array(values, pa.int32()))

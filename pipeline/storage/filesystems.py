@@ -129,12 +129,13 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
     """Make `path` appear complete or not at all.
 
     Local: write a hidden temporary file in the same directory, fsync, rename.
     Object stores: one PUT (or a multipart upload, aborted on failure), which
-    is only visible once complete.
+    is only visible once complete. `durable=False` skips the fsyncs: for scratch
+    files (a file's pieces) that a crash makes useless anyway.
     """
     if is_local(fs):
         directory, name = os.path.split(path)
@@ -143,13 +144,15 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes) ->
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
-        _fsync_dir(directory or ".")
+        if durable:
+            _fsync_dir(directory or ".")
     else:
         fs.pipe_file(path, data)
 

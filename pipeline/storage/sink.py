@@ -2,10 +2,13 @@
 
 A block reaching the sink holds rows of one or more chunks. A chunk wholly
 inside the block is written straight to its final name. A chunk that Ray
-Data split across blocks is written as *pieces* under `_pieces/`; once all
-its rows have arrived the driver (pipeline.engine.chain) merges them into the final file. Names
-starting with `_` or `.` are skipped by pyarrow, duckdb and Spark readers,
-so nothing incomplete is ever picked up.
+Data split across blocks is written as *pieces* under `_pieces/`: only the
+columns the file needs, as uncompressed Arrow IPC (a copy of the block's
+buffers, no encoding, no fsync: the encoder's process does almost nothing
+here). Once all its rows have arrived the driver (pipeline.engine.chain)
+joins them, in a thread of its own or a task on another node, and only then is
+the Parquet built and written. Names starting with `_` or `.` are skipped by
+pyarrow, duckdb and Spark readers, so nothing incomplete is ever picked up.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from pipeline.engine.watchdog import Progress
 from pipeline.stages.columns import CHUNK_ROWS, FILE, N_TOKENS, ROW, SHARD, TRUNCATED, VALID
 
 PIECES_DIR = "_pieces"
+PIECE_SUFFIX = ".arrow"
 MANIFEST = "_manifest.json"
 STATS_KEY = b"embedpipe.stats"  # a committed file's row statistics (JSON), in its Parquet key-value metadata
 SETTINGS_KEY = b"embedpipe.settings"  # the settings of the run that made it (pipeline.identity)
@@ -75,35 +79,41 @@ def _commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
             summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows, "first_row": None})
         else:
             first = int(pc.min(rows[ROW]).as_py())
-            piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}.parquet")
-            write_bytes_atomic(fs, piece, parquet_bytes(rows))
+            piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}{PIECE_SUFFIX}")
+            write_bytes_atomic(fs, piece, ipc_bytes(rows.select(_piece_columns(rows, sink))), durable=False)
             summaries.append(
                 {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows, "first_row": first}
             )
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
-def merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
+def merge_pieces(sink: SinkSpec, name: str, chunk_rows: int, board=None) -> dict:
     """Join the pieces of chunk `name` into its final file; remove the pieces.
 
     A row that arrives twice (a block redone after a worker died) is kept
     once; a chunk that still lacks rows is an error, never a short file.
     """
+    with Progress(board, "write").step(f"joining {chunk_rows} rows"):
+        return _merge_pieces(sink, name, chunk_rows)
+
+
+def _merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
     fs, root = get_fs(sink.output, sink.storage_options)
     directory = posixpath.join(root, PIECES_DIR, name)
-    paths = sorted(p for p in fs.ls(directory, detail=False, refresh=True) if p.endswith(".parquet"))
+    paths = sorted(p for p in fs.ls(directory, detail=False, refresh=True) if p.endswith(PIECE_SUFFIX))
     tables = []
     for p in paths:
         with fs.open(p, "rb") as f:
-            tables.append(pq.read_table(f))
-    rows = pa.concat_tables(tables, promote_options="default").sort_by(ROW)
-    row_ids = rows[ROW].to_numpy()
-    first = np.ones(len(row_ids), bool)
-    first[1:] = row_ids[1:] != row_ids[:-1]
-    rows = rows.filter(pa.array(first))
-    if rows.num_rows != chunk_rows:
-        raise PipelineError(f"{name}: {rows.num_rows} of {chunk_rows} rows reached the sink; rerun to redo this file")
-    stats = write_chunk(fs, root, name, rows, sink)
+            tables.append(pa.ipc.open_stream(f.read()).read_all())
+    rows = pa.concat_tables(tables, promote_options="default")
+    row_ids = np.asarray(rows[ROW].to_numpy(zero_copy_only=False))
+    order = np.argsort(row_ids, kind="stable")
+    first = np.ones(len(order), bool)
+    first[1:] = row_ids[order[1:]] != row_ids[order[:-1]]
+    keep = order[first]  # each row once, in row order
+    if len(keep) != chunk_rows:
+        raise PipelineError(f"{name}: {len(keep)} of {chunk_rows} rows reached the sink; rerun to redo this file")
+    stats = _write_rows(fs, root, name, rows, keep, sink)
     fs.rm(directory, recursive=True)
     return stats
 
@@ -123,8 +133,17 @@ def chunk_stats(rows: pa.Table, name: str) -> dict:
 
 def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dict:
     """Write a complete chunk to `root/name` atomically; return its stats."""
-    stats = chunk_stats(rows, name)
-    rows = rows.sort_by(ROW).filter(rows.sort_by(ROW)[VALID])
+    order = np.argsort(np.asarray(rows[ROW].to_numpy(zero_copy_only=False)), kind="stable")
+    return _write_rows(fs, root, name, rows, order, sink)
+
+
+def _write_rows(fs, root: str, name: str, rows: pa.Table, keep: np.ndarray, sink: SinkSpec) -> dict:
+    """Write rows `keep` of `rows` (the whole chunk, in row order) to `root/name`, its valid rows
+    only, taken once; return the chunk's stats."""
+    bookkeeping = rows.select([c for c in (VALID, SHARD, TRUNCATED, N_TOKENS) if c in rows.column_names])
+    stats = chunk_stats(bookkeeping.take(pa.array(keep)), name)
+    valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
+    rows = rows.take(pa.array(keep[valid[keep]]))
     if "embedding" in rows.column_names:
         embedding = rows["embedding"]
         if sink.output_dtype == "float16":
@@ -144,6 +163,20 @@ def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dic
     table = table.replace_schema_metadata(metadata)
     write_bytes_atomic(fs, posixpath.join(root, name), parquet_bytes(table))
     return stats
+
+
+def _piece_columns(rows: pa.Table, sink: SinkSpec) -> list[str]:
+    """What a piece keeps of a block: what write_chunk and chunk_stats read."""
+    wanted = {"id", "embedding", "indices", "values", "text", ROW, VALID, SHARD, N_TOKENS, TRUNCATED, *sink.keep_columns}
+    return [c for c in rows.column_names if c in wanted]
+
+
+def ipc_bytes(table: pa.Table) -> bytes:
+    """An Arrow IPC stream of `table`, uncompressed: the buffers as they are."""
+    sink = pa.BufferOutputStream()
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    return sink.getvalue().to_pybytes()
 
 
 VECTOR_COLUMNS = ("embedding", "values")  # floats that never repeat: dictionary encoding only costs
