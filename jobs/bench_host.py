@@ -10,8 +10,10 @@ The corpus is Debian's fortunes split into lines (48,230 distinct lines of ~48 c
 repeated with a pass number appended (" (2)", " (3)", ...) until there are --lines of them, all
 distinct. Both sides run as whole commands, alternated:
 
-    embedpipe embed --input lines.txt --model <the model> [--embed-args]
-    jobs/st_baseline.py lines.txt out.parquet --model <the model> --batch-size 256
+    embedpipe embed --input lines.txt --model <the model> --device D [--embed-args]
+    jobs/st_baseline.py lines.txt out.parquet --model <the model> --device D --batch-size 256
+
+(--device cpu by default: what the host path costs where no GPU is lent.)
 
 Reported: the whole-command ratio; embedpipe's steady state (rows over the span from the first
 vector's micro-batch to the last) and its fixed cost (the time before the first vector and after
@@ -134,16 +136,16 @@ def bench_host(args) -> list[dict]:
         with open(few, "w", encoding="utf-8") as f:
             f.writelines(t + "\n" for t in lines[:20])
         for v in variants:  # the model's description and graph are cached, as on any run after a model's first
-            run_tree(_embed(few, os.path.join(work, "warm"), model, v), env)
+            run_tree(_embed(few, os.path.join(work, "warm"), model, v, args.device), env)
         st_out = os.path.join(work, "st.parquet")
         st_cmd = [sys.executable, os.path.join(REPO, "jobs", "st_baseline.py"), docs, st_out, "--model", model,
-                  "--device", "cpu", "--batch-size", "256"]
+                  "--device", args.device, "--batch-size", "256"]
         theirs, ours = [], {v: [] for v in variants}
         for _ in range(args.repeat):
             theirs.append(run_tree(st_cmd, env))
             for k, v in enumerate(variants):
                 out = os.path.join(work, f"out-{k}")
-                runs = run_tree(_embed(docs, out, model, v), env)
+                runs = run_tree(_embed(docs, out, model, v, args.device), env)
                 ours[v].append((runs, json.load(open(os.path.join(out, "_manifest.json")))))
         ref = pq.read_table(st_out)
         ref_vectors = np.asarray(ref["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(ref), -1)
@@ -184,6 +186,6 @@ def bench_host(args) -> list[dict]:
     return results
 
 
-def _embed(docs: str, out: str, model: str, flags: str) -> list[str]:
+def _embed(docs: str, out: str, model: str, flags: str, device: str = "cpu") -> list[str]:
     return [sys.executable, "-m", "pipeline", "embed", "--input", docs, "--output", out, "--model", model,
-            "--device", "cpu", "--overwrite", "--quiet", *shlex.split(flags)]
+            "--device", device, "--overwrite", "--quiet", *shlex.split(flags)]

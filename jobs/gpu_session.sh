@@ -2,8 +2,11 @@
 # The GPU checks behind BENCHMARKS.md "GPU", on one machine with CUDA, torch, sentence-transformers
 # and Ray installed (embedpipe itself from this checkout):
 #
-#   bash jobs/gpu_session.sh tests OUTDIR                      # tests/test_gpu.py + tests/test_encode.py
+#   bash jobs/gpu_session.sh tests OUTDIR                      # tests/test_gpu.py + test_encode.py + test_ready.py
 #   bash jobs/gpu_session.sh bench OUTDIR SENTENCES.txt [COPIES] [--variants ...]
+#   bash jobs/gpu_session.sh all OUTDIR                        # one device session, in the order issue 21 asks:
+#       the GPU tests; steady state on ~1.08M short sentences (WordNet x 6) with replicas per GPU 1, 2 and 4
+#       against both sentence-transformers scripts; the host benchmark's near-zero-cost model on 1M lines.
 #
 # bench: `embedpipe embed --device cuda` (whole command) against jobs/st_baseline.py on the same
 # GPU, float32 batch 32 (ST's defaults) and float16 batch 256 (a tuned ST script), on the lines of
@@ -20,7 +23,13 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 
 case "$what" in
 tests)
-  python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py tests/test_encode.py 2>&1 | tee "$out/tests.log"
+  python3 -m pytest -p no:cacheprovider -q -ra tests/test_gpu.py tests/test_encode.py tests/test_ready.py 2>&1 | tee "$out/tests.log"
+  ;;
+all)
+  bash "$0" tests "$out"
+  python3 data/short_sentences.py "$out/short.txt"
+  bash "$0" bench "$out" "$out/short.txt" 6 "" "--encoders-per-gpu 2" "--encoders-per-gpu 4"
+  python3 jobs/benchmark.py --task host --lines 1000000 --device cuda 2>&1 | tee "$out/host.log"
   ;;
 bench)
   src=${3:?SENTENCES.txt}

@@ -153,19 +153,21 @@ class EncodeStage:
         return out.append_column(EMBEDDING, embedding)
 
     def _gather(self, done: list, vectors: np.ndarray) -> None:
-        """Each micro-batch's vectors into `vectors` (on a GPU: one copy back for the whole block)."""
+        """Each micro-batch's vectors into `vectors`: from ONNX Runtime each straight into place; from
+        a GPU with one copy back for the whole block."""
         if not done:
             return
-        parts = [v for _, _, v in done]
-        joined = np.concatenate(parts) if self.onnx is not None else self.torch.cat(parts).cpu().numpy()
-        at = 0
-        for start, end, v in done:
-            rows = len(v)
+        if self.onnx is not None:
+            joined, parts = None, [v for _, _, v in done]
+        else:
+            joined = self.torch.cat([v for _, _, v in done]).cpu().numpy()
+            bounds = np.cumsum([0] + [len(v) for _, _, v in done])
+            parts = [joined[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        for (start, end, _), part in zip(done, parts):
             if end is None:
-                vectors[start] = joined[at : at + rows]
+                vectors[start] = part
             else:
-                vectors[start:end] = joined[at : at + rows]
-            at += rows
+                vectors[start:end] = part
 
     def _encode_sparse(self, batch: pa.Table, out: pa.Table, lists: dict) -> pa.Table:
         """`indices` and `values` columns: each row's non-zero terms (invalid rows: none)."""
