@@ -64,9 +64,21 @@ def fortune_lines(n: int, root: str = FORTUNE_DIR) -> list[str]:
 def near_zero_model(path: str) -> str:
     """A one-layer, 16-wide BERT (MiniLM's tokenizer), mean pooling, Dense 16 -> 384, Normalize."""
     import torch
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize
+
+    return random_bert(path, hidden=16, layers=1, heads=1, intermediate=16, max_positions=512, max_seq_length=256,
+                       after=lambda: [Dense(16, 384, activation_function=torch.nn.Identity()), Normalize()])
+
+
+def random_bert(path: str, hidden: int, layers: int, heads: int, intermediate: int, max_positions: int,
+                max_seq_length: int, after=None) -> str:
+    """A random BERT (seed 0) with MiniLM's tokenizer and mean pooling, then the modules `after()`
+    makes (made after the BERT, so the seed fixes them too), saved as a sentence-transformers
+    directory under `path`; returns that directory."""
+    import torch
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.base.modules import Transformer
-    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling
+    from sentence_transformers.sentence_transformer.modules import Pooling
     from transformers import AutoTokenizer, BertConfig, BertModel
 
     from pipeline.models.loading import resolve_model_path
@@ -74,12 +86,11 @@ def near_zero_model(path: str) -> str:
     torch.manual_seed(0)
     base = os.path.join(path, "hf")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=1,
-                        intermediate_size=16, max_position_embeddings=512)
+    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=heads, intermediate_size=intermediate, max_position_embeddings=max_positions)
     BertModel(config).eval().save_pretrained(base)
     tokenizer.save_pretrained(base)
-    modules = [Transformer(base, max_seq_length=256), Pooling(16, pooling_mode="mean"),
-               Dense(16, 384, activation_function=torch.nn.Identity()), Normalize()]
+    modules = [Transformer(base, max_seq_length=max_seq_length), Pooling(hidden, pooling_mode="mean"), *(after() if after else [])]
     SentenceTransformer(modules=modules, device="cpu").save(os.path.join(path, "st"))
     return os.path.join(path, "st")
 

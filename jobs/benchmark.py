@@ -453,25 +453,9 @@ def bench_rerank(args) -> None:
 
 def tiny_model(path: str) -> str:
     """A random 2-layer BERT (hidden 32) with MiniLM's tokenizer, mean pooling: the pipeline's cost, not the model's."""
-    import torch
-    from sentence_transformers import SentenceTransformer
-    from sentence_transformers.base.modules import Transformer
-    from sentence_transformers.sentence_transformer.modules import Pooling
-    from transformers import AutoTokenizer, BertConfig, BertModel
+    from jobs.bench_host import random_bert
 
-    from pipeline.models.loading import resolve_model_path
-
-    torch.manual_seed(0)
-    base = os.path.join(path, "hf")
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path("all-MiniLM-L6-v2"))
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128)
-    BertModel(config).eval().save_pretrained(base)
-    tokenizer.save_pretrained(base)
-    transformer = Transformer(base, max_seq_length=128)
-    model = SentenceTransformer(modules=[transformer, Pooling(32, pooling_mode="mean")], device="cpu")
-    model.save(os.path.join(path, "st"))
-    return os.path.join(path, "st")
+    return random_bert(path, hidden=32, layers=2, heads=4, intermediate=64, max_positions=128, max_seq_length=128)
 
 
 def tree_pss(root_pid: int) -> tuple[int, dict[str, int]]:

@@ -193,20 +193,33 @@ def paraphrase_mining_embeddings(
     max_pairs: int = 500_000,
     block_size: int = 4096,
     threshold: float | None = None,
+    device: str | None = None,
+    dtype: str = "float16",
 ) -> list[tuple[float, int, int]]:
-    """In-process blocked mining: [(score, i, j), ...] best first, as sentence-transformers returns."""
+    """In-process blocked mining: [(score, i, j), ...] best first, as sentence-transformers returns.
+
+    With `device` ("cuda", or "cpu" to run the same code without a GPU), the block products run
+    on torch in `dtype` and their candidates are scored again in float32 (pipeline.mining_device)."""
+    diagonal_fn, off_diagonal_fn = diagonal_candidates, off_diagonal_candidates
+    if device is not None:
+        from functools import partial
+
+        from pipeline import mining_device
+
+        diagonal_fn = partial(mining_device.diagonal_candidates, device=device, dtype=dtype)
+        off_diagonal_fn = partial(mining_device.off_diagonal_candidates, device=device, dtype=dtype)
     x = normalize(embeddings)
     blocks = row_blocks(len(x), block_size)
     if not blocks:
         return []
-    diagonal = [diagonal_candidates(x[a0:a1], a0, top_k) for a0, a1 in blocks]
+    diagonal = [diagonal_fn(x[a0:a1], a0, top_k) for a0, a1 in blocks]
     floor = score_floor((s for _, _, s in diagonal), max_pairs, threshold)
     off_diagonal: list[list[Candidates]] = [[] for _ in blocks]
     found = []
     for bi, (a0, a1) in enumerate(blocks):
         for bj in range(bi + 1, len(blocks)):
             b0, b1 = blocks[bj]
-            part = off_diagonal_candidates(x[a0:a1], x[b0:b1], a0, b0, top_k, floor)
+            part = off_diagonal_fn(x[a0:a1], x[b0:b1], a0, b0, top_k, floor)
             off_diagonal[bi].append(part)
             off_diagonal[bj].append(part)
         found.append(row_block_pairs(a0, a1, top_k, floor, diagonal[bi], off_diagonal[bi]))

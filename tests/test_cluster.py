@@ -111,31 +111,38 @@ def test_an_unreachable_cluster_address_fails_fast():
 # --------------------------------------------------------------------------- multi-node placement
 
 
-@pytest.mark.slow  # ~85 s on 2 cores: three raylets and two encoder processes importing torch
-def test_encoder_pool_gets_one_replica_per_gpu_node(tmp_path, tiny_model):
-    """Two worker nodes with one (logical) GPU each: one encoder on each, as on a GPU cluster.
+@pytest.mark.slow  # ~85 s (one per GPU) and ~2 min (two per GPU) on 2 cores: three raylets, 2 or 4 encoder processes
+@pytest.mark.parametrize("per_gpu", [1, 2], ids=["one-per-gpu", "two-per-gpu"])
+def test_encoder_pool_gets_its_replicas_on_every_gpu_node(tmp_path, tiny_model, per_gpu):
+    """Two worker nodes with one (logical) GPU each: one encoder on each, as on a GPU cluster, or
+    with --encoders-per-gpu 2 two on each, each reserving half a GPU.
 
     torch sees no CUDA here, so each replica encodes on CPU (--device auto); the placement,
-    the reservations (num_gpus=1) and the GPU ids Ray hands out are those of a GPU cluster.
+    the reservations (num_gpus=1/N) and the GPU ids Ray hands out are those of a GPU cluster.
     """
     from ray.cluster_utils import Cluster
 
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    node_cpus = 1 + per_gpu
     try:
-        # Each GPU node keeps a CPU for its encoder whichever node the one tokenizer lands on: Ray Data
-        # places the tokenizer pool before the encoder pool, so a tokenizer on a 1-CPU GPU node would
-        # leave that GPU without a replica (the run would then wait, up to --stall-timeout, for it).
-        gpu_nodes = {cluster.add_node(num_cpus=2, num_gpus=1).node_id for _ in range(2)}
+        # Each GPU node keeps a CPU for each of its encoders whichever node the one tokenizer lands on:
+        # Ray Data places the tokenizer pool before the encoder pool, so a tokenizer on a GPU node short
+        # of CPUs would leave that GPU without a replica (the run would wait, up to --stall-timeout).
+        gpu_nodes = {cluster.add_node(num_cpus=node_cpus, num_gpus=1).node_id for _ in range(2)}
         cluster.wait_for_nodes()
         expected = write_shards(tmp_path / "in")
         out = tmp_path / "out"
         args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", tiny_model,
                 "--ray-address", cluster.address, "--num-tokenizers", "1", "--quiet"]
+        if per_gpu > 1:
+            args += ["--encoders-per-gpu", str(per_gpu)]
 
         dry = cli(*args, "--dry-run")
         assert dry.returncode == 0, dry.stderr[-2000:]
-        assert "encode:   2 actor(s) x 1 GPU + 1 CPU (one per GPU, on every GPU node)" in dry.stdout
-        assert "3 node(s)" in dry.stdout and dry.stdout.count("2 CPU/1 GPU") == 2
+        where = "one per GPU" if per_gpu == 1 else f"{per_gpu} per GPU"
+        line = f"encode:   {2 * per_gpu} actor(s) x {1 / per_gpu:g} GPU + 1 CPU ({where}, on every GPU node)"
+        assert line in dry.stdout, dry.stdout
+        assert "3 node(s)" in dry.stdout and dry.stdout.count(f"{node_cpus} CPU/1 GPU") == 2
         assert not out.exists()  # a dry run writes nothing
 
         proc = cli(*args)
@@ -145,43 +152,52 @@ def test_encoder_pool_gets_one_replica_per_gpu_node(tmp_path, tiny_model):
     manifest = json.loads((out / "_manifest.json").read_text())
     encoders = manifest["replicas"]["encode"]
     assert sorted(encoders["per_node"]) == sorted(gpu_nodes)  # on the GPU nodes only ...
-    assert list(encoders["per_node"].values()) == [1, 1]  # ... one each
+    assert list(encoders["per_node"].values()) == [per_gpu, per_gpu]  # ... per_gpu on each
     assert all(a["gpu_ids"] == ["0"] and a["device"] == "cpu" for a in encoders["actors"])
-    assert manifest["resources"]["num_encoders"] == 2 and manifest["resources"]["encoder_gpus"] == 1
+    assert manifest["resources"]["num_encoders"] == 2 * per_gpu and manifest["resources"]["encoder_gpus"] == 1 / per_gpu
     assert manifest["dtype"] == "float32"  # what the replicas really ran, not the plan's float16
     assert sum(manifest["replicas"]["tokenize"]["per_node"].values()) == manifest["resources"]["num_tokenizers"]
     ids, vectors = read_embeddings(str(out))
     assert sorted(ids) == expected and vectors.shape == (len(expected), 32)
 
 
-@pytest.mark.slow  # ~2 min on 2 cores: three raylets and four encoder processes
-def test_two_encoders_share_each_gpu_when_asked(tmp_path, tiny_model):
-    """--encoders-per-gpu 2 on two nodes of one (logical) GPU each: four replicas, two on each GPU
-    node, each reserving half a GPU and handed that node's GPU 0, and every row embedded once."""
+@pytest.mark.slow  # ~1 min on 2 cores: three raylets, mining tasks importing torch to look for CUDA
+def test_mine_puts_its_block_products_on_gpu_workers(tmp_path):
+    """On a cluster with (logical) GPUs, every diagonal and off-diagonal block product is a task holding
+    a GPU, so they run on the GPU nodes only. torch sees no CUDA here, so each falls back to the
+    float32 numpy product, and says so in the manifest; the pairs are sentence-transformers'."""
+    import numpy as np
+    import pyarrow as pa
+    import torch
     from ray.cluster_utils import Cluster
+    from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
 
+    from tests.conftest import clustered_vectors
+
+    x = clustered_vectors(300, d=32)
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    ids = [f"d:{i}" for i in range(len(x))]
+    pq.write_table(pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.reshape(-1)), 32)}),
+                   emb / "part.parquet")
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
     try:
-        gpu_nodes = {cluster.add_node(num_cpus=3, num_gpus=1).node_id for _ in range(2)}
+        gpu_nodes = {cluster.add_node(num_cpus=1, num_gpus=1).node_id for _ in range(2)}
         cluster.wait_for_nodes()
-        expected = write_shards(tmp_path / "in")
-        out = tmp_path / "out"
-        args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", tiny_model,
-                "--ray-address", cluster.address, "--num-tokenizers", "1", "--encoders-per-gpu", "2", "--quiet"]
-        dry = cli(*args, "--dry-run")
-        assert dry.returncode == 0, dry.stderr[-2000:]
-        assert "encode:   4 actor(s) x 0.5 GPU + 1 CPU (2 per GPU, on every GPU node)" in dry.stdout
-        proc = cli(*args)
+        out = tmp_path / "pairs"
+        proc = cli("mine", "--embeddings", str(emb), "--output", str(out), "--top-k", "5", "--max-pairs", "200",
+                   "--block-size", "100", "--ray-address", cluster.address, "--quiet")
         assert proc.returncode == 0, proc.stderr[-3000:]
     finally:
         cluster.shutdown()
-    manifest = json.loads((out / "_manifest.json").read_text())
-    encoders = manifest["replicas"]["encode"]
-    assert sorted(encoders["per_node"]) == sorted(gpu_nodes) and list(encoders["per_node"].values()) == [2, 2]
-    assert all(a["gpu_ids"] == ["0"] for a in encoders["actors"])
-    assert manifest["resources"]["num_encoders"] == 4 and manifest["resources"]["encoder_gpus"] == 0.5
-    ids, vectors = read_embeddings(str(out))
-    assert sorted(ids) == expected and vectors.shape == (len(expected), 32)
+    products = json.loads((out / "_manifest.json").read_text())["products"]
+    assert products["device"] == "cuda" and products["gpu_tasks"] == 3  # every diagonal task held a GPU ...
+    assert set(products["per_node"]) <= gpu_nodes  # ... so they ran on the GPU nodes only
+    assert products["ran_on"] == [["cpu", "float32"]]  # torch saw no CUDA: the numpy product, and it says so
+    got = pq.read_table(out / "pairs.parquet").to_pylist()
+    ref = st_mining(torch.from_numpy(x), top_k=5, max_pairs=200)
+    assert {(r["id_a"], r["id_b"]) for r in got} == {(ids[min(i, j)], ids[max(i, j)]) for _, i, j in ref}
+    assert np.allclose(sorted(r["score"] for r in got), sorted(s for s, _, _ in ref), atol=1e-5)
 
 
 # --------------------------------------------------------------------------- ray start --head + ray job submit

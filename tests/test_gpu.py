@@ -114,3 +114,16 @@ def test_a_real_cuda_out_of_memory_splits_the_batch_and_ids_keep_their_vectors(d
     got = np.asarray(split["embedding"].combine_chunks().flatten().to_numpy()).reshape(256, -1)
     want = np.asarray(expected["embedding"].combine_chunks().flatten().to_numpy()).reshape(256, -1)
     assert _cosine(got, want).min() >= 0.9999  # a misaligned id would fall far below
+
+
+def test_mining_on_the_gpu_gives_the_pairs_of_sentence_transformers():
+    """The block products in float16 on the GPU, candidates scored again in float32: the same pairs."""
+    from sentence_transformers.util import paraphrase_mining_embeddings as st_mining
+
+    from pipeline.mining import paraphrase_mining_embeddings
+    from tests.conftest import clustered_vectors
+    from tests.test_mining import assert_same_pairs
+
+    x = clustered_vectors(6000, d=384, noise=0.05)
+    ref = st_mining(torch.from_numpy(x), top_k=20, max_pairs=20_000)
+    assert_same_pairs(paraphrase_mining_embeddings(x, top_k=20, max_pairs=20_000, block_size=2048, device="cuda"), ref)

@@ -74,6 +74,15 @@ def test_distributed_mining_matches_st(ray_cluster, tmp_path, make, n, top_k, ma
     assert_matches_st(table, vectors, ids, top_k, max_pairs)
     manifest = json.loads((out / "_manifest.json").read_text())
     assert manifest["pairs"] == result.pairs == table.num_rows and manifest["documents"] == n
+    assert manifest["products"]["device"] == "cpu" and manifest["products"]["ran_on"] == [["cpu", "float32"]]
+
+
+def test_device_cuda_on_a_cluster_without_gpus_is_refused(ray_cluster, tmp_path):
+    src = write_vectors(tmp_path / "emb", random_vectors(20), [str(k) for k in range(20)])
+    with pytest.raises(UsageError, match="--device cuda: the Ray cluster has no GPUs"):
+        run_mine(MineConfig(str(src), str(tmp_path / "pairs"), device="cuda", quiet=True))
+    with pytest.raises(UsageError, match="--device"):
+        MineConfig(str(src), str(tmp_path / "pairs"), device="tpu")
 
 
 def test_exact_duplicates_at_the_floor_are_kept(ray_cluster, tmp_path):

@@ -101,21 +101,27 @@ def encoder_actors() -> list[dict]:
     return found
 
 
-def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(ray_cluster, tmp_path, slow_model):
-    expected = shards_input(tmp_path / "in", 6, 1000)
-    out = tmp_path / "out"
-    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out), model=slow_model, trust_remote_code=True,
-                         max_batch_tokens=4096, quiet=True)
+def embed_in_thread(config: EmbedConfig) -> tuple[threading.Thread, dict]:
+    """run_embed(config) started in a thread; the dict gets its "result", or the "error" it raised."""
     outcome: dict = {}
 
     def run():
         try:
             outcome["result"] = run_embed(config)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller's assertions
             outcome["error"] = exc
 
     thread = threading.Thread(target=run)
     thread.start()
+    return thread, outcome
+
+
+def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(ray_cluster, tmp_path, slow_model):
+    expected = shards_input(tmp_path / "in", 6, 1000)
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(tmp_path / "in"), output=str(out), model=slow_model, trust_remote_code=True,
+                         max_batch_tokens=4096, quiet=True)
+    thread, outcome = embed_in_thread(config)
     killed = None
     deadline = time.time() + 240
     while time.time() < deadline and thread.is_alive() and killed is None:
@@ -147,16 +153,7 @@ def test_an_encoder_killed_while_a_file_is_in_pieces_still_commits_it_once(ray_c
     out = tmp_path / "out"
     config = EmbedConfig(input=str(src), output=str(out), model=slow_model, trust_remote_code=True,
                          max_batch_tokens=4096, rows_per_file=3000, quiet=True)
-    outcome: dict = {}
-
-    def run():
-        try:
-            outcome["result"] = run_embed(config)
-        except BaseException as exc:  # noqa: BLE001 - reported by the assertion below
-            outcome["error"] = exc
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, outcome = embed_in_thread(config)
     killed, deadline = None, time.time() + 240
     pieces = out / "_pieces" / "big.txt.parquet"
     while time.time() < deadline and thread.is_alive() and killed is None:

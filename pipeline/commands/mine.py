@@ -112,15 +112,49 @@ def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, sto
     return normalize(np.concatenate(parts))
 
 
-def diagonal_block(a: np.ndarray, start: int, k: int):
-    """Phase 1: the block's candidates, and their scores again for the driver's floor."""
-    from pipeline.mining import diagonal_candidates
-
-    found = diagonal_candidates(a, start, k)
-    return found, found[2]
+GPU_DTYPE = "float16"  # the block products' precision on a GPU (candidates are scored again in float32)
 
 
-def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float):
+def products_on(device: str) -> tuple[str, str]:
+    """(device, dtype) a mining task's block products run in: on a GPU that torch sees, GPU_DTYPE
+    there (pipeline.mining_device); otherwise numpy float32 on CPU, without importing torch."""
+    if device == "cuda":
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda", GPU_DTYPE
+    return "cpu", "float32"
+
+
+def task_placement(device: str, dtype: str) -> dict:
+    """Where a mining task ran, for the manifest."""
+    import ray
+
+    return {"node_id": ray.get_runtime_context().get_node_id(), "gpu_ids": [str(g) for g in ray.get_gpu_ids()],
+            "device": device, "dtype": dtype}
+
+
+def diagonal_block(a: np.ndarray, start: int, k: int, device: str = "cpu"):
+    """Phase 1: the block's candidates, their scores again for the driver's floor, and where it ran."""
+    where, dtype = products_on(device)
+    if where == "cuda":
+        from pipeline.mining_device import diagonal_candidates
+
+        found = diagonal_candidates(a, start, k, device=where, dtype=dtype)
+    else:
+        from pipeline.mining import diagonal_candidates
+
+        found = diagonal_candidates(a, start, k)
+    return found, found[2], task_placement(where, dtype)
+
+
+def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float,
+                       device: str = "cpu"):
+    where, dtype = products_on(device)
+    if where == "cuda":
+        from pipeline.mining_device import off_diagonal_candidates
+
+        return off_diagonal_candidates(a, b, a_start, b_start, k, floor, device=where, dtype=dtype)
     from pipeline.mining import off_diagonal_candidates
 
     return off_diagonal_candidates(a, b, a_start, b_start, k, floor)
@@ -132,34 +166,58 @@ def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diag
     return best_entries(*row_block_pairs(start, end, k, floor, diagonal, list(off_diagonal)), 2 * max_pairs)
 
 
-def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(i, j, score) of the best pairs, computed by Ray tasks on the cluster in use."""
+def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """(i, j, score) of the best pairs, computed by Ray tasks on the cluster in use, and where the
+    block products ran (for the manifest)."""
     import ray
 
     from pipeline.mining import best_pairs, row_blocks, score_floor
 
     n = spans[-1].start + spans[-1].rows
     blocks = row_blocks(n, config.block_size)
+    device = mining_device(config.device, ray.cluster_resources().get("GPU", 0))
     # One CPU per task, loads and reduces included: each core runs one task at a time, so
     # Ray starts one worker process per core (each worker start costs seconds of imports).
+    # On GPUs, each block product takes a GPU: its blocks fill it.
+    gpus = 1 if device == "cuda" else 0
     load = ray.remote(num_cpus=1)(load_block)
-    diagonal_task = ray.remote(num_cpus=1, num_returns=2)(diagonal_block)
-    off_diagonal_task = ray.remote(num_cpus=1)(off_diagonal_block)
+    diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns=3)(diagonal_block)
+    off_diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus)(off_diagonal_block)
     reduce = ray.remote(num_cpus=1)(reduce_rows)
     vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
-    diagonal, scores = zip(*(diagonal_task.remote(vectors[b], a0, config.top_k) for b, (a0, _) in enumerate(blocks)))
+    diagonal, scores, placed = zip(
+        *(diagonal_task.remote(vectors[b], a0, config.top_k, device) for b, (a0, _) in enumerate(blocks))
+    )
     floor = score_floor((ray.get(s) for s in scores), config.max_pairs, config.threshold)
     parts: list[list] = [[] for _ in blocks]
     for bi, (a0, _) in enumerate(blocks):
         for bj in range(bi + 1, len(blocks)):
-            part = off_diagonal_task.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor)
+            part = off_diagonal_task.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor, device)
             parts[bi].append(part)
             parts[bj].append(part)
     reduced = [
         reduce.remote(a0, a1, config.top_k, config.max_pairs, floor, diagonal[b], *parts[b])
         for b, (a0, a1) in enumerate(blocks)
     ]
-    return best_pairs(*_best_as_they_finish(reduced, 2 * config.max_pairs), config.max_pairs)
+    i, j, s = best_pairs(*_best_as_they_finish(reduced, 2 * config.max_pairs), config.max_pairs)
+    return i, j, s, products_summary(device, ray.get(list(placed)))
+
+
+def mining_device(asked: str, gpus: float) -> str:
+    """Where block products go: GPU workers when asked (cuda) or when the cluster has GPUs (auto)."""
+    if asked == "cuda" and gpus < 1:
+        raise UsageError("--device cuda: the Ray cluster has no GPUs")
+    return "cuda" if asked == "cuda" or (asked == "auto" and gpus >= 1) else "cpu"
+
+
+def products_summary(device: str, placed: list[dict]) -> dict:
+    """The manifest's `products`: the device planned, and what the diagonal tasks really ran on."""
+    return {
+        "device": device,
+        "ran_on": sorted({(p["device"], p["dtype"]) for p in placed}),
+        "gpu_tasks": sum(1 for p in placed if p["gpu_ids"]),
+        "per_node": {node: sum(1 for p in placed if p["node_id"] == node) for node in sorted({p["node_id"] for p in placed})},
+    }
 
 
 def _best_as_they_finish(refs: list, n: int):
@@ -225,7 +283,7 @@ def run_mine(config: MineConfig) -> MineResult:
     spans = plan_files(config)
     fs, root = prepare_output(config.output, config.storage_options)
     with ray_session_for(config.ray_address, config.quiet):
-        i, j, s = mine_pairs(config, spans)
+        i, j, s, products = mine_pairs(config, spans)
     id_a, id_b = pair_ids(config, spans, i, j)
     table = pa.table({"id_a": id_a, "id_b": id_b, "score": pa.array(s, pa.float32())}, schema=PAIRS_SCHEMA)
     write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
@@ -242,6 +300,7 @@ def run_mine(config: MineConfig) -> MineResult:
         max_pairs=config.max_pairs,
         threshold=config.threshold,
         block_size=config.block_size,
+        products=products,
         score="cosine",
         min_score=float(s.min()) if len(s) else None,
         max_score=float(s.max()) if len(s) else None,

@@ -36,7 +36,7 @@ FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
     MineConfig: {
         "input": ("embeddings", "storage_options"),
         "output": ("output", "quiet"),
-        "resources": ("block_size", "ray_address"),
+        "resources": ("device", "block_size", "ray_address"),
         "mining": ("top_k", "max_pairs", "threshold"),
         "rerank": ("rerank_model", "texts", "rerank_top", "rerank_output"),
     },

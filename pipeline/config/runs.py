@@ -185,6 +185,7 @@ class EmbedConfig(_Recorded):
             top_k=self.mine_top_k,
             max_pairs=self.mine_max_pairs,
             threshold=self.mine_threshold,
+            device=self.device,
             ray_address=self.ray_address,
             quiet=self.quiet,
             rerank_model=self.rerank_model,
@@ -222,6 +223,9 @@ class MineConfig(_Recorded):
     """Keep only pairs scoring at least this (cosine)."""
     block_size: int = 4096
     """Rows per block: memory per task ~ 4 * block_size^2 bytes of scores + 2 blocks of vectors."""
+    device: str = "auto"
+    """Where the block products run: auto (on GPU workers when the cluster has GPUs, in float16 with
+    every candidate scored again in float32: the same pairs; else float32 numpy on CPU), cpu, cuda."""
     ray_address: str | None = None
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     quiet: bool = False
@@ -243,6 +247,7 @@ class MineConfig(_Recorded):
         for name in ("top_k", "max_pairs", "block_size"):
             _positive(_flag(name), getattr(self, name), optional=False)
         _cosine("--threshold", self.threshold)
+        _choice("--device", self.device, DEVICES)
         _check_rerank_options(self.rerank_model, self.rerank_top, texts=self.texts, rerank_output=self.rerank_output)
 
     def rerank_config(self, texts: str | None = None, **options: Any) -> RerankConfig:
