@@ -84,6 +84,21 @@ def test_cuda_float32_reproduces_sentence_transformers(tmp_path, gpu_texts, st_r
     assert _cosine(vectors, st_reference).min() >= 0.99999
 
 
+def test_two_replicas_share_each_gpu_and_give_the_same_vectors(tmp_path, gpu_texts, st_reference):
+    """--encoders-per-gpu 2: two float32 replicas on every GPU, each fed ready micro-batches; every
+    vector still equals sentence-transformers'."""
+    path, texts = gpu_texts
+    out = tmp_path / "out"
+    proc = cli("embed", "--input", path, "--output", str(out), "--device", "cuda", "--dtype", "float32",
+               "--encoders-per-gpu", "2", "--quiet", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vectors, manifest = _read(out)
+    encoders = manifest["replicas"]["encode"]["actors"]
+    assert len(encoders) == 2 * torch.cuda.device_count() and manifest["resources"]["encoder_gpus"] == 0.5
+    assert all(a["device"] == "cuda" for a in encoders)
+    assert np.abs(vectors - st_reference).max() <= 1e-4
+
+
 def test_a_real_cuda_out_of_memory_splits_the_batch_and_ids_keep_their_vectors(default_model_path, caplog):
     """A micro-batch far over a capped GPU memory: the allocator raises a real OutOfMemoryError,
     the batch is halved until it fits, and every id keeps its own vector."""
