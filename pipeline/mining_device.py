@@ -3,10 +3,11 @@
 `pipeline.mining` computes each block's scores with a float32 numpy product. Here the product
 runs in a low precision (tensor cores), and exactness comes back in two steps:
 
-1. Every entry that could matter is kept as a candidate: with inputs rounded to a format of unit
-   roundoff u, a product of two unit vectors is off by at most (2u + u^2) plus float32
-   accumulation (PRODUCT_ERROR). So a row's true top-k entries score at least its low-precision
-   k-th best minus twice that, and an entry at or above the floor at least the floor minus it.
+1. Every entry that could matter is kept as a candidate: with inputs and result rounded to a
+   format of unit roundoff u, a product of two unit vectors is off from its float32 product by at
+   most about 3u plus the float32 sums' rounding (`product_error`; cuBLAS is made to add in
+   float32). So a row's true top-k entries score at least its low-precision k-th best minus
+   twice that, and an entry at or above the floor at least the floor minus it.
 2. The candidates are scored again in float32 (a dot product each, on the device), placed in a
    matrix that is -inf everywhere else, and the selection of `pipeline.mining` runs on that
    matrix, on the device: what leaves the device is only the kept entries.
@@ -18,6 +19,8 @@ in another order can move a score by ~1e-7; exact ties may be broken differently
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from pipeline.mining import Candidates
@@ -26,46 +29,81 @@ UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 
 
 def product_error(dtype: str, dim: int) -> float:
-    """A bound on |low(a) . low(b) - a . b| for unit vectors a, b of `dim` values: the rounding of
-    each input to `dtype` (2u + u^2, by Cauchy-Schwarz) and float32 accumulation (dim * 2^-24)."""
+    """A bound on |L - F| for unit vectors a, b of `dim` values, where L is their product in
+    `dtype` as computed here and F their float32 product as rescored here (what the selection
+    compares): each input rounded to `dtype` (2u + u^2, by Cauchy-Schwarz), the result rounded to
+    `dtype` (u), float32 accumulation in both (dim * 2^-24 each), and for float16 the values that
+    underflow (sqrt(dim) * 2^-24); with 1% to spare."""
     u = UNIT_ROUNDOFF[dtype]
-    return 2 * u + u * u + dim * 2.0**-24
+    underflow = dim**0.5 * 2.0**-24 if dtype == "float16" else 0.0
+    return 1.01 * (3 * u + u * u + 2 * dim * 2.0**-24 + underflow)
 
 
 def device_for(device: str):
-    """The torch device a mining task computes on: CUDA where asked and visible, else CPU."""
+    """The torch device to compute on ("cpu" runs the same code without a GPU, for tests)."""
     import torch
 
-    if device == "cuda" and torch.cuda.is_available():
-        return torch.device("cuda")
-    return torch.device("cpu")
+    from pipeline.errors import PipelineError
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("mining on cuda: torch sees no CUDA device here")
+    return torch.device(device)
+
+
+@contextlib.contextmanager
+def _float32_sums():
+    """cuBLAS adds in float32, not in the inputs' precision or TF32 (product_error counts on it);
+    the process's settings are restored after."""
+    import torch
+
+    matmul = torch.backends.cuda.matmul
+    names = ("allow_tf32", "allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction")
+    saved = {name: getattr(matmul, name) for name in names}
+    try:
+        for name in names:
+            setattr(matmul, name, False)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(matmul, name, value)
+
+
+def _tensor(x: np.ndarray, where):
+    import torch
+
+    x = np.ascontiguousarray(x, np.float32)
+    return torch.from_numpy(x if x.flags.writeable else x.copy()).to(where)
 
 
 def _low_product(a, b, dtype: str):
+    """a @ b.T in `dtype`, as float32; NaN (from non-finite vectors) as -inf, never selected."""
     import torch
 
     low = getattr(torch, dtype)
-    return (a.to(low) @ b.to(low).T).float()
+    return torch.nan_to_num((a.to(low) @ b.to(low).T).float(), nan=float("-inf"))
 
 
-RESCORE_CHUNK = 1 << 16  # candidate pairs scored at once: 2 x 65,536 x dim float32 gathered values
-DENSE_SHARE = 8  # past 1/8 of the block's entries, one float32 product costs less than gathering them
+GATHER_BYTES = 64 << 20  # float32 values gathered at once to score candidate pairs
+# Past this share of a block's entries, one float32 product costs less than gathering them (a
+# gather moves ~5 x dim x 4 bytes per pair; the product does 2 x dim flops per entry).
+DENSE_SHARE = 128
 
 
 def _rescored(a, b, candidates):
-    """A (A, B) float32 matrix: a[i] . b[j] in float32 where `candidates`, -inf elsewhere."""
+    """A (A, B) float32 matrix: a[i] . b[j] in float32 where `candidates`, -inf elsewhere (and for NaN)."""
     import torch
 
     n = int(candidates.sum())
-    if n * DENSE_SHARE > candidates.numel():  # most entries (a low floor): the float32 product itself
-        torch.backends.cuda.matmul.allow_tf32 = False  # float32 sums, not TF32's 10-bit mantissas
-        return (a @ b.T).masked_fill_(~candidates, float("-inf"))
+    if n * DENSE_SHARE > candidates.numel():  # a low floor: the float32 product itself
+        scores = (a @ b.T).masked_fill_(~candidates, float("-inf"))
+        return torch.nan_to_num_(scores, nan=float("-inf"))
     rows, cols = candidates.nonzero(as_tuple=True)
     values = torch.empty(n, dtype=torch.float32, device=a.device)
-    for s in range(0, n, RESCORE_CHUNK):
-        values[s : s + RESCORE_CHUNK] = (a[rows[s : s + RESCORE_CHUNK]] * b[cols[s : s + RESCORE_CHUNK]]).sum(1)
+    chunk = max(1, GATHER_BYTES // (8 * a.shape[1]))
+    for s in range(0, n, chunk):
+        values[s : s + chunk] = (a[rows[s : s + chunk]] * b[cols[s : s + chunk]]).sum(1)
     scores = torch.full(candidates.shape, float("-inf"), dtype=torch.float32, device=a.device)
-    scores[rows, cols] = values
+    scores[rows, cols] = torch.nan_to_num_(values, nan=float("-inf"))
     return scores
 
 
@@ -94,18 +132,18 @@ def diagonal_candidates(a: np.ndarray, start: int, k: int, device: str = "cuda",
     import torch
 
     where = device_for(device)
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(where)
+    with torch.inference_mode(), _float32_sums():
+        x = _tensor(a, where)
         kk = min(k, len(a))
         low = _low_product(x, x, dtype)
         low.fill_diagonal_(float("-inf"))
         kth = torch.topk(low, kk, dim=1).values[:, -1]
         candidates = low >= (kth - 2 * product_error(dtype, a.shape[1]))[:, None]
+        del low
         candidates.fill_diagonal_(False)
         scores = _rescored(x, x, candidates)
         kth = torch.topk(scores, kk, dim=1).values[:, -1]
-        keep = scores >= kth[:, None]
-        keep.fill_diagonal_(False)
+        keep = (scores >= kth[:, None]) & torch.isfinite(scores)
         if int(keep.sum()) > len(a) * kk:  # ties at a row's kk-th best: keep kk of them
             keep &= ~_outside_topk(scores, keep, kk)
         return _entries(scores, keep, start, start)
@@ -119,13 +157,13 @@ def off_diagonal_candidates(
     import torch
 
     where = device_for(device)
-    with torch.inference_mode():
-        x = torch.from_numpy(np.ascontiguousarray(a, np.float32)).to(where)
-        y = torch.from_numpy(np.ascontiguousarray(b, np.float32)).to(where)
+    with torch.inference_mode(), _float32_sums():
+        x, y = _tensor(a, where), _tensor(b, where)
         low = _low_product(x, y, dtype)
         candidates = low >= floor - product_error(dtype, a.shape[1])
+        del low
         scores = _rescored(x, y, candidates)
-        keep = scores >= floor
+        keep = (scores >= floor) & torch.isfinite(scores)
         if int(keep.sum()) > (len(a) + len(b)) * k:
             keep &= ~(_outside_topk(scores, keep, k) & _outside_topk(scores.T, keep.T, k).T)
         return _entries(scores, keep, a_start, b_start)

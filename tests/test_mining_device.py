@@ -63,3 +63,21 @@ def test_exact_duplicates_survive_low_precision():
     x, spread = duplicate_groups()
     assert paraphrase_mining_embeddings(x, top_k=2, max_pairs=18, block_size=6, device="cpu") == \
         [(pytest.approx(1.0, abs=1e-6), i, j) for i, j in spread]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is there")
+def test_asking_for_cuda_without_it_is_an_error_not_a_silent_cpu_run():
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="sees no CUDA device"):
+        paraphrase_mining_embeddings(random_vectors(10), top_k=2, max_pairs=5, device="cuda")
+
+
+def test_the_bound_covers_what_bfloat16_and_float16_really_do():
+    x = normalize(random_vectors(300, d=384))
+    exact = x.astype(np.float64) @ x.T.astype(np.float64)
+    for dtype in ("float16", "bfloat16"):
+        low = getattr(torch, dtype)
+        t = torch.from_numpy(x)
+        got = (t.to(low) @ t.to(low).T).float().numpy()
+        assert np.abs(got - exact).max() <= product_error(dtype, 384) / 2  # with room for the float32 side

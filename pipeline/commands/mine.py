@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.config import MineConfig
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.identity import check_consistent, names_to_paths
 from pipeline.manifest import build as build_manifest, write as write_manifest
 from pipeline.storage.readers import embedding_files
@@ -117,12 +117,18 @@ GPU_DTYPE = "float16"  # the block products' precision on a GPU (candidates are 
 
 def products_on(device: str) -> tuple[str, str]:
     """(device, dtype) a mining task's block products run in: on a GPU that torch sees, GPU_DTYPE
-    there (pipeline.mining_device); otherwise numpy float32 on CPU, without importing torch."""
-    if device == "cuda":
+    there (pipeline.mining_device); otherwise numpy float32 on CPU, without importing torch.
+
+    `device` is "cuda" (asked for: a GPU torch cannot see is an error), "auto-cuda" (planned because
+    the cluster has GPUs: such a GPU falls back to the CPU product, with a warning) or "cpu"."""
+    if device in ("cuda", "auto-cuda"):
         import torch
 
         if torch.cuda.is_available():
             return "cuda", GPU_DTYPE
+        if device == "cuda":
+            raise PipelineError("--device cuda: Ray gave a mining task a GPU, but torch on its node sees no CUDA device")
+        log.warning("Ray gave a mining task a GPU, but torch sees no CUDA device; using the CPU product (--device auto)")
     return "cpu", "float32"
 
 
@@ -178,21 +184,23 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
     device = mining_device(config.device, ray.cluster_resources().get("GPU", 0))
     # One CPU per task, loads and reduces included: each core runs one task at a time, so
     # Ray starts one worker process per core (each worker start costs seconds of imports).
-    # On GPUs, each block product takes a GPU: its blocks fill it.
+    # On GPUs, each block product takes a whole GPU (not measured on a GPU yet: half a GPU would
+    # let copies overlap products).
     gpus = 1 if device == "cuda" else 0
+    task_device = "cuda" if config.device == "cuda" else ("auto-cuda" if device == "cuda" else "cpu")
     load = ray.remote(num_cpus=1)(load_block)
     diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns=3)(diagonal_block)
     off_diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus)(off_diagonal_block)
     reduce = ray.remote(num_cpus=1)(reduce_rows)
     vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
     diagonal, scores, placed = zip(
-        *(diagonal_task.remote(vectors[b], a0, config.top_k, device) for b, (a0, _) in enumerate(blocks))
+        *(diagonal_task.remote(vectors[b], a0, config.top_k, task_device) for b, (a0, _) in enumerate(blocks))
     )
     floor = score_floor((ray.get(s) for s in scores), config.max_pairs, config.threshold)
     parts: list[list] = [[] for _ in blocks]
     for bi, (a0, _) in enumerate(blocks):
         for bj in range(bi + 1, len(blocks)):
-            part = off_diagonal_task.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor, device)
+            part = off_diagonal_task.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor, task_device)
             parts[bi].append(part)
             parts[bj].append(part)
     reduced = [
