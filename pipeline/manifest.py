@@ -85,8 +85,8 @@ KEYS: dict[str, dict[str, str]] = {
         "threshold": "the lowest score kept, or None",
         "block_size": "rows per block of the blocked products",
         "products": "where the block products ran: `device` planned (cuda when the cluster has GPUs), `ran_on` "
-                    "([device, dtype] pairs the tasks really used: cuda/float16 with candidates scored again in "
-                    "float32, or cpu/float32), `gpu_tasks` (diagonal tasks holding a GPU), `per_node`",
+                    "([device, dtype] pairs the block-product tasks really used: cuda/float16 with candidates scored "
+                    "again in float32, or cpu/float32), `tasks`, `gpu_tasks` (those holding a GPU), `per_node`",
         "score": "`cosine`",
         "min_score": "the lowest score written",
         "max_score": "the highest score written",

@@ -191,7 +191,7 @@ def test_mine_puts_its_block_products_on_gpu_workers(tmp_path):
     finally:
         cluster.shutdown()
     products = json.loads((out / "_manifest.json").read_text())["products"]
-    assert products["device"] == "cuda" and products["gpu_tasks"] == 3  # every diagonal task held a GPU ...
+    assert products["device"] == "cuda" and products["gpu_tasks"] == products["tasks"] == 6  # all 3 + 3 held a GPU ...
     assert set(products["per_node"]) <= gpu_nodes  # ... so they ran on the GPU nodes only
     assert products["ran_on"] == [["cpu", "float32"]]  # torch saw no CUDA: the numpy product, and it says so
     got = pq.read_table(out / "pairs.parquet").to_pylist()

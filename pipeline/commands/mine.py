@@ -156,14 +156,17 @@ def diagonal_block(a: np.ndarray, start: int, k: int, device: str = "cpu"):
 
 def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float,
                        device: str = "cpu"):
+    """Phase 2: the block pair's candidates, and where it ran."""
     where, dtype = products_on(device)
     if where == "cuda":
         from pipeline.mining_device import off_diagonal_candidates
 
-        return off_diagonal_candidates(a, b, a_start, b_start, k, floor, device=where, dtype=dtype)
-    from pipeline.mining import off_diagonal_candidates
+        found = off_diagonal_candidates(a, b, a_start, b_start, k, floor, device=where, dtype=dtype)
+    else:
+        from pipeline.mining import off_diagonal_candidates
 
-    return off_diagonal_candidates(a, b, a_start, b_start, k, floor)
+        found = off_diagonal_candidates(a, b, a_start, b_start, k, floor)
+    return found, task_placement(where, dtype)
 
 
 def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diagonal, *off_diagonal):
@@ -190,7 +193,7 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
     task_device = "cuda" if config.device == "cuda" else ("auto-cuda" if device == "cuda" else "cpu")
     load = ray.remote(num_cpus=1)(load_block)
     diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns=3)(diagonal_block)
-    off_diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus)(off_diagonal_block)
+    off_diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns=2)(off_diagonal_block)
     reduce = ray.remote(num_cpus=1)(reduce_rows)
     vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
     diagonal, scores, placed = zip(
@@ -198,17 +201,21 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
     )
     floor = score_floor((ray.get(s) for s in scores), config.max_pairs, config.threshold)
     parts: list[list] = [[] for _ in blocks]
+    placed = list(placed)
     for bi, (a0, _) in enumerate(blocks):
         for bj in range(bi + 1, len(blocks)):
-            part = off_diagonal_task.remote(vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor, task_device)
+            part, where = off_diagonal_task.remote(
+                vectors[bi], vectors[bj], a0, blocks[bj][0], config.top_k, floor, task_device,
+            )
             parts[bi].append(part)
             parts[bj].append(part)
+            placed.append(where)
     reduced = [
         reduce.remote(a0, a1, config.top_k, config.max_pairs, floor, diagonal[b], *parts[b])
         for b, (a0, a1) in enumerate(blocks)
     ]
     i, j, s = best_pairs(*_best_as_they_finish(reduced, 2 * config.max_pairs), config.max_pairs)
-    return i, j, s, products_summary(device, ray.get(list(placed)))
+    return i, j, s, products_summary(device, ray.get(placed))
 
 
 def mining_device(asked: str, gpus: float) -> str:
@@ -219,10 +226,11 @@ def mining_device(asked: str, gpus: float) -> str:
 
 
 def products_summary(device: str, placed: list[dict]) -> dict:
-    """The manifest's `products`: the device planned, and what the diagonal tasks really ran on."""
+    """The manifest's `products`: the device planned, and what the block-product tasks really ran on."""
     return {
         "device": device,
         "ran_on": sorted({(p["device"], p["dtype"]) for p in placed}),
+        "tasks": len(placed),
         "gpu_tasks": sum(1 for p in placed if p["gpu_ids"]),
         "per_node": {node: sum(1 for p in placed if p["node_id"] == node) for node in sorted({p["node_id"] for p in placed})},
     }
