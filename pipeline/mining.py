@@ -187,6 +187,19 @@ def row_blocks(n: int, block_size: int) -> list[tuple[int, int]]:
     return [(start, min(n, start + block_size)) for start in range(0, n, block_size)]
 
 
+def block_products(device: str | None = None, dtype: str = "float16"):
+    """(diagonal_candidates, off_diagonal_candidates) to use: these numpy float32 ones, or with a
+    torch `device`, pipeline.mining_device's (products in `dtype`, candidates scored again in float32)."""
+    if device is None:
+        return diagonal_candidates, off_diagonal_candidates
+    from functools import partial
+
+    from pipeline import mining_device
+
+    return (partial(mining_device.diagonal_candidates, device=device, dtype=dtype),
+            partial(mining_device.off_diagonal_candidates, device=device, dtype=dtype))
+
+
 def paraphrase_mining_embeddings(
     embeddings,
     top_k: int = 100,
@@ -200,14 +213,7 @@ def paraphrase_mining_embeddings(
 
     With `device` ("cuda", or "cpu" to run the same code without a GPU), the block products run
     on torch in `dtype` and their candidates are scored again in float32 (pipeline.mining_device)."""
-    diagonal_fn, off_diagonal_fn = diagonal_candidates, off_diagonal_candidates
-    if device is not None:
-        from functools import partial
-
-        from pipeline import mining_device
-
-        diagonal_fn = partial(mining_device.diagonal_candidates, device=device, dtype=dtype)
-        off_diagonal_fn = partial(mining_device.off_diagonal_candidates, device=device, dtype=dtype)
+    diagonal_fn, off_diagonal_fn = block_products(device, dtype)
     x = normalize(embeddings)
     blocks = row_blocks(len(x), block_size)
     if not blocks:

@@ -23,7 +23,8 @@ import contextlib
 
 import numpy as np
 
-from pipeline.mining import Candidates
+Candidates = tuple[np.ndarray, np.ndarray, np.ndarray]
+"""(row, column, score), as pipeline.mining's (which imports this module, so it is not imported from there)."""
 
 UNIT_ROUNDOFF = {"float16": 2.0**-11, "bfloat16": 2.0**-8}
 

@@ -11,9 +11,8 @@ address, the cluster is joined only to read its resources.
 
 from __future__ import annotations
 
-import math
-
 import json
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping

@@ -140,33 +140,26 @@ def task_placement(device: str, dtype: str) -> dict:
             "device": device, "dtype": dtype}
 
 
+def _block_products(device: str):
+    """(diagonal, off-diagonal candidate functions, where they run) for a task planned on `device`."""
+    from pipeline.mining import block_products
+
+    where, dtype = products_on(device)
+    return (*block_products(where if where == "cuda" else None, dtype), task_placement(where, dtype))
+
+
 def diagonal_block(a: np.ndarray, start: int, k: int, device: str = "cpu"):
     """Phase 1: the block's candidates, their scores again for the driver's floor, and where it ran."""
-    where, dtype = products_on(device)
-    if where == "cuda":
-        from pipeline.mining_device import diagonal_candidates
-
-        found = diagonal_candidates(a, start, k, device=where, dtype=dtype)
-    else:
-        from pipeline.mining import diagonal_candidates
-
-        found = diagonal_candidates(a, start, k)
-    return found, found[2], task_placement(where, dtype)
+    diagonal_candidates, _, placement = _block_products(device)
+    found = diagonal_candidates(a, start, k)
+    return found, found[2], placement
 
 
 def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float,
                        device: str = "cpu"):
     """Phase 2: the block pair's candidates, and where it ran."""
-    where, dtype = products_on(device)
-    if where == "cuda":
-        from pipeline.mining_device import off_diagonal_candidates
-
-        found = off_diagonal_candidates(a, b, a_start, b_start, k, floor, device=where, dtype=dtype)
-    else:
-        from pipeline.mining import off_diagonal_candidates
-
-        found = off_diagonal_candidates(a, b, a_start, b_start, k, floor)
-    return found, task_placement(where, dtype)
+    _, off_diagonal_candidates, placement = _block_products(device)
+    return off_diagonal_candidates(a, b, a_start, b_start, k, floor), placement
 
 
 def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diagonal, *off_diagonal):

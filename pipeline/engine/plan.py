@@ -81,35 +81,9 @@ def plan_resources(
         raise UsageError(f"the Ray cluster has {cpus:g} CPUs; embedpipe needs at least 1")
     headroom = READ_CPUS + COMMIT_CPUS
     if device == "cuda":
-        per_gpu = config.encoders_per_gpu or 1
-        encoders = config.num_encoders or int(gpus) * per_gpu
-        if encoders > gpus * per_gpu:
-            raise UsageError(
-                f"--num-encoders {encoders}: the cluster has only {gpus:g} GPUs for {per_gpu} encoder(s) each"
-                + ("" if per_gpu > 1 else "; add --encoders-per-gpu to share them")
-            )
-        # One tokenizer keeps up with roughly a tenth of what an H100 encodes (BENCHMARKS.md, GPU):
-        # a GPU takes up to TOKENIZERS_PER_GPU of them, as many as the spare cores allow.
-        gpus_used = -(-encoders // per_gpu)
-        tokenizers = config.num_tokenizers or max(1, min(TOKENIZERS_PER_GPU * gpus_used, int(cpus - encoders - headroom)))
-        tok_cpus, enc_cpus, threads, enc_gpus = 1.0, 1.0, None, 1.0 / per_gpu
+        encoders, tokenizers, tok_cpus, enc_cpus, threads, enc_gpus = _gpu_pools(config, cpus, gpus, headroom)
     else:
-        # Single-threaded encoders, one per core, beat one encoder using every core:
-        # small GEMMs scale poorly over threads (BENCHMARKS.md, "layout"). On nodes of
-        # more than 2 cores one core is left to the tokenizer and to reading and writing.
-        # With --encoders-per-node, each replica takes its share of the node's cores as threads, so
-        # that its CPU reservation makes Ray spread the replicas evenly over the nodes.
-        node_cpus = cpus / nodes
-        usable = node_cpus - (1 if node_cpus > 2 else 0)
-        if config.encoders_per_node and not config.encoder_threads:
-            threads = max(1, int(usable // config.encoders_per_node))
-        else:
-            threads = config.encoder_threads or 1
-        per_node = config.encoders_per_node or max(1, int(usable // threads))
-        encoders = config.num_encoders or per_node * nodes
-        tokenizers = config.num_tokenizers or nodes
-        tok_cpus, enc_gpus = 0.5, 0.0
-        enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)
+        encoders, tokenizers, tok_cpus, enc_cpus, threads, enc_gpus = _cpu_pools(config, cpus, nodes, headroom)
     needed = encoders * enc_cpus + tokenizers * tok_cpus + headroom
     if enc_cpus < 0.1 or needed > cpus + 1e-9:
         raise UsageError(
@@ -120,6 +94,45 @@ def plan_resources(
         device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), round(enc_gpus, 6), threads,
         block_rows_for(device, weights_per_token), batch_tokens(config.max_batch_tokens, device, vocab_size),
     )
+
+
+def _gpu_pools(config: EmbedConfig, cpus: float, gpus: float, headroom: float):
+    """(encoders, tokenizers, tokenizer CPUs, encoder CPUs, threads, encoder GPUs) on a GPU cluster."""
+    per_gpu = config.encoders_per_gpu or 1
+    encoders = config.num_encoders or int(gpus) * per_gpu
+    if encoders > gpus * per_gpu:
+        raise UsageError(
+            f"--num-encoders {encoders}: the cluster has only {gpus:g} GPUs for {per_gpu} encoder(s) each"
+            + ("" if per_gpu > 1 else "; add --encoders-per-gpu to share them")
+        )
+    # One tokenizer keeps up with roughly a tenth of what an H100 encodes (BENCHMARKS.md, GPU):
+    # a GPU takes up to TOKENIZERS_PER_GPU of them, as many as the spare cores allow.
+    gpus_used = -(-encoders // per_gpu)
+    tokenizers = config.num_tokenizers or max(1, min(TOKENIZERS_PER_GPU * gpus_used, int(cpus - encoders - headroom)))
+    return encoders, tokenizers, 1.0, 1.0, None, 1.0 / per_gpu
+
+
+def _cpu_pools(config: EmbedConfig, cpus: float, nodes: int, headroom: float):
+    """(encoders, tokenizers, tokenizer CPUs, encoder CPUs, threads, encoder GPUs) on a CPU-only cluster.
+
+    Single-threaded encoders, one per core, beat one encoder using every core:
+    small GEMMs scale poorly over threads (BENCHMARKS.md, "layout"). On nodes of
+    more than 2 cores one core is left to the tokenizer and to reading and writing.
+    With --encoders-per-node, each replica takes its share of the node's cores as threads, so
+    that its CPU reservation makes Ray spread the replicas evenly over the nodes.
+    """
+    node_cpus = cpus / nodes
+    usable = node_cpus - (1 if node_cpus > 2 else 0)
+    if config.encoders_per_node and not config.encoder_threads:
+        threads = max(1, int(usable // config.encoders_per_node))
+    else:
+        threads = config.encoder_threads or 1
+    per_node = config.encoders_per_node or max(1, int(usable // threads))
+    encoders = config.num_encoders or per_node * nodes
+    tokenizers = config.num_tokenizers or nodes
+    tok_cpus = 0.5
+    enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)
+    return encoders, tokenizers, tok_cpus, enc_cpus, threads, 0.0
 
 
 def block_rows_for(device: str, weights_per_token: int | None) -> int:

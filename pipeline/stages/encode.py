@@ -191,22 +191,21 @@ class EncodeStage:
         return out.append_column(INDICES, indices).append_column(VALUES, values)
 
     def _forward(self, rows: np.ndarray, lists: dict):
-        """Vectors of the contiguous rows `rows` of one ready micro-batch: a float32 array from the
-        ONNX graph, or a float32 tensor on the device from PyTorch (queued there, not waited for),
-        split where CUDA runs out of memory."""
-        def run(idx: np.ndarray):
-            return self._forward_padded(features_of(lists, int(idx[0]), int(idx[-1]) + 1))
-
-        if self.onnx is not None:
-            return run(rows)
-        return split_on_oom(run, rows, None, self.torch.cat)
+        """Vectors of the contiguous rows `rows` of one ready micro-batch (see `_split_on_oom`)."""
+        return self._split_on_oom(lambda idx: features_of(lists, int(idx[0]), int(idx[-1]) + 1), rows)
 
     def _forward_orphans(self, features: dict[str, np.ndarray]):
         """`_forward` for a micro-batch padded here (repeated texts without their first copy)."""
-        def run(idx: np.ndarray):
-            return self._forward_padded({k: v[idx] for k, v in features.items()})
-
         rows = np.arange(len(next(iter(features.values()))))
+        return self._split_on_oom(lambda idx: {k: v[idx] for k, v in features.items()}, rows)
+
+    def _split_on_oom(self, features_of_rows, rows: np.ndarray):
+        """The model on the padded features `features_of_rows(rows)`: a float32 array from the ONNX
+        graph, or a float32 tensor on the device from PyTorch (queued there, not waited for),
+        split where CUDA runs out of memory."""
+        def run(idx: np.ndarray):
+            return self._forward_padded(features_of_rows(idx))
+
         return run(rows) if self.onnx is not None else split_on_oom(run, rows, None, self.torch.cat)
 
     def _forward_padded(self, features: dict[str, np.ndarray]):

@@ -49,9 +49,7 @@ def lay_out(
     """(the block's new row order, the columns to add in that order) for `batch` (with `_row`), whose
     rows have `tokens` ({feature: (flat values, offsets over every row)}; invalid rows have none) and `lengths`."""
     n = batch.num_rows
-    file_rank = np.zeros(n, np.int64)
-    if FILE in batch.column_names:
-        file_rank = np.unique(batch[FILE].to_numpy(zero_copy_only=False), return_inverse=True)[1].astype(np.int64)
+    file_rank = _file_codes(batch)
     valid = np.flatnonzero(lengths > 0)
     first = distinct_rows(valid, tokens, file_rank)  # for each valid row, the first row with its tokens
     kind = np.full(n, 2, np.int8)  # 0: encoded, 1: a repeated text, 2: invalid
@@ -89,6 +87,13 @@ def lay_out(
     columns[MICRO_BATCH] = pa.array(mb)
     columns[COPY_OF] = pa.array(_copy_keys(batch, order, kind_o, valid, first))
     return order, columns
+
+
+def _file_codes(batch: pa.Table) -> np.ndarray:
+    """Each row's output file as a small integer, in the order of the names (0 for a block without `_file`)."""
+    if FILE not in batch.column_names:
+        return np.zeros(batch.num_rows, np.int64)
+    return np.unique(batch[FILE].to_numpy(zero_copy_only=False), return_inverse=True)[1].astype(np.int64)
 
 
 def _copy_keys(batch: pa.Table, order, kind_o, valid, first) -> np.ndarray:
@@ -183,9 +188,7 @@ def copies_of(batch: pa.Table, lists: dict, left: bool, pad_values: dict[str, in
     if not len(copies):
         return copies, copies, []
     n = batch.num_rows
-    file_code = np.zeros(n, np.int64)
-    if FILE in batch.column_names:
-        file_code = np.unique(batch[FILE].to_numpy(zero_copy_only=False), return_inverse=True)[1].astype(np.int64)
+    file_code = _file_codes(batch)
     keys = np.asarray(batch[ROW].to_numpy(zero_copy_only=False), np.int64) + (file_code << 40)
     encoded = np.flatnonzero(mb >= 0)
     sorted_keys = np.argsort(keys[encoded])
