@@ -6,6 +6,7 @@ The Python API does what the commands do (pipeline.api):
     pipeline.mine(embeddings=..., output=...)            # embedpipe mine
     pipeline.rerank(pairs=..., texts=..., model=..., output=...)
     pipeline.read_embeddings(path)                       # (ids, float32 matrix); read_sparse_embeddings for SPLADE
+    pipeline.quantize_queries(vectors, path)             # queries stored as the output's precision stores them
 
 Each takes its config object (EmbedConfig, MineConfig, RerankConfig) or its fields as keywords.
 """
@@ -14,11 +15,11 @@ __version__ = "0.1.0"
 
 from pipeline.api import embed, mine, rerank  # noqa: E402
 from pipeline.config import EmbedConfig, MineConfig, RerankConfig, build_config  # noqa: E402
-from pipeline.storage.readers import read_embeddings, read_sparse_embeddings  # noqa: E402
+from pipeline.storage.readers import quantize_queries, read_embeddings, read_sparse_embeddings  # noqa: E402
 
 run_embed = embed  # the name of earlier releases; it now runs --mine and --rerank-model too, as the CLI does
 
 __all__ = [
     "EmbedConfig", "MineConfig", "RerankConfig", "build_config", "embed", "mine", "rerank", "run_embed",
-    "read_embeddings", "read_sparse_embeddings", "__version__",
+    "read_embeddings", "read_sparse_embeddings", "quantize_queries", "__version__",
 ]

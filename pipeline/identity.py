@@ -45,16 +45,19 @@ RUN_FORMAT_VERSION = 1
 # setting here and, in ASSUMED, the value an identity written before it implies (e.g. a precision
 # setting would assume "float32"), so that older outputs still resume.
 IDENTITY_KEYS = (
-    "model", "kind", "pooling", "normalize", "max_seq_length", "prompt", "dtype", "output_dtype",
-    "sparse_top_k", "rows_per_file", "text_field", "id_field",
+    "model", "kind", "pooling", "normalize", "max_seq_length", "prompt", "dtype", "precision", "truncate_dim",
+    "dim", "quantization", "sparse_top_k", "rows_per_file", "text_field", "id_field",
 )
-ASSUMED: dict[str, Any] = {}
+ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None}
+RENAMED = {"precision": "output_dtype"}  # a setting's name in identities written before it was renamed
 READ_THREADS = 16  # footers read at once: one or two small requests each on S3
 
 
-def run_identity(config, info, dtype: str | None) -> dict[str, Any]:
+def run_identity(config, info, dtype: str | None, vectors=None, source: dict | None = None) -> dict[str, Any]:
     """This run's settings as plain JSON data. `dtype` is the compute dtype (float32, float16,
-    bfloat16, int8); None when it cannot be known (no cluster was needed), and then not compared."""
+    bfloat16, int8); None when it cannot be known (no cluster was needed), and then not compared.
+    `vectors` (pipeline.quantization.VectorFormat): what is stored; int8/uint8 ranges not yet
+    computed are not compared. `source`: how those ranges were obtained (kept in `_run.json`)."""
     settings = {
         "model": info.fingerprint,
         "kind": info.kind,
@@ -63,7 +66,10 @@ def run_identity(config, info, dtype: str | None) -> dict[str, Any]:
         "max_seq_length": info.max_seq_length,
         "prompt": info.prompt,
         "dtype": dtype,
-        "output_dtype": config.output_dtype,
+        "precision": config.precision,
+        "truncate_dim": vectors.truncate_dim if vectors else None,
+        "dim": vectors.dim if vectors else None,
+        "quantization": {"ranges": [list(r) for r in vectors.ranges]} if vectors and vectors.ranges else None,
         "sparse_top_k": config.sparse_top_k,
         "rows_per_file": config.rows_per_file,
         "text_field": config.text_field,
@@ -71,7 +77,14 @@ def run_identity(config, info, dtype: str | None) -> dict[str, Any]:
     }
     if dtype is None:
         del settings["dtype"]
-    return {"settings": settings, "hash": settings_hash(settings), "model_name": info.name}
+    if settings["dim"] is None:
+        del settings["dim"]
+    if config.precision in ("int8", "uint8") and settings["quantization"] is None:
+        del settings["quantization"]  # computed once the cluster runs
+    identity = {"settings": settings, "hash": settings_hash(settings), "model_name": info.name}
+    if source:
+        identity["quantization_source"] = source
+    return identity
 
 
 def settings_hash(settings: dict[str, Any]) -> str:
@@ -133,6 +146,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
             continue
         if key in old:
             before = old[key]
+        elif RENAMED.get(key) in old:
+            before = old[RENAMED[key]]
         elif key in ASSUMED:
             before = ASSUMED[key]
         else:
@@ -151,6 +166,9 @@ def describe_difference(key: str, old: Any, new: Any, old_model: str | None, new
     if key == "model":
         return (f"vectors of another model ({old_model or 'unnamed'}, {old}), this run's is "
                 f"{new_model or 'unnamed'} ({new})")
+    if key == "quantization":
+        return ("int8/uint8 vectors quantised with other ranges than this run's (--calibration); a resume "
+                "reuses the output's own ranges: drop --calibration")
     if key == "dtype" and "int8" in (old, new):
         return (f"vectors computed with dtype={old!r}, this run has {new!r}; int8 and floating-point "
                 "vectors are not mixed in one output")
@@ -310,10 +328,11 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
     for key in ("rows_per_file", "output_dtype", "text_field", "id_field", "sparse_top_k"):
         old_config = previous.get("config", {})
         old_value = old_config.get(key)
-        if key in old_config and old_value != getattr(config, key):
+        new_value = config.precision if key == "output_dtype" else getattr(config, key)
+        if key in old_config and old_value != new_value:
             raise UsageError(
                 f"--output {config.output} was written with {key}={old_value!r}, this run has "
-                f"{getattr(config, key)!r}; use another output or --overwrite"
+                f"{new_value!r}; use another output or --overwrite"
             )
 
 

@@ -60,13 +60,21 @@ KEYS: dict[str, dict[str, str]] = {
     "embeddings": {
         "identity": "the settings that made the vectors and their `hash`, as in `_run.json` and in every file's "
                     "`embedpipe.settings` metadata (docs/usage.md, the run's identity)",
-        "dim": "the vectors' dimension (a sparse model's: its vocabulary size)",
+        "dim": "the vectors' logical dimension, after --truncate-dim (a binary vector of 384 dimensions is 48 "
+               "bytes and has dim 384; a sparse model's: its vocabulary size)",
         "pooling": "the pooling the model ran, e.g. `mean`, `cls`, `mean+max`",
         "normalize": "whether the vectors are L2-normalised",
         "max_seq_length": "tokens per text, beyond which a text was truncated",
         "dtype": "what the encoders computed in: float32, float16, bfloat16 or int8",
         "backend": "what ran the model: `onnxruntime` or `torch`; None when nothing was encoded",
-        "output_dtype": "the stored vectors' dtype",
+        "precision": "what is stored of each vector: float32, float16, int8, uint8, binary or ubinary "
+                     "(as sentence-transformers' quantize_embeddings)",
+        "output_dtype": "deprecated, the same as `precision`: kept for readers of older manifests",
+        "truncate_dim": "the dimension the vectors were truncated to (--truncate-dim, or the model's own), None if not",
+        "bytes_per_vector": "the stored bytes of one vector's values (dense outputs)",
+        "quantization": "int8/uint8: `precision`, `ranges` ([[min per dimension], [max per dimension]], the run's "
+                        "buckets), `source` (how they were obtained: `from` rows (with `rows`, `shards`, `device`, "
+                        "`seconds`), file (`path`) or a resumed run); None for other precisions",
         "vocab_size": "sparse outputs: the vocabulary size",
         "sparse_top_k": "sparse outputs: the terms kept per document (None: all non-zero ones)",
         "shards": "per input shard: `shard`, its `files`, `rows`, `embedded`",
@@ -87,7 +95,9 @@ KEYS: dict[str, dict[str, str]] = {
         "products": "where the block products ran: `device` planned (cuda when the cluster has GPUs), `ran_on` "
                     "([device, dtype] pairs the block-product tasks really used: cuda/float16 with candidates scored "
                     "again in float32, or cpu/float32), `tasks`, `gpu_tasks` (those holding a GPU), `per_node`",
-        "score": "`cosine`",
+        "precision": "what the embeddings stored, so how they were read: float32/float16 as they are, int8/uint8 "
+                     "dequantised with their run's ranges (each bucket's centre), binary/ubinary as +1/-1 vectors",
+        "score": "`cosine`; for binary/ubinary embeddings `cosine of the +1/-1 vectors` (1 - 2 * Hamming / dim)",
         "min_score": "the lowest score written",
         "max_score": "the highest score written",
     },

@@ -43,11 +43,25 @@ def test_unknown_yaml_key_is_named(tmp_path):
         ({"pooling": "avg"}, "--pooling 'avg'"),
         ({"device": "tpu"}, "--device must be one of auto, cpu, cuda"),
         ({"keep_columns": "id"}, "--keep-columns cannot include"),
+        ({"precision": "int4"}, "--precision must be one of float32, float16, int8, uint8, binary, ubinary"),
+        ({"precision": "binary", "calibration_rows": 100}, "--calibration-rows: only --precision int8 or uint8"),
+        ({"precision": "int8", "calibration_rows": 10, "calibration": "r.npy"}, "give one"),
+        ({"output_dtype": "int8"}, "--output-dtype must be one of float32, float16"),
+        ({"output_dtype": "float16", "precision": "binary"}, "--output-dtype is the old name of --precision"),
+        ({"truncate_dim": 0}, "--truncate-dim must be a positive integer"),
+        ({"role": "passage"}, "--role must be one of query, document"),
     ],
 )
 def test_invalid_values_name_the_flag(options, message):
     with pytest.raises(UsageError, match=message.replace("(", r"\(")):
         build_config(None, input="a", output="b", **options)
+
+
+def test_output_dtype_is_the_deprecated_name_of_precision(caplog):
+    config = build_config(None, input="a", output="b", output_dtype="float16")
+    assert config.precision == "float16" and config.output_dtype is None
+    assert "--output-dtype is deprecated" in caplog.text
+    assert build_config(None, input="a", output="b").precision == "float32"
 
 
 def test_shipped_configs_load(tmp_path):

@@ -92,7 +92,7 @@ def test_rerun_resumes_and_leaves_committed_files_untouched(ray_cluster, tmp_pat
         )
     out = tmp_path / "out"
     config = EmbedConfig(input=str(src), output=str(out), model=tiny_model, id_field="doc", num_encoders=1,
-                         keep_columns=("text", "lang"), output_dtype="float16", quiet=True)  # one encoder loads faster
+                         keep_columns=("text", "lang"), precision="float16", quiet=True)  # one encoder loads faster
     run_embed(config)
     os.remove(out / "s1.jsonl.parquet")  # as if the run had died before this shard
     before = {f: os.stat(out / f).st_mtime_ns for f in ("s0.jsonl.parquet", "s2.jsonl.parquet")}

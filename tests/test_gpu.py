@@ -53,12 +53,12 @@ def _cosine(a, b):
 def test_cuda_run_is_float16_on_one_gpu_replica_and_matches_sentence_transformers(tmp_path, gpu_texts, st_reference):
     path, texts = gpu_texts
     out = tmp_path / "out"
-    proc = cli("embed", "--input", path, "--output", str(out), "--device", "cuda", "--output-dtype", "float16",
+    proc = cli("embed", "--input", path, "--output", str(out), "--device", "cuda", "--precision", "float16",
                "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     vectors, manifest = _read(out)
     assert len(vectors) == len(texts)
-    assert manifest["dtype"] == "float16" and manifest["output_dtype"] == "float16"
+    assert manifest["dtype"] == "float16" and manifest["precision"] == "float16"
     encoders = manifest["replicas"]["encode"]["actors"]
     assert len(encoders) == torch.cuda.device_count()  # one replica per GPU
     assert all(a["device"] == "cuda" and len(a["gpu_ids"]) == 1 for a in encoders)

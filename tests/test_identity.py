@@ -93,10 +93,14 @@ def test_a_first_run_writes_its_identity_before_committing_and_into_every_file(f
         ({"max_seq_length": 16}, "max_seq_length=64, this run has 16"),
         ({"dtype": "int8"}, "int8 and floating-point vectors are not mixed"),
         ({"dtype": "bfloat16"}, "dtype='float32', this run has 'bfloat16'"),
-        ({"output_dtype": "float16"}, "output_dtype='float32', this run has 'float16'"),
+        ({"precision": "float16"}, "precision='float32', this run has 'float16'"),
+        ({"output_dtype": "float16"}, "precision='float32', this run has 'float16'"),  # the deprecated name
+        ({"precision": "ubinary"}, "precision='float32', this run has 'ubinary'"),
+        ({"truncate_dim": 16}, "truncate_dim=None, this run has 16"),
         ({"rows_per_file": 5}, "rows_per_file=50000, this run has 5"),
     ],
-    ids=["model", "pooling", "prompt", "max_seq_length", "int8", "bfloat16", "output_dtype", "rows_per_file"],
+    ids=["model", "pooling", "prompt", "max_seq_length", "int8", "bfloat16", "precision", "output_dtype", "ubinary",
+         "truncate_dim", "rows_per_file"],
 )
 def test_a_resume_after_a_killed_first_run_with_other_settings_is_refused(
     first_output, tmp_path, models, change, named
@@ -311,3 +315,11 @@ def test_kill_9_after_the_first_commit_then_other_settings_are_refused_and_the_s
     assert {f: (out / f).read_bytes() for f in before if f.endswith(".parquet")} == {
         f: b for f, b in before.items() if f.endswith(".parquet")
     }
+
+
+def test_identities_written_before_precision_existed_compare_by_their_output_dtype():
+    from pipeline.identity import differences
+
+    old = {"model": "sha256:x", "output_dtype": "float32"}  # a _run.json of an earlier embedpipe
+    assert differences(old, {"model": "sha256:x", "precision": "float32", "truncate_dim": None, "quantization": None}) == []
+    assert differences(old, {"model": "sha256:x", "precision": "int8"}) == [("precision", "float32", "int8")]

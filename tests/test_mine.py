@@ -140,3 +140,39 @@ def test_missing_or_empty_embeddings(tmp_path):
         run_mine(MineConfig(str(tmp_path / "empty"), str(tmp_path / "out")))
     with pytest.raises(UsageError, match="--top-k must be a positive integer"):
         MineConfig("a", "b", top_k=0)
+
+
+@pytest.mark.parametrize("precision", ["binary", "int8"])
+def test_quantized_embeddings_are_mined_as_their_float_readings(ray_cluster, tmp_path, tiny_model, precision):
+    """binary: by the cosine of the +1/-1 vectors (1 - 2 * Hamming / dim); int8: dequantised with the
+    run's ranges. Every pair is kept (top_k above N), so ties among the few binary scores cannot move
+    the cut: the scores must be exactly paraphrase_mining_embeddings'."""
+    from pipeline import EmbedConfig, read_embeddings
+    from pipeline.commands.embed import run_embed
+    from tests.conftest import sample_texts, write_lines
+
+    texts = sample_texts()[::25]  # 60 texts
+    src = tmp_path / "in"
+    src.mkdir()
+    write_lines(src / "a.txt", texts)
+    ranges = np.stack([np.full(32, -2.0), np.full(32, 2.0)]).astype(np.float32)
+    np.save(tmp_path / "r.npy", ranges)
+    extra = {"calibration": str(tmp_path / "r.npy")} if precision == "int8" else {}
+    emb = tmp_path / "emb"
+    run_embed(EmbedConfig(input=str(src), output=str(emb), model=tiny_model, precision=precision, num_encoders=1,
+                          quiet=True, **extra))
+    ids, floats = read_embeddings(str(emb), dequantize=True)
+    if precision == "binary":
+        assert set(np.unique(floats)) == {-1.0, 1.0} and floats.shape == (60, 32)
+    out = tmp_path / "pairs"
+    run_mine(MineConfig(str(emb), str(out), top_k=100, max_pairs=10_000, quiet=True))
+    table = mined(out)
+    ref = {frozenset((ids[i], ids[j])): s for s, i, j in st_mining(torch.from_numpy(floats), top_k=100, max_pairs=10_000)}
+    got = {frozenset((a, b)): s for a, b, s in zip(*(table[c].to_pylist() for c in ("id_a", "id_b", "score")))}
+    assert len(got) == len(ref) == 60 * 59 // 2
+    assert max(abs(got[p] - ref[p]) for p in ref) <= 1e-6
+    manifest = json.loads((out / "_manifest.json").read_text())
+    assert manifest["precision"] == precision
+    if precision == "binary":  # scores are 1 - 2 * Hamming / 32
+        sixteenths = np.array(table["score"].to_pylist()) * 16
+        assert np.abs(sixteenths - np.round(sixteenths)).max() <= 1e-5

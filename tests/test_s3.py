@@ -314,3 +314,40 @@ def test_s3_config_loads_and_holds_no_secrets():
     with open(path, encoding="utf-8") as f:
         values = yaml.safe_load(f)
     assert not {"storage_options", "key", "secret", "token"} & set(values)
+
+
+# --------------------------------------------------------------------------- precision on S3
+
+
+@pytest.mark.slow  # make test-all; tests/test_precision.py checks every precision locally in make test
+def test_uint8_ranges_sampled_from_s3_shards_and_read_from_an_s3_output(moto_s3, tiny_model):
+    """The calibration reads its rows from s3:// shards; a second run takes those ranges from the first
+    output on S3 (--calibration s3://...); readers and quantize_queries dequantise and quantise there."""
+    import numpy as np
+
+    from pipeline import quantize_queries
+
+    s3 = moto_s3.client()
+    bucket = moto_s3.new_bucket("prec")
+    expected = upload_shards(s3, bucket, "in", {"a.txt": 80, "b.txt": 60})
+    env = cli_env(**moto_s3.env())
+    first = cli("embed", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/u8", "--model", tiny_model,
+                "--precision", "uint8", "--truncate-dim", "16", "--calibration-rows", "40", env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    manifest = manifest_on_s3(s3, bucket, "u8")
+    q = manifest["quantization"]
+    assert q["source"]["from"] == "rows" and q["source"]["rows"] == 40 and q["source"]["shards"] == 2
+    assert manifest["dim"] == 16 and manifest["bytes_per_vector"] == 16
+    options = moto_s3.storage_options()
+    ids, stored = read_embeddings(f"s3://{bucket}/u8", options)
+    assert_every_id_once(ids, expected)
+    assert stored.dtype == np.uint8 and stored.shape == (len(expected), 16)
+    _, floats = read_embeddings(f"s3://{bucket}/u8", options, dequantize=True)
+    assert floats.dtype == np.float32
+    assert np.array_equal(quantize_queries(floats, f"s3://{bucket}/u8", options), stored)  # centres stay in their buckets
+    second = cli("embed", "--input", f"s3://{bucket}/in", "--output", f"s3://{bucket}/again", "--model", tiny_model,
+                 "--precision", "uint8", "--truncate-dim", "16", "--calibration", f"s3://{bucket}/u8", env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    again = manifest_on_s3(s3, bucket, "again")["quantization"]
+    assert again["ranges"] == q["ranges"] and again["source"] == {"from": "file", "path": f"s3://{bucket}/u8"}
+    assert np.array_equal(read_embeddings(f"s3://{bucket}/again", options)[1], stored)

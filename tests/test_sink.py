@@ -41,7 +41,7 @@ def chunk_block(rows: list[int], chunk_rows: int, name: str = NAME) -> pa.Table:
 
 @pytest.fixture
 def sink(tmp_path) -> SinkSpec:
-    return SinkSpec(output=str(tmp_path / "out"), text_field="text", keep_columns=("title",), output_dtype="float32")
+    return SinkSpec(output=str(tmp_path / "out"), text_field="text", keep_columns=("title",))
 
 
 def write_pieces(sink: SinkSpec, *blocks: list[int], chunk_rows: int = 6, name: str = NAME) -> None:

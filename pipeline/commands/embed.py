@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pipeline.config import EmbedConfig
+from pipeline.engine.calibration import calibrate, quantization_source, vector_format
 from pipeline.engine.chain import run_chain
 from pipeline.engine.cluster import prepare_output, ray_session_for
 from pipeline.engine.plan import Plan, cpu_encoder_path, plan_from_cluster, planned_dtype
@@ -26,6 +27,7 @@ from pipeline.identity import (
 from pipeline.manifest import write as write_manifest
 from pipeline.models.describe import ModelFacts
 from pipeline.models.loading import check_model
+from pipeline.quantization import NEEDS_RANGES, VectorFormat
 from pipeline.storage.output import (
     clear_leftovers, clear_staging, committed_files, finish_swap, staging_uri, swap_in,
 )
@@ -77,14 +79,16 @@ def run_embed(config: EmbedConfig) -> RunResult:
         earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
         todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in earlier.facts]
         if earlier.facts:  # a resume with other settings is refused before a cluster starts
-            info = describing.result()[0]
-            check_resume(config, info, run_identity(config, info, planned_dtype(config, None)), *earlier)
+            info, vectors = describing.result()[:2]
+            fmt = vector_format(config, info, vectors, earlier.run)
+            check_resume(config, info, run_identity(config, info, planned_dtype(config, None), fmt), *earlier)
         with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
             info, vectors, tokenizer_spec = describing.result()
             plan = plan_from_cluster(config, vectors.get("vocab_size"), info.weights_per_token) if todo else None
-            identity = run_identity(config, info, planned_dtype(config, plan))
+            fmt, source = _vector_format(config, info, vectors, earlier, shards, plan)
+            identity = run_identity(config, info, planned_dtype(config, plan), fmt, source)
             target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
-            sink = SinkSpec(target_uri, config.text_field, config.keep_columns, config.output_dtype,
+            sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
                             config.storage_options, file_metadata(identity))
             written, stage_times, replicas = {}, {}, []
             if todo:
@@ -98,7 +102,8 @@ def run_embed(config: EmbedConfig) -> RunResult:
     stats = _file_stats(config, fs, root, shards, written, earlier.facts)
     finished = time.time()
     manifest = _manifest(
-        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity
+        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity,
+        fmt, source,
     )
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
@@ -123,6 +128,16 @@ class Earlier:
 
     def __iter__(self):  # check_resume(config, info, identity, run, manifest, facts)
         return iter((self.run, self.manifest, self.facts))
+
+
+def _vector_format(config: EmbedConfig, info, vectors: dict, earlier: Earlier, shards, plan: Plan | None):
+    """(what the run stores, how its int8/uint8 ranges were obtained): a file's or the resumed run's
+    ranges, else ranges computed now from sampled documents (pipeline.engine.calibration)."""
+    fmt = vector_format(config, info, vectors, earlier.run)
+    source = quantization_source(config, earlier.run)
+    if fmt.precision in NEEDS_RANGES and fmt.ranges is None and plan is not None:
+        fmt, source = calibrate(config, fmt, shards, plan.device)
+    return fmt, source
 
 
 def _earlier_output(fs, root: str) -> Earlier:
@@ -194,7 +209,7 @@ def _output_removed_on_error(output: str) -> Iterator[None]:
 
 def _manifest(
     config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
-    identity=None,
+    identity=None, fmt: VectorFormat | None = None, source: dict | None = None,
 ) -> dict[str, Any]:
     """The output's `_manifest.json` (pipeline.manifest). `vectors`: kind ('dense' or 'sparse'), and for
     sparse outputs the vocabulary size (their dimension) and the terms kept per document."""
@@ -218,18 +233,29 @@ def _manifest(
         # the Ray chain started, itself chain_started_s after the run started)
         timings={"stages": stage_times or {}},
         identity={"hash": identity["hash"], "settings": identity["settings"]} if identity else None,
-        dim=vectors["vocab_size"] if kind == "sparse" else _dimension(fs, root, files),
-        **vectors,
+        dim=vectors["vocab_size"] if kind == "sparse" else (fmt and fmt.dim) or _dimension(fs, root, files),
+        **{k: v for k, v in vectors.items() if k in ("vocab_size", "sparse_top_k")},
+        **_stored_vectors(config, kind, fmt, source),
         pooling=info.pooling,
         normalize=info.normalize,
         max_seq_length=info.max_seq_length,
         dtype=_compute_dtype(config, plan, replicas),
         backend=_backend(replicas),
-        output_dtype=config.output_dtype,
         shards=list(per_shard.values()),
         resources=plan.as_dict() if plan else None,
         replicas=_replicas(replicas),
     )
+
+
+def _stored_vectors(config: EmbedConfig, kind: str, fmt: VectorFormat | None, source: dict | None) -> dict[str, Any]:
+    """The manifest's keys on what is stored of each vector."""
+    fmt = fmt or VectorFormat(config.precision)
+    out: dict[str, Any] = {"precision": fmt.precision, "output_dtype": fmt.precision}
+    if kind == "dense":
+        out.update(truncate_dim=fmt.truncate_dim, bytes_per_vector=fmt.bytes_per_vector, quantization=None)
+        if fmt.ranges is not None:
+            out["quantization"] = {"precision": fmt.precision, "ranges": [list(r) for r in fmt.ranges], "source": source}
+    return out
 
 
 def _compute_dtype(config: EmbedConfig, plan: Plan | None, replicas) -> str:

@@ -21,7 +21,12 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     manifest = read_required(fs, root.rstrip("/"), path)
     if manifest["kind"] in ("pairs", "reranked"):
         return _show_pairs_output(path, manifest, rows, pairs, fs, root)
-    brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "output_dtype", "rows")}
+    brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "rows")}
+    brief["precision"] = manifest.get("precision") or manifest.get("output_dtype")
+    if manifest.get("kind") != "sparse":
+        brief["bytes_per_vector"] = manifest.get("bytes_per_vector") or _float_bytes(manifest)
+        if manifest.get("truncate_dim"):
+            brief["truncate_dim"] = manifest["truncate_dim"]
     if manifest.get("kind") == "sparse":
         brief.update(kind="sparse", vocab_size=manifest.get("vocab_size"), sparse_top_k=manifest.get("sparse_top_k"))
     brief["model"] = manifest["model"]["name"]
@@ -44,7 +49,7 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
             table = pq.read_table(f).slice(0, rows)
         for row in table.to_pylist():
             if "embedding" in row:
-                vec = ", ".join(f"{x:.4f}" for x in row["embedding"][:4])
+                vec = ", ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in row["embedding"][:4])
                 print(f"{row['id']}: [{vec}, ...]")
             else:  # sparse: its strongest terms
                 top = sorted(zip(row["values"], row["indices"]), reverse=True)[:4]
@@ -76,7 +81,7 @@ def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, roo
 
 
 def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict | None) -> None:
-    ids, vectors = read_embeddings(path, storage_options)
+    ids, vectors = read_embeddings(path, storage_options, dequantize=True)
     if len(ids) > MAX_PAIRS_ROWS:
         raise InputError(f"--pairs scans all pairs in memory, limited to {MAX_PAIRS_ROWS:,} rows")
     texts = {}
@@ -96,6 +101,12 @@ def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict |
     for t in top:
         a, b = iu[0][t], iu[1][t]
         print(f"  {scores[t]:.4f}  {_label(ids[a], texts)}  <->  {_label(ids[b], texts)}")
+
+
+def _float_bytes(manifest: dict) -> int | None:
+    """An older manifest's bytes per vector: float32 or float16 of its dimension."""
+    dim = manifest.get("dim")
+    return dim * (2 if manifest.get("output_dtype") == "float16" else 4) if dim else None
 
 
 def _label(doc_id: str, texts: dict) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -29,7 +29,8 @@ from pipeline.config import MineConfig
 from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.identity import check_consistent, names_to_paths
 from pipeline.manifest import build as build_manifest, write as write_manifest
-from pipeline.storage.readers import embedding_files
+from pipeline.quantization import NEEDS_RANGES, QUANTIZED, VectorFormat, from_column
+from pipeline.storage.readers import embedding_files, file_format
 from pipeline.storage.sink import parquet_bytes
 from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 
@@ -44,6 +45,7 @@ class FileSpan:
     path: str
     start: int  # global index of the file's first row
     rows: int
+    vectors: VectorFormat = VectorFormat()  # what the file stores: read back as float32 (pipeline.quantization)
 
 
 def plan_files(config: MineConfig) -> list[FileSpan]:
@@ -59,22 +61,24 @@ def plan_files(config: MineConfig) -> list[FileSpan]:
         check_consistent(fs, root.rstrip("/"), names_to_paths(files), f"--embeddings {config.embeddings}")
     spans, start, dims = [], 0, {}
     for path in files:
-        rows, dims[path] = _embedding_file_shape(fs, path, config)
-        spans.append(FileSpan(path, start, rows))
+        rows, fmt = _embedding_file_shape(fs, path, config)
+        dims[path] = (fmt.dim, fmt.precision)
+        spans.append(FileSpan(path, start, rows, fmt))
         start += rows
     odd = next((p for p in files if dims[p] != dims[files[0]]), None)
     if odd is not None:
         raise InputError(
-            f"--embeddings {config.embeddings}: {posixpath.basename(odd)} has {dims[odd]}-dimensional vectors, "
-            f"{posixpath.basename(files[0])} has {dims[files[0]]}"
+            f"--embeddings {config.embeddings}: {posixpath.basename(odd)} has {dims[odd][0]}-dimensional "
+            f"{dims[odd][1]} vectors, {posixpath.basename(files[0])} has {dims[files[0]][0]}-dimensional {dims[files[0]][1]}"
         )
     if start == 0:
         raise InputError(f"--embeddings {config.embeddings}: its Parquet files hold no rows")
     return spans
 
 
-def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, int]:
-    """(rows, dim) of one embeddings file, read from its footer; InputError naming what is wrong."""
+def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, VectorFormat]:
+    """(rows, what its vectors are) of one embeddings file, read from its footer; InputError naming
+    what is wrong."""
     where = f"--embeddings {config.embeddings}: {posixpath.basename(path)}"
     try:
         with fs.open(path, "rb") as f:
@@ -89,9 +93,15 @@ def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, int]:
         if column not in schema.names:
             raise InputError(f"{where} has no {column!r} column (columns are {schema.names[:12]})")
     kind = schema.field("embedding").type
-    if not (pa.types.is_fixed_size_list(kind) and pa.types.is_floating(kind.value_type)):
-        raise InputError(f"{where}: column 'embedding' has type {kind}, expected fixed_size_list<float>[dim]")
-    return meta.num_rows, kind.list_size
+    fmt = file_format(fs, path, schema)
+    stored = pa.types.is_fixed_size_list(kind) and (
+        pa.types.is_floating(kind.value_type) or (fmt.precision in QUANTIZED and pa.types.is_integer(kind.value_type)))
+    if not stored:
+        raise InputError(f"{where}: column 'embedding' has type {kind}, expected fixed_size_list<float>[dim] "
+                         "(or embedpipe's int8/uint8/binary/ubinary vectors)")
+    if fmt.precision in NEEDS_RANGES and fmt.ranges is None:
+        raise InputError(f"{where}: {fmt.precision} vectors without the ranges they were quantised with")
+    return meta.num_rows, fmt if fmt.dim is not None else replace(fmt, dim=kind.list_size)
 
 
 def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, storage_options) -> np.ndarray:
@@ -107,8 +117,7 @@ def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, sto
         with fs.open(span.path, "rb") as f:
             column = pq.read_table(f, columns=["embedding"])["embedding"].combine_chunks()
         column = column.slice(lo - span.start, hi - lo)
-        dim = column.type.list_size
-        parts.append(np.asarray(column.flatten().to_numpy(zero_copy_only=False), np.float32).reshape(-1, dim))
+        parts.append(span.vectors.decode(from_column(column)))  # int8/uint8 dequantised, binary as +1/-1
     return normalize(np.concatenate(parts))
 
 
@@ -310,7 +319,8 @@ def run_mine(config: MineConfig) -> MineResult:
         threshold=config.threshold,
         block_size=config.block_size,
         products=products,
-        score="cosine",
+        precision=spans[0].vectors.precision,
+        score="cosine" if spans[0].vectors.precision not in ("binary", "ubinary") else "cosine of the +1/-1 vectors",
         min_score=float(s.min()) if len(s) else None,
         max_score=float(s.max()) if len(s) else None,
     )

@@ -17,13 +17,13 @@ The modules, each with one job (import from here, `pipeline.config`):
 from pipeline.config.flags import FIELD_GROUPS, GROUPS, Option, options
 from pipeline.config.loading import build_config, build_mine_config, build_rerank_config, load_config, load_yaml
 from pipeline.config.runs import (
-    BACKENDS, CONFIGS, DEFAULT_MODEL, DEVICES, DTYPES, ENCODING_ERRORS, OUTPUT_DTYPES, POOLING_MODES, RERANK_DTYPES,
+    BACKENDS, CONFIGS, DEFAULT_CALIBRATION_ROWS, DEFAULT_MODEL, DEVICES, DTYPES, ENCODING_ERRORS, PRECISIONS, POOLING_MODES, RERANK_DTYPES,
     EmbedConfig, MineConfig, RerankConfig, pooling_modes,
 )
 
 __all__ = [
-    "BACKENDS", "CONFIGS", "DEFAULT_MODEL", "DEVICES", "DTYPES", "ENCODING_ERRORS", "FIELD_GROUPS", "GROUPS",
-    "OUTPUT_DTYPES", "POOLING_MODES", "RERANK_DTYPES", "EmbedConfig", "MineConfig", "Option", "RerankConfig",
+    "BACKENDS", "CONFIGS", "DEFAULT_CALIBRATION_ROWS", "DEFAULT_MODEL", "DEVICES", "DTYPES", "ENCODING_ERRORS", "FIELD_GROUPS", "GROUPS",
+    "PRECISIONS", "POOLING_MODES", "RERANK_DTYPES", "EmbedConfig", "MineConfig", "Option", "RerankConfig",
     "build_config", "build_mine_config", "build_rerank_config", "load_config", "load_yaml", "options",
     "pooling_modes",
 ]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
+import logging
 from typing import Any, ClassVar
 
 from pipeline.config.validators import (
@@ -19,7 +20,9 @@ DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 RERANK_DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "onnx")
-OUTPUT_DTYPES = ("float32", "float16")
+PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+ROLES = ("query", "document")
+DEFAULT_CALIBRATION_ROWS = 2000
 ENCODING_ERRORS = ("strict", "replace")
 
 
@@ -65,6 +68,9 @@ class EmbedConfig(_Recorded):
     """Name of a prompt saved with the model (e.g. 'query'), as in SentenceTransformer.encode."""
     prompt: str | None = None
     """Literal prompt prepended to every text; wins over prompt_name."""
+    role: str | None = None
+    """query or document: the model's prompt for that role when it has one, as encode_query /
+    encode_document pick it ('query'; 'document', 'passage' or 'corpus'); prompt and prompt_name win."""
     device: str = "auto"
     """auto (cuda when the cluster has GPUs), cpu or cuda."""
     dtype: str = "auto"
@@ -76,8 +82,21 @@ class EmbedConfig(_Recorded):
     against PyTorch and cached; the encoders then import neither torch nor sentence-transformers), torch,
     or auto (onnx for a float32 or int8 dense model whose graph passes the check, unless it runs its own
     code (trust_remote_code); else torch). GPUs always run torch."""
-    output_dtype: str = "float32"
-    """Stored vector dtype: float32 or float16 (for a sparse model: of its values)."""
+    precision: str = "float32"
+    """What is stored of each vector, as sentence-transformers' quantize_embeddings defines it: float32,
+    float16, int8 or uint8 (256 buckets per dimension between the run's ranges), binary or
+    ubinary (the signs, 8 dimensions a byte). For a sparse model: float32 or float16 values."""
+    output_dtype: str | None = None
+    """Deprecated: the same as precision (float32 or float16)."""
+    truncate_dim: int | None = None
+    """Keep the first D dimensions of each vector (Matryoshka models), as encode(truncate_dim=D);
+    normalised again when the run normalises."""
+    calibration_rows: int | None = None
+    """int8/uint8: the ranges come from this many documents sampled across the shards, embedded
+    first (default 2000)."""
+    calibration: str | None = None
+    """int8/uint8: ranges from a .npy of shape (2, dim), or from an earlier output (its directory or
+    _manifest.json); instead of calibration rows."""
     sparse_top_k: int | None = None
     """Sparse (SPLADE) models: keep only this many strongest terms per document, as
     SparseEncoder.encode's max_active_dims; default all non-zero terms."""
@@ -159,7 +178,7 @@ class EmbedConfig(_Recorded):
         _choice("--device", self.device, DEVICES)
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--backend", self.backend, BACKENDS)
-        _choice("--output-dtype", self.output_dtype, OUTPUT_DTYPES)
+        self._check_precision()
         _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
         _choice("--on-invalid", self.on_invalid, ("skip", "error"))
         _seconds("--stall-timeout", self.stall_timeout)
@@ -175,6 +194,27 @@ class EmbedConfig(_Recorded):
         reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
+
+    def _check_precision(self) -> None:
+        """--precision and its options; --output-dtype, deprecated, is read as --precision."""
+        if self.output_dtype is not None:
+            _choice("--output-dtype", self.output_dtype, ("float32", "float16"))
+            if self.precision not in ("float32", self.output_dtype):
+                raise UsageError(f"--output-dtype {self.output_dtype} and --precision {self.precision}: "
+                                 "--output-dtype is the old name of --precision; give only --precision")
+            logging.getLogger(__name__).warning("--output-dtype is deprecated: it is the old name of --precision")
+            object.__setattr__(self, "precision", self.output_dtype)
+            object.__setattr__(self, "output_dtype", None)
+        _choice("--precision", self.precision, PRECISIONS)
+        if self.role is not None:
+            _choice("--role", self.role, ROLES)
+        _positive("--truncate-dim", self.truncate_dim)
+        _positive("--calibration-rows", self.calibration_rows)
+        if self.precision not in ("int8", "uint8") and (self.calibration or self.calibration_rows):
+            flag = "--calibration" if self.calibration else "--calibration-rows"
+            raise UsageError(f"{flag}: only --precision int8 or uint8 uses ranges; this run has --precision {self.precision}")
+        if self.calibration and self.calibration_rows:
+            raise UsageError("--calibration and --calibration-rows: give one (ranges from a file, or from sampled rows)")
 
 
     def mine_config(self) -> MineConfig:

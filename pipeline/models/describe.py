@@ -20,7 +20,9 @@ from typing import Any
 from pipeline.models import cache
 from pipeline.models.child import ChildCall
 from pipeline.config import EmbedConfig
-from pipeline.models.loading import ModelInfo, describe_model, load_model, output_dimension, resolve_model_path, sparse_top_k
+from pipeline.models.loading import (
+    ModelInfo, describe_model, embedding_dimension, load_model, output_dimension, resolve_model_path, sparse_top_k,
+)
 from pipeline.models.fast_tokenizer import TokenizerSpec, spec_for
 
 
@@ -32,6 +34,8 @@ def model_facts(config: EmbedConfig) -> tuple[ModelInfo, dict[str, Any], Tokeniz
     vectors: dict[str, Any] = {"kind": info.kind}
     if info.kind == "sparse":
         vectors.update(vocab_size=output_dimension(model), sparse_top_k=sparse_top_k(model, config))
+    else:
+        vectors["dim"], vectors["model_truncate_dim"] = embedding_dimension(model)
     return info, vectors, spec_for(model, info.prompt)
 
 
@@ -95,7 +99,7 @@ class ModelFacts:
 
 # The options that change what model_facts returns; any other option cannot.
 _FACT_OPTIONS = ("model", "trust_remote_code", "max_seq_length", "pooling", "normalize", "prompt", "prompt_name",
-                 "sparse_top_k", "dtype")
+                 "role", "sparse_top_k", "dtype")
 _LIBRARIES = ("embedpipe", "sentence-transformers", "transformers", "tokenizers")
 
 

@@ -183,6 +183,11 @@ def _check_sparse_options(config: EmbedConfig) -> None:
         raise UsageError(f"--normalize: model {config.model} is a sparse (SPLADE) model; its term weights are not normalised")
     if config.dtype == "int8":
         raise UsageError(f"--dtype int8: model {config.model} is a sparse (SPLADE) model; int8 is for dense models")
+    if config.precision not in ("float32", "float16"):
+        raise UsageError(f"--precision {config.precision}: model {config.model} is a sparse (SPLADE) model; "
+                         "its term weights are stored as float32 or float16")
+    if config.truncate_dim is not None:
+        raise UsageError(f"--truncate-dim: model {config.model} is a sparse (SPLADE) model; its dimensions are terms")
 
 
 def is_sparse(model) -> bool:
@@ -265,9 +270,28 @@ def resolve_prompt(model, config: EmbedConfig) -> str | None:
                 f"--prompt-name {config.prompt_name!r}: the model has prompts {sorted(model.prompts)}"
             )
         return model.prompts[config.prompt_name]
+    role_prompt = ROLE_PROMPTS.get(config.role or "")
+    for name in role_prompt or ():
+        if name in model.prompts:
+            return model.prompts[name]
     if model.default_prompt_name is not None:
         return model.prompts.get(model.default_prompt_name)
     return None
+
+
+# The prompts encode_query and encode_document look for, in their order.
+ROLE_PROMPTS = {"query": ("query",), "document": ("document", "passage", "corpus")}
+
+
+def embedding_dimension(model) -> tuple[int | None, int | None]:
+    """(the dimension of the model's vectors before any truncation, the truncate_dim the model saved
+    with itself, which encode applies by default)."""
+    saved = getattr(model, "truncate_dim", None)
+    try:
+        model.truncate_dim = None
+        return model.get_embedding_dimension(), saved
+    finally:
+        model.truncate_dim = saved
 
 
 def model_normalizes(model) -> bool:

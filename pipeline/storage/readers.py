@@ -1,8 +1,11 @@
-"""Reading embeddings back: `read_embeddings(path) -> (ids, float32 matrix)`, and for a sparse
-model's output `read_sparse_embeddings(path) -> (ids, scipy.sparse.csr_matrix)`."""
+"""Reading embeddings back: `read_embeddings(path) -> (ids, matrix)` (float32, or the stored
+int8/uint8/binary/ubinary values), for a sparse model's output `read_sparse_embeddings(path) ->
+(ids, scipy.sparse.csr_matrix)`, and `quantize_queries(vectors, path)`: queries stored as the run
+stored its documents, for searching an index built on the output."""
 
 from __future__ import annotations
 
+import json
 import posixpath
 from typing import Any, Mapping
 
@@ -12,7 +15,9 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.identity import check_consistent, names_to_paths
+from pipeline.quantization import VectorFormat, from_column
 from pipeline.storage.filesystems import get_fs
+from pipeline.storage.sink import SETTINGS_KEY
 
 
 def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -45,29 +50,78 @@ def checked_files(path: str, storage_options: Mapping[str, Any] | None = None, a
 
 def read_embeddings(
     path: str, storage_options: Mapping[str, Any] | None = None, columns: list[str] | None = None,
-    allow_mixed: bool = False,
+    allow_mixed: bool = False, dequantize: bool = False,
 ) -> tuple[list[str], np.ndarray]:
-    """All ids and vectors under `path`, in file order, as (list of str, float32 array [N, dim]).
+    """All ids and vectors under `path`, in file order, as (list of str, array [N, width]): float32
+    for float32/float16 outputs; for int8/uint8/binary/ubinary outputs the stored values (binary:
+    dim/8 packed bytes a row), or with `dequantize` float32 [N, dim] (int8/uint8: each bucket's
+    centre between the run's ranges; binary: +1/-1), as `embedpipe mine` reads them.
 
     An output whose files disagree on the model or settings that made them is refused (InputError
     naming the file) unless `allow_mixed`."""
     fs, _ = get_fs(path, storage_options)
     ids: list[str] = []
     blocks: list[np.ndarray] = []
-    dim = None
     for file in checked_files(path, storage_options, allow_mixed):
-        table = _read_vectors(fs, file)
-        emb = table["embedding"].combine_chunks()
-        if isinstance(emb.type, pa.FixedSizeListType):
-            dim = emb.type.list_size
-        values = np.asarray(emb.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
-        if dim is None:
-            dim = len(values) // max(1, table.num_rows)
-        blocks.append(values.reshape(-1, dim))
+        table, fmt = _read_vectors(fs, file)
+        blocks.append(fmt.decode(vectors_of(table["embedding"]), dequantize))
         ids += table["id"].to_pylist()
     if not blocks:
-        return [], np.zeros((0, dim or 0), np.float32)
+        return [], np.zeros((0, 0), np.float32)
     return ids, np.concatenate(blocks)
+
+
+def vectors_of(column: pa.ChunkedArray) -> np.ndarray:
+    """An embedding column (fixed-size or plain lists) as a (rows, width) array of its value type."""
+    column = column.combine_chunks()
+    if isinstance(column.type, pa.FixedSizeListType):
+        return from_column(column)
+    values = np.asarray(column.flatten().to_numpy(zero_copy_only=False), dtype=np.float32)
+    return values.reshape(len(column), -1) if len(column) else values.reshape(0, 0)
+
+
+def file_format(fs, file: str, schema: pa.Schema | None = None) -> VectorFormat:
+    """What the vectors of one file are (its `embedpipe.settings` metadata); float32 for a file
+    without them (an older embedpipe, or not embedpipe)."""
+    if schema is None:
+        with fs.open(file, "rb") as f:
+            schema = pq.read_schema(f)
+    raw = (schema.metadata or {}).get(SETTINGS_KEY)
+    settings = json.loads(raw).get("settings") if raw else None
+    kind = schema.field("embedding").type if "embedding" in schema.names else None
+    width = kind.list_size if isinstance(kind, pa.FixedSizeListType) else None
+    return VectorFormat.from_settings(settings, width)
+
+
+def output_format(path: str, storage_options: Mapping[str, Any] | None = None) -> VectorFormat:
+    """What an output's vectors are: its `_run.json`, else its manifest, else its first file's settings."""
+    from pipeline.identity import read_run
+    from pipeline.manifest import read
+
+    fs, root = get_fs(path, storage_options)
+    root = root.rstrip("/") or root
+    run = read_run(fs, root) if fs.isdir(root) else None
+    if run is not None:
+        return VectorFormat.from_settings(run["settings"])
+    manifest = read(fs, root) if fs.isdir(root) else None
+    if manifest and (manifest.get("identity") or {}).get("settings"):
+        return VectorFormat.from_settings(manifest["identity"]["settings"])
+    files = embedding_files(path, storage_options)
+    if not files:
+        raise InputError(f"{path}: holds no embeddings")
+    return file_format(fs, files[0])
+
+
+def quantize_queries(vectors, path: str, storage_options: Mapping[str, Any] | None = None) -> np.ndarray:
+    """Query vectors (float, [n, model dim] or [n, dim]) stored exactly as the output at `path` stored
+    its documents: truncated and normalised again as the run did, quantised with its precision and,
+    for int8/uint8, the ranges in its manifest. Float outputs get float32 (float16 for float16)."""
+    fmt = output_format(path, storage_options)
+    vectors = np.atleast_2d(np.asarray(vectors, np.float32))
+    width = vectors.shape[1]
+    if fmt.dim is not None and width != fmt.dim and not (fmt.truncate_dim is not None and width > fmt.truncate_dim):
+        raise InputError(f"{path}: holds {fmt.dim}-dimensional vectors; the queries have {width}")
+    return fmt.quantize(fmt.finish(vectors))
 
 
 def read_sparse_embeddings(path: str, storage_options: Mapping[str, Any] | None = None, dim: int | None = None,
@@ -109,13 +163,15 @@ def _manifest_dim(fs, root: str) -> int | None:
     return (manifest or {}).get("dim")
 
 
-def _read_vectors(fs, file: str) -> pa.Table:
-    """The id and embedding columns of one file; InputError naming the file if it has none."""
+def _read_vectors(fs, file: str) -> tuple[pa.Table, VectorFormat]:
+    """The id and embedding columns of one file and what its vectors are; InputError naming the file
+    if it has none."""
     with fs.open(file, "rb") as f:
-        names = pq.read_schema(f).names
-    if "embedding" not in names and {"indices", "values"} <= set(names):
+        schema = pq.read_schema(f)
+    if "embedding" not in schema.names and {"indices", "values"} <= set(schema.names):
         raise InputError(f"{file}: holds sparse vectors (indices, values); read them with read_sparse_embeddings")
-    return _read_columns(fs, file, ["id", "embedding"], "an embeddings file with id and embedding columns")
+    table = _read_columns(fs, file, ["id", "embedding"], "an embeddings file with id and embedding columns")
+    return table, file_format(fs, file, schema)
 
 
 def _read_columns(fs, file: str, columns: list[str], what: str) -> pa.Table:

@@ -25,6 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.errors import PipelineError
+from pipeline.quantization import VectorFormat, from_column
 from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 from pipeline.engine.watchdog import Progress
 from pipeline.stages.columns import CHUNK_ROWS, FILE, N_TOKENS, ROW, SHARD, TRUNCATED, VALID
@@ -55,7 +56,8 @@ class SinkSpec:
     output: str
     text_field: str
     keep_columns: tuple[str, ...]
-    output_dtype: str
+    vectors: VectorFormat = VectorFormat()
+    """What is stored of each vector (precision, truncation, ranges): applied as the file is built."""
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     identity: bytes | None = None
     """The run's settings (pipeline.identity.file_metadata), stored in every file it commits."""
@@ -145,13 +147,10 @@ def _write_rows(fs, root: str, name: str, rows: pa.Table, keep: np.ndarray, sink
     valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
     rows = rows.take(pa.array(keep[valid[keep]]))
     if "embedding" in rows.column_names:
-        embedding = rows["embedding"]
-        if sink.output_dtype == "float16":
-            embedding = embedding.cast(pa.list_(pa.float16(), embedding.type.list_size))
-        columns = {"id": rows["id"], "embedding": embedding}
+        columns = {"id": rows["id"], "embedding": _stored(rows["embedding"], sink.vectors)}
     else:  # a sparse model's terms
         values = rows["values"]
-        if sink.output_dtype == "float16":
+        if sink.vectors.precision == "float16":
             values = values.cast(pa.list_(pa.float16()))
         columns = {"id": rows["id"], "indices": rows["indices"], "values": values}
     for col in sink.keep_columns:
@@ -163,6 +162,15 @@ def _write_rows(fs, root: str, name: str, rows: pa.Table, keep: np.ndarray, sink
     table = table.replace_schema_metadata(metadata)
     write_bytes_atomic(fs, posixpath.join(root, name), parquet_bytes(table))
     return stats
+
+
+def _stored(embedding: pa.ChunkedArray, vectors: VectorFormat) -> pa.Array:
+    """The model's float32 vectors as stored: truncated, normalised again, quantised (pipeline.quantization)."""
+    if vectors.precision == "float32" and vectors.truncate_dim is None:
+        return embedding
+    if vectors.precision == "float16" and vectors.truncate_dim is None:
+        return embedding.cast(pa.list_(pa.float16(), embedding.type.list_size))
+    return vectors.stored(from_column(embedding))
 
 
 def _piece_columns(rows: pa.Table, sink: SinkSpec) -> list[str]:
