@@ -29,6 +29,11 @@ against the same model in a sentence-transformers script (jobs/bench_host.py).
 
     python jobs/benchmark.py --task host [--lines 1000000] [--repeat 1] [--variants "" "--flag ..."]
 
+precision: what each --precision and --truncate-dim keeps (Spearman on the WordNet task, recall@10
+against float32, bytes) and what binary and int8 cost to write against float32 (jobs/bench_precision.py).
+
+    python jobs/benchmark.py --task precision [--pairs 2000] [--lines 200000] [--repeat 1]
+
 rerank: `embedpipe rerank` (whole command) against CrossEncoder.predict in one process
 (jobs/st_rerank_baseline.py) on N random pairs of the corpus's texts; checks the scores agree.
 The cross-encoder is all-MiniLM-L6-v2's BERT with a new one-label classification head (seed 0):
@@ -122,7 +127,7 @@ def main() -> None:
                    help="several jobs/st_baseline.py flag sets (e.g. '' '--dtype float16 --batch-size 256'); "
                         "the first one's vectors are the reference")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
-    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank", "host"), default="embed")
+    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank", "host", "precision"), default="embed")
     p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity, pairs to score for --task rerank")
     p.add_argument("--rerank-args", default="", help="extra flags for embedpipe rerank")
     p.add_argument("--scale-docs", type=int, nargs="+", default=[100_000, 1_000_000], help="corpus sizes for --task scale")
@@ -141,6 +146,10 @@ def main() -> None:
         return bench_fidelity(args)
     if args.task == "rerank":
         return bench_rerank(args)
+    if args.task == "precision":
+        from jobs.bench_precision import bench_precision
+
+        return bench_precision(args)
     if args.task == "host":
         from jobs.bench_host import bench_host
 

@@ -29,7 +29,7 @@ def test_the_child_describes_the_model_as_a_load_in_process_does(prompted_model,
     assert (info, vectors, spec) == model_facts(config) == ModelFacts(config, child=False, cached=False).result()
     assert spec is not None and spec.prompt == "query: " and spec.max_len == 48
     assert (info.pooling, info.normalize, info.max_seq_length, info.prompt) == ("cls", True, 48, "query: ")
-    assert vectors == {"kind": "dense"}
+    assert vectors == {"kind": "dense", "dim": 32, "model_truncate_dim": None}  # the tiny BERT, cls pooling
 
 
 def test_an_option_the_model_refuses_comes_back_from_the_child_as_the_same_error(prompted_model, tmp_path):

@@ -70,9 +70,11 @@ def test_duration_estimate_cites_the_measured_cpu_and_gpu_throughput():
 
 def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
-    proc = cli("embed", "--input", SAMPLE, "--output", str(out), "--dry-run", "--encoders-per-node", "2")
+    proc = cli("embed", "--input", SAMPLE, "--output", str(out), "--dry-run", "--encoders-per-node", "2",
+               "--precision", "int8", "--truncate-dim", "128")
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
+    assert "stored: int8 vectors, truncated to 128 dimensions; ranges from 2,000 sampled documents" in text
     assert "3 shard(s)" in text and "en.txt (txt, 110.9 KiB): 1,000 documents (counted)" in text
     assert "documents: 1,500 in all" in text and "3 to embed, about 1,500 documents" in text
     assert "tokenize: 1 actor(s) x 0.5 CPU" in text

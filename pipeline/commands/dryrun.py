@@ -243,6 +243,7 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
         f"{len(todo)} to embed, about {documents:,} documents"
     )
     lines.append(f"model: {config.model}; device {plan.device}")
+    lines.append(_stored(config))
     node_text = ", ".join(f"{n['CPU']:g} CPU/{n['GPU']:g} GPU" for n in cluster.nodes[:8])
     lines.append(
         f"cluster: {cluster.where}: {len(cluster.nodes)} node(s) ({node_text}), "
@@ -263,6 +264,20 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
     lines.append(f"  read and commit: Ray tasks of {READ_CPUS:g} / {COMMIT_CPUS:g} CPU, one read task per shard")
     lines.append(f"estimated duration: {_duration(seconds)} (an estimate: {basis})")
     return lines
+
+
+def _stored(config: EmbedConfig) -> str:
+    """What is stored of each vector, and the calibration pass int8/uint8 runs first."""
+    from pipeline.config import DEFAULT_CALIBRATION_ROWS
+
+    text = f"stored: {config.precision} vectors" + (f", truncated to {config.truncate_dim} dimensions" if config.truncate_dim else "")
+    if config.precision in ("int8", "uint8"):
+        if config.calibration:
+            text += f"; ranges from {config.calibration}"
+        else:
+            rows = config.calibration_rows or DEFAULT_CALIBRATION_ROWS
+            text += f"; ranges from {rows:,} sampled documents, embedded by one Ray task before the run"
+    return text
 
 
 def _size(n: int) -> str:
