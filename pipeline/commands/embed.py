@@ -31,6 +31,7 @@ from pipeline.quantization import NEEDS_RANGES, VectorFormat
 from pipeline.storage.output import (
     clear_leftovers, clear_staging, committed_files, finish_swap, staging_uri, swap_in,
 )
+from pipeline.storage.lock import output_lock
 from pipeline.storage.sink import SinkSpec, read_file_stats
 from pipeline.storage.sources import discover_shards, output_stem
 
@@ -74,29 +75,34 @@ def run_embed(config: EmbedConfig) -> RunResult:
     describing = ModelFacts(config)
     with describing, _output_removed_on_error(config.output):
         fs, root = prepare_output(config.output, config.storage_options)
-        if finish_swap(fs, root):
-            log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
-        earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
-        todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in earlier.facts]
-        if earlier.facts:  # a resume with other settings is refused before a cluster starts
-            info, vectors = describing.result()[:2]
-            fmt = vector_format(config, info, vectors, earlier.run)
-            check_resume(config, info, run_identity(config, info, planned_dtype(config, None), fmt), *earlier)
-        with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
-            info, vectors, tokenizer_spec = describing.result()
-            plan = plan_from_cluster(config, vectors.get("vocab_size"), info.weights_per_token) if todo else None
-            fmt, source = _vector_format(config, info, vectors, earlier, shards, plan)
-            identity = run_identity(config, info, planned_dtype(config, plan), fmt, source)
-            target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
-            sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
-                            config.storage_options, file_metadata(identity))
-            written, stage_times, replicas = {}, {}, []
-            if todo:
-                graph = _onnx_graph(config, plan, info)
-                chain_started = time.time()
-                written, stage_times, replicas = run_chain(config, plan, todo, frozenset(earlier.facts), sink, graph,
-                                                           tokenizer_spec)
-                stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
+        with output_lock(fs, root, config.output, "embed"):  # one run per output (pipeline.storage.lock)
+            return _run_locked(config, started, shards, describing, fs, root)
+
+
+def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFacts, fs, root: str) -> RunResult:
+    if finish_swap(fs, root):
+        log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
+    earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
+    todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in earlier.facts]
+    if earlier.facts:  # a resume with other settings is refused before a cluster starts
+        info, vectors = describing.result()[:2]
+        fmt = vector_format(config, info, vectors, earlier.run)
+        check_resume(config, info, run_identity(config, info, planned_dtype(config, None), fmt), *earlier)
+    with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
+        info, vectors, tokenizer_spec = describing.result()
+        plan = plan_from_cluster(config, vectors.get("vocab_size"), info.weights_per_token) if todo else None
+        fmt, source = _vector_format(config, info, vectors, earlier, shards, plan)
+        identity = run_identity(config, info, planned_dtype(config, plan), fmt, source)
+        target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
+        sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
+                        config.storage_options, file_metadata(identity))
+        written, stage_times, replicas = {}, {}, []
+        if todo:
+            graph = _onnx_graph(config, plan, info)
+            chain_started = time.time()
+            written, stage_times, replicas = run_chain(config, plan, todo, frozenset(earlier.facts), sink, graph,
+                                                       tokenizer_spec)
+            stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
     stats = _file_stats(config, fs, root, shards, written, earlier.facts)
@@ -133,8 +139,9 @@ class Earlier:
 def _vector_format(config: EmbedConfig, info, vectors: dict, earlier: Earlier, shards, plan: Plan | None):
     """(what the run stores, how its int8/uint8 ranges were obtained): a file's or the resumed run's
     ranges, else ranges computed now from sampled documents (pipeline.engine.calibration)."""
-    fmt = vector_format(config, info, vectors, earlier.run)
-    source = quantization_source(config, earlier.run)
+    bound = earlier.run if earlier.facts else None  # a run that committed nothing binds nothing
+    fmt = vector_format(config, info, vectors, bound)
+    source = quantization_source(config, bound)
     if fmt.precision in NEEDS_RANGES and fmt.ranges is None and plan is not None:
         fmt, source = calibrate(config, fmt, shards, plan.device)
     return fmt, source
