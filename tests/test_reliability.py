@@ -257,3 +257,67 @@ def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_clus
     assert_exactly_once(out, expected)
     ids, vectors = read_embeddings(str(out))
     assert all((vectors[i] == new_vectors[id_]).all() for i, id_ in enumerate(ids))  # every file is the new run's
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 1 MiB tmpfs mounted for the test (root and mount rights needed: skipped with the reason where
+    mounting is not allowed); `grow()` remounts it at 64 MiB, keeping its files."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(where)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip() or 'mount failed'}")
+
+    def grow() -> None:
+        subprocess.run(["mount", "-o", "remount,size=64m", str(where)], check=True)
+
+    try:
+        yield where, grow
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_write_errors_that_cannot_heal_name_the_condition_and_the_path(small_disk):
+    import subprocess
+
+    from pipeline.errors import PipelineError
+    from pipeline.storage.filesystems import get_fs, write_bytes_atomic
+
+    where, _ = small_disk
+    fs, root = get_fs(str(where))
+    with pytest.raises(PipelineError, match=rf"^no space left on device writing {where}/x.parquet: free space, then rerun to resume$"):
+        write_bytes_atomic(fs, f"{root}/x.parquet", b"0" * (2 << 20))
+    assert os.listdir(where) == []  # no temporary file left behind
+    subprocess.run(["mount", "-o", "remount,ro", str(where)], check=True)
+    with pytest.raises(PipelineError, match=rf"^read-only file system writing {where}/y.parquet: make the output writable"):
+        write_bytes_atomic(fs, f"{root}/y.parquet", b"0")
+
+
+@pytest.mark.slow  # two CLI runs (~80 s); the write errors themselves are checked in make test above
+def test_a_full_disk_is_one_line_naming_it_and_the_rerun_completes(tmp_path, tiny_model, small_disk):
+    from tests.conftest import sample_texts
+
+    where, grow = small_disk
+    texts = sample_texts() * 8  # 12,000 documents, about 2 MiB of output with their texts
+    src = tmp_path / "in"
+    src.mkdir()
+    for k in range(4):
+        write_lines(src / f"p{k}.txt", texts[k::4])
+    out = where / "out"
+    args = ("embed", "--input", str(src), "--output", str(out), "--model", tiny_model, "--keep-columns", "text")
+    began = time.time()
+    full = cli(*args)
+    assert_one_line_error(full, 1, f"no space left on device writing {out}/")
+    assert full.stderr.strip().splitlines()[-1].endswith("free space, then rerun to resume")
+    assert time.time() - began < 240  # no retry loop on an error that cannot heal
+    kept = committed(out)
+    before = {name: (out / name).read_bytes() for name in kept}
+    grow()
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {name: (out / name).read_bytes() for name in kept} == before  # committed files untouched
+    ids, _ = read_embeddings(str(out))
+    assert len(ids) == len(set(ids)) == len(texts)

@@ -14,6 +14,7 @@ decision such as "which files are committed?" sees what is there now.
 
 from __future__ import annotations
 
+import errno
 import os
 import posixpath
 import uuid
@@ -22,7 +23,7 @@ from typing import Any, Mapping
 import fsspec
 from fsspec.core import url_to_fs
 
-from pipeline.errors import InputError
+from pipeline.errors import InputError, PipelineError
 
 GLOB_CHARS = "*?["
 
@@ -129,14 +130,24 @@ def first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else exc.__class__.__name__
 
 
-def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True) -> None:
+def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool = True,
+                       shown: str | None = None) -> None:
     """Make `path` appear complete or not at all.
 
     Local: write a hidden temporary file in the same directory, fsync, rename.
     Object stores: one PUT (or a multipart upload, aborted on failure), which
     is only visible once complete. `durable=False` skips the fsyncs: for scratch
-    files (a file's pieces) that a crash makes useless anyway.
+    files (a file's pieces) that a crash makes useless anyway. An error that
+    retrying cannot heal (a full disk, a read-only file system, a denied write)
+    is a PipelineError naming the condition and the path (`shown`, if given, instead of `path`).
     """
+    try:
+        _write_atomic(fs, path, data, durable)
+    except OSError as exc:
+        raise PipelineError(write_failure(exc, shown or (path if is_local(fs) else f"s3://{path}"))) from exc
+
+
+def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool) -> None:
     if is_local(fs):
         directory, name = os.path.split(path)
         os.makedirs(directory or ".", exist_ok=True)
@@ -155,6 +166,26 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, du
             _fsync_dir(directory or ".")
     else:
         fs.pipe_file(path, data)
+
+
+# OS errors on write that no retry heals: (what to call it, what to do), by errno
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on device", "free space, then rerun to resume"),
+    errno.EDQUOT: ("disk quota exceeded", "free space or raise the quota, then rerun to resume"),
+    errno.EROFS: ("read-only file system", "make the output writable, then rerun to resume"),
+    errno.EACCES: ("permission denied", "fix the output's permissions (on S3: the credentials' right to write), "
+                                        "then rerun to resume"),
+    errno.EPERM: ("operation not permitted", "fix the output's permissions, then rerun to resume"),
+}
+
+
+def write_failure(exc: OSError, path: str) -> str:
+    """'no space left on device writing out/x.parquet: free space, then rerun to resume', and the like."""
+    code = exc.errno if isinstance(exc.errno, int) else (errno.EACCES if isinstance(exc, PermissionError) else None)
+    what, todo = _WRITE_ERRORS.get(code, (None, "then rerun to resume"))
+    if what is None:
+        what = (exc.strerror or str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__).lower()
+    return f"{what} writing {path}: {todo}"
 
 
 def _fsync_dir(directory: str) -> None:

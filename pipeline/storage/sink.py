@@ -82,7 +82,8 @@ def _commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
         else:
             first = int(pc.min(rows[ROW]).as_py())
             piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}{PIECE_SUFFIX}")
-            write_bytes_atomic(fs, piece, ipc_bytes(rows.select(_piece_columns(rows, sink))), durable=False)
+            write_bytes_atomic(fs, piece, ipc_bytes(rows.select(_piece_columns(rows, sink))), durable=False,
+                               shown=f"{sink.output.rstrip('/')}/{name} (a part of it)")
             summaries.append(
                 {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows, "first_row": first}
             )
