@@ -14,12 +14,14 @@ import atexit
 import json
 import logging
 import os
+import signal
 import sys
 import threading
 import traceback
 from typing import NoReturn, Sequence
 
 from pipeline.config import CONFIGS, GROUPS, Option, load_config, options
+from pipeline.engine import interrupts
 from pipeline.errors import EmbedpipeError, UsageError
 
 PROG = "embedpipe"
@@ -172,6 +174,7 @@ def job_main(command: str, argv: Sequence[str]) -> int:
     if any(not g.strip() for g in given):
         print(f"{PROG}: error: --ray-address is empty: a job joins its cluster and never starts one", file=sys.stderr)
         return 2
+    interrupts.install()  # `ray job stop` sends SIGTERM
     return main([command, "--ray-address", os.environ.get("RAY_ADDRESS") or "auto", *args])
 
 
@@ -184,6 +187,7 @@ def run() -> NoReturn:
     finished its work ("terminate called without an active exception", exit -6; CI saw it
     on `embedpipe info`; apache/arrow#34314).
     """
+    interrupts.install()  # Ctrl-C and SIGTERM: one line, exit 130 / 143 (pipeline.engine.interrupts)
     try:
         code = main()
     except SystemExit as exc:  # --help
@@ -233,8 +237,8 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, debug: bo
         message = (str(exc).strip().splitlines() or [exc.__class__.__name__])[0]  # Ray may append notes
         print(f"{PROG}: error: {message}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; rerun the same command to resume", file=sys.stderr)
+    except KeyboardInterrupt:  # in a process that did not install pipeline.engine.interrupts (a library caller)
+        print(interrupts.stop_line(signal.SIGINT), file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001 - last line of defence: name the cause, exit 1
         if debug:

@@ -321,3 +321,79 @@ def test_a_full_disk_is_one_line_naming_it_and_the_rerun_completes(tmp_path, tin
     assert {name: (out / name).read_bytes() for name in kept} == before  # committed files untouched
     ids, _ = read_embeddings(str(out))
     assert len(ids) == len(set(ids)) == len(texts)
+
+
+# --------------------------------------------------------------------------- Ctrl-C and SIGTERM
+
+
+def signal_mid_run(args, out, signum: int, group: bool, second: bool = False):
+    """Start `python -m pipeline ARGS` in a new session; once a file is committed, send `signum` to its
+    process group (a terminal's Ctrl-C) or to the command alone (Kubernetes' SIGTERM), a second time
+    0.3 s later if `second`. Returns (exit code, stderr, seconds from the signal to the exit, the
+    session's processes still alive 10 s after the exit)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO, cli_env, session_processes
+
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=cli_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 240
+        while not committed(out) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before the signal: nothing was tested"
+        sent = time.time()
+        (os.killpg if group else os.kill)(proc.pid, signum)
+        if second:
+            time.sleep(0.3)
+            with __import__("contextlib").suppress(ProcessLookupError):
+                (os.killpg if group else os.kill)(proc.pid, signum)
+        _, stderr = proc.communicate(timeout=120)
+        took = time.time() - sent
+        deadline = time.time() + 10
+        while session_processes(proc.pid) and time.time() < deadline:
+            time.sleep(0.2)
+        return proc.returncode, stderr, took, session_processes(proc.pid)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+
+
+@pytest.mark.parametrize("signum, group, code, line", [
+    (signal.SIGINT, True, 130, "embedpipe: interrupted; rerun the same command to resume"),
+    pytest.param(signal.SIGTERM, False, 143, "embedpipe: stopped by SIGTERM; rerun the same command to resume",
+                 marks=pytest.mark.slow),  # make test-all; Ctrl-C takes the same path in make test
+])
+def test_ctrl_c_and_sigterm_end_with_one_line_and_no_ray_process_and_the_rerun_completes(
+    tmp_path, slow_model, signum, group, code, line
+):
+    expected = shards_input(tmp_path / "in", 4, 400)
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow_model,
+            "--trust-remote-code", "--max-batch-tokens", "4096", "--quiet"]
+    returncode, stderr, took, left = signal_mid_run(args, out, signum, group)
+    assert returncode == code, stderr[-3000:]
+    assert "Traceback" not in stderr and "SIGTERM handler" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == line
+    assert took < 30, took
+    assert left == [], f"processes of the run still alive: {left}"
+    assert not (out / "_lock.json").exists()
+    kept = committed(out)
+    again = cli(*args)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert {f: committed(out)[f] for f in kept} == kept
+    assert_exactly_once(out, expected)
+
+
+@pytest.mark.slow  # make test-all
+def test_a_second_ctrl_c_while_shutting_down_ends_at_once(tmp_path, slow_model):
+    shards_input(tmp_path / "in", 4, 400)
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow_model,
+            "--trust-remote-code", "--max-batch-tokens", "4096", "--quiet"]
+    returncode, stderr, took, left = signal_mid_run(args, out, signal.SIGINT, True, second=True)
+    assert returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("embedpipe: interrupted")
+    assert left == [], f"processes of the run still alive: {left}"

@@ -13,6 +13,7 @@ import os
 import subprocess
 from typing import Any, Iterator, Mapping
 
+from pipeline.engine import interrupts
 from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.storage.filesystems import check_bucket, check_local_dir_writable, first_line, get_fs, is_local
 
@@ -105,6 +106,7 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
         local_env = {**{k: v for k, v in LOCAL_GCS_ENV.items() if k not in os.environ}, **WORKER_ENV}
         with contextlib.nullcontext() if address else _inherited_env(local_env):
             ray.init(**ray_init_kwargs(address, quiet))
+        interrupts.reinstall()  # ray.init set a SIGTERM handler of its own
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None
     try:

@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 LOCK_FILE = "_lock.json"
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0
+_HELD: dict[str, tuple] = {}  # token -> (fs, path): what release_held removes when a signal stops the process
 
 
 @contextlib.contextmanager
@@ -50,12 +51,20 @@ def output_lock(fs, root: str, output: str, command: str) -> Iterator[dict]:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(fs, path, mine, stop), name="embedpipe-lock", daemon=True)
     beat.start()
+    _HELD[mine["token"]] = (fs, path)
     try:
         yield mine
     finally:
+        _HELD.pop(mine["token"], None)
         stop.set()
         beat.join(timeout=5)
         _remove_if_ours(fs, path, mine["token"])
+
+
+def release_held() -> None:
+    """Remove the locks this process holds (pipeline.engine.interrupts, as a signal stops it)."""
+    for token, (fs, path) in list(_HELD.items()):
+        _remove_if_ours(fs, path, token)
 
 
 def _take(fs, path: str, output: str, command: str) -> dict:
