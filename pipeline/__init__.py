@@ -5,7 +5,7 @@ The Python API does what the commands do (pipeline.api):
     pipeline.embed(input=..., output=..., mine=True)    # embedpipe embed [--mine [--rerank-model M]]
     pipeline.mine(embeddings=..., output=...)            # embedpipe mine
     pipeline.rerank(pairs=..., texts=..., model=..., output=...)
-    pipeline.read_embeddings(path)                       # (ids, float32 matrix); read_sparse_embeddings for SPLADE
+    pipeline.read_embeddings(path)                       # (ids, matrix: float32, or int8/binary as stored); SPLADE: read_sparse_embeddings
     pipeline.quantize_queries(vectors, path)             # queries stored as the output's precision stores them
 
 Each takes its config object (EmbedConfig, MineConfig, RerankConfig) or its fields as keywords.

@@ -192,6 +192,8 @@ def run() -> NoReturn:
         code = main()
     except SystemExit as exc:  # --help
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    for signum in interrupts.SIGNALS:  # the command is over: a signal now just ends the exit
+        signal.signal(signum, signal.SIG_DFL)
     _exit_now(code)
 
 

@@ -142,6 +142,8 @@ def differences(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any
     missing from `new` is unknown here and not compared; one missing from `old` takes ASSUMED's value."""
     out = []
     for key in IDENTITY_KEYS:
+        if key not in new and RENAMED.get(key) in new:
+            new = {**new, key: new[RENAMED[key]]}  # `new` may be a file of an earlier version too
         if key not in new:
             continue
         if key in old:
@@ -285,6 +287,8 @@ def consistency_problems(fs, root: str, paths: dict[str, str]) -> list[str]:
             if key == "model":
                 problems.append(f"{name}: made with model {own.get('model_name')} ({value}), the rest of the "
                                 f"output with model {reference.get('model_name')} ({ref_value})")
+            elif key == "quantization":
+                problems.append(f"{name}: int8/uint8 vectors quantised with other ranges than the rest of the output")
             else:
                 problems.append(f"{name}: made with {key}={value!r}, the rest of the output with {key}={ref_value!r}")
     return problems
@@ -329,6 +333,8 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
         old_config = previous.get("config", {})
         old_value = old_config.get(key)
         new_value = config.precision if key == "output_dtype" else getattr(config, key)
+        if key == "output_dtype" and old_value is None:  # written by a version that records precision instead
+            old_value = old_config.get("precision", new_value)
         if key in old_config and old_value != new_value:
             raise UsageError(
                 f"--output {config.output} was written with {key}={old_value!r}, this run has "

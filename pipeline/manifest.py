@@ -78,6 +78,8 @@ KEYS: dict[str, dict[str, str]] = {
         "vocab_size": "sparse outputs: the vocabulary size",
         "sparse_top_k": "sparse outputs: the terms kept per document (None: all non-zero ones)",
         "shards": "per input shard: `shard`, its `files`, `rows`, `embedded`",
+        "shards_read": "input shards this run read; on a resume, a shard whose files were all committed is not "
+                       "opened (a shard cut into several files: when its last file is short of --rows-per-file)",
         "resources": "the resource plan: device, tokenizer and encoder counts and reservations (encoder_gpus: "
                      "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget)",
         "replicas": "where each stage's actors ran: per stage, `actors` (node, IP, GPUs, device, dtype, backend) "

@@ -145,10 +145,11 @@ def dequantized(values: np.ndarray, precision: str, ranges: np.ndarray | None, d
         if ranges is None:
             raise ValueError(f"{precision} vectors without their ranges cannot be dequantised")
         starts = ranges[0].astype(np.float64)
-        steps = (ranges[1].astype(np.float64) - starts) / 255
-        steps = np.where(steps == 0, 1, steps)
+        raw = (ranges[1].astype(np.float64) - starts) / 255
+        steps = np.where(raw == 0, 1, raw)
+        centre = np.where(raw == 0, 0.0, 0.5)  # a dimension of one value (min == max) reads back as that value
         buckets = values.astype(np.float64) + (128 if precision == "int8" else 0)
-        return ((buckets + 0.5) * steps + starts).astype(np.float32)
+        return ((buckets + centre) * steps + starts).astype(np.float32)
     if precision in ("binary", "ubinary"):
         packed = values.astype(np.int16) + 128 if precision == "binary" else values
         bits = np.unpackbits(packed.astype(np.uint8), axis=-1)

@@ -57,11 +57,15 @@ def test_invalid_values_name_the_flag(options, message):
         build_config(None, input="a", output="b", **options)
 
 
-def test_output_dtype_is_the_deprecated_name_of_precision(caplog):
+def test_output_dtype_is_the_deprecated_name_of_precision(caplog, tmp_path):
     config = build_config(None, input="a", output="b", output_dtype="float16")
     assert config.precision == "float16" and config.output_dtype is None
     assert "--output-dtype is deprecated" in caplog.text
     assert build_config(None, input="a", output="b").precision == "float32"
+    old = tmp_path / "old.yaml"
+    old.write_text("output_dtype: float16\n")
+    assert build_config(str(old), input="a", output="b", precision="int8").precision == "int8"  # the flag wins
+    assert build_config(str(old), input="a", output="b").precision == "float16"
 
 
 def test_shipped_configs_load(tmp_path):

@@ -128,3 +128,38 @@ def test_check_bucket_ignores_local_paths(tmp_path, monkeypatch):
     with pytest.raises(Tripwire):
         check_bucket(fs, root, "--output s3://no-such-bucket/out")
     assert calls == ["ListObjectsV2"]
+
+
+@pytest.mark.parametrize("code, said", [
+    (28, "no space left on device writing {path}: free space, then rerun to resume"),  # ENOSPC
+    (30, "read-only file system writing {path}: make the output writable, then rerun to resume"),  # EROFS
+    (13, "permission denied writing {path}: fix the output's permissions (on S3: the credentials' right to write)"),
+    (5, "input/output error writing {path}: then rerun to resume"),  # EIO: named as the OS names it
+])
+def test_a_write_that_cannot_heal_is_one_pipeline_error_naming_it(tmp_path, monkeypatch, code, said):
+    from pipeline.errors import PipelineError
+    from pipeline.storage import filesystems
+
+    def fail(*args, **kwargs):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(filesystems, "_write_atomic", fail)
+    fs, root = get_fs(str(tmp_path))
+    path = f"{root}/x.parquet"
+    with pytest.raises(PipelineError) as raised:
+        write_bytes_atomic(fs, path, b"x")
+    assert str(raised.value).startswith(said.format(path=path))
+
+
+def test_an_s3_write_denied_mid_run_names_the_object(moto_s3, monkeypatch):
+    from pipeline.errors import PipelineError
+
+    bucket = moto_s3.new_bucket("denied")
+    fs, root = get_fs(f"s3://{bucket}/out", moto_s3.storage_options())
+
+    def denied(*args, **kwargs):
+        raise PermissionError("Access Denied")
+
+    monkeypatch.setattr(fs, "pipe_file", denied)
+    with pytest.raises(PipelineError, match=rf"^permission denied writing s3://{bucket}/out/x.parquet: fix"):
+        write_bytes_atomic(fs, f"{root}/x.parquet", b"x")

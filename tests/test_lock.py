@@ -57,13 +57,15 @@ def dead_pid() -> int:
 
 @pytest.mark.parametrize("fields, why", [
     ({"pid": None}, "its process (pid {pid}) is gone"),  # kill -9 on this host
-    ({"host": "node-7.lost", "heartbeat_unix": time.time() - STALE_AFTER_S - 60}, "no heartbeat for 6 min"),  # a lost node
+    ({"host": "node-7.lost", "heartbeat_age": STALE_AFTER_S + 60}, "no heartbeat for 6 min"),  # a lost node
     ({}, None),  # this live process: not stale
-    ({"host": "node-7.alive", "heartbeat_unix": time.time() - 20}, None),  # another host, beating
+    ({"host": "node-7.alive", "heartbeat_age": 20}, None),  # another host, beating
 ])
 def test_a_stale_lock_is_taken_over_and_a_live_one_is_not(tmp_path, caplog, fields, why):
     if fields.get("pid", 0) is None:
         fields = {**fields, "pid": dead_pid()}
+    if "heartbeat_age" in fields:  # ages, not times: the parameters are made when the tests are collected
+        fields = {**fields, "heartbeat_unix": time.time() - fields.pop("heartbeat_age")}
     write_lock(tmp_path, **fields)
     fs, root = get_fs(str(tmp_path))
     if why is None:
@@ -114,3 +116,38 @@ def test_the_same_job_started_twice_one_runs_the_other_is_refused(tmp_path):
     assert first.returncode == 0, stderr[-3000:]
     assert second.returncode == 2 and f"(pid {first.pid} on " in second.stderr
     assert locked(out) is None and len([f for f in os.listdir(out) if f.endswith(".parquet")]) == 3
+
+
+def test_a_stale_takeover_never_removes_a_lock_that_replaced_the_stale_one(tmp_path):
+    from pipeline.storage.lock import _remove_stale
+
+    write_lock(tmp_path, token="new-owner")  # another run took over the stale lock "old" just before us
+    fs, root = get_fs(str(tmp_path))
+    _remove_stale(fs, os.path.join(root, LOCK_FILE), "old")
+    assert locked(tmp_path)["token"] == "new-owner" and os.listdir(tmp_path) == [LOCK_FILE]
+    _remove_stale(fs, os.path.join(root, LOCK_FILE), "new-owner")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_dead_pid_of_another_container_with_the_same_host_name_is_not_taken_for_this_one(tmp_path):
+    write_lock(tmp_path, pid=dead_pid(), machine="another-boot:4026531836")  # beating, other pid namespace
+    fs, root = get_fs(str(tmp_path))
+    with pytest.raises(UsageError, match="is in use by"):
+        with output_lock(fs, root, "out/", "embed"):
+            pass
+
+
+def test_a_run_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
+    from pipeline.storage import lock
+
+    monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    fs, root = get_fs(str(tmp_path))
+    try:
+        with pytest.raises(KeyboardInterrupt):  # the heartbeat interrupts the main thread
+            with output_lock(fs, root, "out/", "embed"):
+                write_lock(tmp_path, token="after-a-suspend", host="other")  # another run took it meanwhile
+                time.sleep(5)
+        assert "another run took over the output's lock" in lock.LOST[0]
+        assert locked(tmp_path)["token"] == "after-a-suspend"  # the new owner's lock is left alone
+    finally:
+        lock.LOST.clear()

@@ -142,7 +142,8 @@ def test_missing_or_empty_embeddings(tmp_path):
         MineConfig("a", "b", top_k=0)
 
 
-@pytest.mark.parametrize("precision", ["binary", pytest.param("int8", marks=pytest.mark.slow)])
+@pytest.mark.slow  # make test-all (~25 s each); make test mines float vectors, and reads binary back in test_precision
+@pytest.mark.parametrize("precision", ["binary", "int8"])
 def test_quantized_embeddings_are_mined_as_their_float_readings(ray_cluster, tmp_path, tiny_model, precision):
     """binary: by the cosine of the +1/-1 vectors (1 - 2 * Hamming / dim); int8: dequantised with the
     run's ranges. Every pair is kept (top_k above N), so ties among the few binary scores cannot move

@@ -89,3 +89,12 @@ def test_stored_column_and_from_settings():
     assert np.array_equal(fmt.decode(from_column(column)) > 0, v > 0)
     old = VectorFormat.from_settings({"output_dtype": "float16"}, width=24)  # written before --precision
     assert old.precision == "float16" and old.dim == 24
+
+
+def test_a_dimension_of_one_value_reads_back_as_that_value():
+    v = vectors(10, 8)
+    v[:, 3] = 0.25  # min == max in the calibration rows
+    ranges = ranges_of(v)
+    for precision in ("int8", "uint8"):
+        back = dequantized(quantize(v, precision, ranges), precision, ranges, None)
+        assert np.allclose(back[:, 3], 0.25)

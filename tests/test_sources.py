@@ -268,3 +268,40 @@ def test_a_broken_datasets_directory_is_named(tmp_path):
     (tmp_path / "ds" / "state.json").write_text('{"_data_files": [{"file": "x"}]}')
     with pytest.raises(InputError, match=r"ds/state.json: not a valid `datasets` metadata file \(KeyError"):
         discover_shards(str(tmp_path / "ds"))
+
+
+def test_a_shard_is_done_without_reading_it_when_its_files_show_its_end():
+    from pipeline.storage.sources import Shard, shard_done
+
+    shard = Shard(key="docs/a.txt", path="/x/docs/a.txt", format="txt", size=1)
+    one = {"docs__a.txt.parquet": {"rows": 7}}
+    assert shard_done(shard, one, 10)
+    assert not shard_done(shard, {}, 10)
+    parts = {f"docs__a.txt-{k:05d}.parquet": {"rows": r} for k, r in enumerate([10, 10, 4])}
+    assert shard_done(shard, parts, 10)  # the last file is short: nothing follows
+    assert not shard_done(shard, {k: v for k, v in parts.items() if "00001" not in k}, 10)  # a gap
+    assert not shard_done(shard, {k: v for k, v in parts.items() if "00002" not in k}, 10)  # full last file: more may follow
+    assert not shard_done(shard, {**parts, "docs__a.txt-00002.parquet": None}, 10)  # no statistics to tell
+
+
+@pytest.mark.slow  # two runs (~30 s); shard_done's rule is checked above in make test
+def test_a_resume_reads_only_the_shards_it_still_needs(ray_cluster, tmp_path, tiny_model):
+    from pipeline import EmbedConfig, read_embeddings
+    from pipeline.commands.embed import run_embed
+    from tests.conftest import write_lines
+
+    src = tmp_path / "in"
+    src.mkdir()
+    sizes = {"a.txt": 8, "b.txt": 8, "c.txt": 8, "d.txt": 25, "e.txt": 20}  # d: 3 files, the last short; e: 2 full
+    for name, n in sizes.items():
+        write_lines(src / name, [f"{name} line {i}" for i in range(n)])
+    config = EmbedConfig(input=str(src), output=str(tmp_path / "out"), model=tiny_model, rows_per_file=10,
+                         num_encoders=1, quiet=True)
+    assert run_embed(config).manifest["shards_read"] == 5
+    (tmp_path / "out" / "b.txt.parquet").unlink()
+    (tmp_path / "out" / "d.txt-00001.parquet").unlink()
+    resumed = run_embed(config)
+    # b and d, whose files are missing, and e, whose full last file cannot tell whether more rows follow
+    assert resumed.manifest["shards_read"] == 3 and resumed.files_written == 2
+    ids, _ = read_embeddings(str(tmp_path / "out"))
+    assert len(ids) == len(set(ids)) == sum(sizes.values())

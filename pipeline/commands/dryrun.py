@@ -276,7 +276,8 @@ def _stored(config: EmbedConfig) -> str:
             text += f"; ranges from {config.calibration}"
         else:
             rows = config.calibration_rows or DEFAULT_CALIBRATION_ROWS
-            text += f"; ranges from {rows:,} sampled documents, embedded by one Ray task before the run"
+            text += (f"; ranges from {rows:,} sampled documents, embedded by one Ray task before the run "
+                     "(a resume reuses the output's own)")
     return text
 
 

@@ -33,7 +33,7 @@ from pipeline.storage.output import (
 )
 from pipeline.storage.lock import output_lock
 from pipeline.storage.sink import SinkSpec, read_file_stats
-from pipeline.storage.sources import discover_shards, output_stem
+from pipeline.storage.sources import discover_shards, shard_done
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,9 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
     if finish_swap(fs, root):
         log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
     earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
-    todo = [s for s in shards if f"{output_stem(s.key)}.parquet" not in earlier.facts]
+    # shards with every file committed are not read at all (pipeline.storage.sources.shard_done)
+    done = {name: facts.stats for name, facts in earlier.facts.items()}
+    todo = [s for s in shards if not shard_done(s, done, config.rows_per_file)]
     if earlier.facts:  # a resume with other settings is refused before a cluster starts
         info, vectors = describing.result()[:2]
         fmt = vector_format(config, info, vectors, earlier.run)
@@ -109,7 +111,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
     finished = time.time()
     manifest = _manifest(
         config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity,
-        fmt, source,
+        fmt, source, len(todo),
     )
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
@@ -216,7 +218,7 @@ def _output_removed_on_error(output: str) -> Iterator[None]:
 
 def _manifest(
     config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
-    identity=None, fmt: VectorFormat | None = None, source: dict | None = None,
+    identity=None, fmt: VectorFormat | None = None, source: dict | None = None, shards_read: int = 0,
 ) -> dict[str, Any]:
     """The output's `_manifest.json` (pipeline.manifest). `vectors`: kind ('dense' or 'sparse'), and for
     sparse outputs the vocabulary size (their dimension) and the terms kept per document."""
@@ -240,7 +242,7 @@ def _manifest(
         # the Ray chain started, itself chain_started_s after the run started)
         timings={"stages": stage_times or {}},
         identity={"hash": identity["hash"], "settings": identity["settings"]} if identity else None,
-        dim=vectors["vocab_size"] if kind == "sparse" else (fmt and fmt.dim) or _dimension(fs, root, files),
+        dim=vectors["vocab_size"] if kind == "sparse" else (fmt and fmt.dim) or _dimension(fs, root, files, config.precision),
         **{k: v for k, v in vectors.items() if k in ("vocab_size", "sparse_top_k")},
         **_stored_vectors(config, kind, fmt, source),
         pooling=info.pooling,
@@ -249,6 +251,7 @@ def _manifest(
         dtype=_compute_dtype(config, plan, replicas),
         backend=_backend(replicas),
         shards=list(per_shard.values()),
+        shards_read=shards_read,
         resources=plan.as_dict() if plan else None,
         replicas=_replicas(replicas),
     )
@@ -294,10 +297,12 @@ def _replicas(replicas) -> dict[str, Any]:
     return out
 
 
-def _dimension(fs, root: str, files: list[dict]) -> int | None:
+def _dimension(fs, root: str, files: list[dict], precision: str = "float32") -> int | None:
+    """The vectors' dimension from the first file's schema (where the model declared none)."""
     import pyarrow.parquet as pq
 
     for s in files:
         with fs.open(posixpath.join(root, s["file"]), "rb") as f:
-            return pq.read_schema(f).field("embedding").type.list_size
+            width = pq.read_schema(f).field("embedding").type.list_size
+        return width * 8 if precision in ("binary", "ubinary") else width
     return None

@@ -101,7 +101,9 @@ def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, Vecto
                          "(or embedpipe's int8/uint8/binary/ubinary vectors)")
     if fmt.precision in NEEDS_RANGES and fmt.ranges is None:
         raise InputError(f"{where}: {fmt.precision} vectors without the ranges they were quantised with")
-    return meta.num_rows, fmt if fmt.dim is not None else replace(fmt, dim=kind.list_size)
+    if fmt.dim is None:  # no recorded dimension: a packed binary vector holds 8 per byte
+        fmt = replace(fmt, dim=kind.list_size * (8 if fmt.precision in ("binary", "ubinary") else 1))
+    return meta.num_rows, fmt
 
 
 def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, storage_options) -> np.ndarray:

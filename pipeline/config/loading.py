@@ -46,11 +46,18 @@ def load_yaml(path: str, cls: type = EmbedConfig) -> dict[str, Any]:
     return out
 
 
+RENAMED_OPTIONS = {"output_dtype": "precision"}  # deprecated name -> its new name
+
+
 def load_config(cls: type, config_file: str | None = None, **overrides: Any) -> Any:
     """A `cls` (EmbedConfig, MineConfig, RerankConfig) from defaults <- YAML file <- `overrides`,
     the flags (None means 'not given'). Lists may be given as comma-separated text."""
     values: dict[str, Any] = load_yaml(config_file, cls) if config_file else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    given = {k: v for k, v in overrides.items() if v is not None}
+    for old, new in RENAMED_OPTIONS.items():  # a flag under its new name wins over the file's old name
+        if new in given and old not in given:
+            values.pop(old, None)
+    values.update(given)
     unknown = set(values) - {f.name for f in fields(cls)}
     if unknown:
         raise UsageError(f"unknown option(s): {', '.join(sorted(unknown))}")

@@ -8,7 +8,8 @@ commit and kept in `_run.json`, so a resume reuses it:
   `_manifest.json`), whose `quantization.ranges` are taken;
 - else `--calibration-rows N` (default 2000) documents sampled across the shards: the first valid
   rows of every shard (N / shards each; with more shards than N, N shards evenly spread), embedded
-  by one Ray task with sentence-transformers on the encoders' device (GPU: float16, else float32),
+  by one Ray task with sentence-transformers on the encoders' device (GPU: --dtype, float16 for auto;
+  CPU: float32, whatever --dtype),
   truncated and normalised as the run's vectors are, and their per-dimension minimum and maximum taken.
 """
 
@@ -24,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import DEFAULT_CALIBRATION_ROWS, EmbedConfig
-from pipeline.errors import InputError, UsageError
+from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.quantization import NEEDS_RANGES, VectorFormat, ranges_of
 from pipeline.stages.columns import TEXT, VALID
 from pipeline.storage.filesystems import get_fs
@@ -112,11 +113,19 @@ def calibrate(config: EmbedConfig, fmt: VectorFormat, shards: list, device: str)
     began = time.time()
     wanted = config.calibration_rows or DEFAULT_CALIBRATION_ROWS
     texts, used = sample_texts(config, shards, wanted)
-    if not texts:
-        raise InputError(f"--input {config.input}: no non-empty document to compute the int8/uint8 ranges from")
+    if len(texts) < 2:
+        raise InputError(f"--input {config.input}: {len(texts)} non-empty document(s) to compute the int8/uint8 ranges "
+                         "from; give ranges with --calibration FILE")
+    if len(texts) < 100:
+        log.warning("int8/uint8 ranges from only %d documents: values outside them are clipped; more rows, or "
+                    "--calibration FILE, give steadier ranges", len(texts))
     resources = {"num_gpus": 1, "num_cpus": 0} if device == "cuda" else {"num_cpus": 1}
     task = ray.remote(_embed_sample).options(**resources, max_retries=2)
-    vectors = ray.get(task.remote(config, texts, device))
+    try:
+        vectors = ray.get(task.remote(config, texts, device), timeout=config.stall_timeout or None)
+    except ray.exceptions.GetTimeoutError:
+        raise PipelineError(f"embedding the {len(texts)} calibration documents took more than --stall-timeout "
+                            f"{config.stall_timeout:g}s (no {'GPU' if device == 'cuda' else 'CPU'} free for it?)") from None
     ranges = ranges_of(fmt.finish(vectors))
     source = {"from": "rows", "rows": len(texts), "shards": used, "device": device,
               "seconds": round(time.time() - began, 3)}

@@ -4,10 +4,11 @@ The CLI (`pipeline.cli`) installs `on_signal` for SIGINT and SIGTERM in its main
 replaces the SIGTERM handler with its own (`sys.exit(15)`), so `pipeline.engine.cluster` installs
 ours again after it (`reinstall`).
 
-A signal stops the command where it is, as kill -9 would, but tidily: the line is printed, the
-output's lock is released (pipeline.storage.lock), every process the command started (a local
-Ray cluster's daemons, its workers and actors) is killed, and the process exits with 128 + the
-signal. Unwinding through `ray.shutdown` instead was measured to be unreliable: Ray Data's threads,
+A signal stops the command where it is, as kill -9 would, but tidily: every process the command
+started (a local Ray cluster's daemons, its workers and actors) is killed, then the output's lock
+is released (pipeline.storage.lock), the line is printed, and the process exits with 128 + the
+signal. The lock's heartbeat uses the same path (an interrupt of the main thread) to stop a run
+whose lock another run took over, with exit status 1. Unwinding through `ray.shutdown` instead was measured to be unreliable: Ray Data's threads,
 still running, touch Ray after it is down, which logs tracebacks ("Ray is not initialized"),
 starts a new local Ray from a thread ("SIGTERM handler is not set ..."), or has Ray's core worker
 end the process with exit status 1. Nothing committed is lost: a file is committed by one atomic
@@ -21,7 +22,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import threading
 
 PROG = "embedpipe"
@@ -53,28 +53,21 @@ def on_signal(signum: int, frame) -> None:
     if _state["stopping"]:  # a second signal while stopping: out at once
         os._exit(128 + signum)
     _state["stopping"] = True
-    logging.disable(logging.CRITICAL)
-    _write(stop_line(signum) + "\n")
-    try:
-        from pipeline.storage.lock import release_held
+    code = 128 + signum
+    try:  # nothing may escape into the code the signal interrupted (a write to stderr, say)
+        logging.disable(logging.CRITICAL)
+        from pipeline.storage import lock
 
-        release_held()
-    except Exception:  # noqa: BLE001 - a lock left behind is taken over by the next run
+        if lock.LOST:  # not a signal from outside: the lock's heartbeat found another run holding it
+            line, code = f"{PROG}: error: {lock.LOST[0]}", 1
+        else:
+            line = stop_line(signum)
+        kill_descendants()  # first: nothing of this run may write once the lock is gone
+        lock.release_held()
+        os.write(2, (line + "\n").encode())
+    except BaseException:  # noqa: BLE001
         pass
-    kill_descendants()
-    os._exit(128 + signum)
-
-
-def _write(text: str) -> None:
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    try:
-        os.write(sys.stderr.fileno(), text.encode())
-    except (OSError, ValueError):
-        pass
+    os._exit(code)
 
 
 def kill_descendants() -> None:

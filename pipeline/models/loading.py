@@ -270,6 +270,9 @@ def resolve_prompt(model, config: EmbedConfig) -> str | None:
                 f"--prompt-name {config.prompt_name!r}: the model has prompts {sorted(model.prompts)}"
             )
         return model.prompts[config.prompt_name]
+    if config.role and _routes(model):
+        raise UsageError(f"--role {config.role}: model {config.model} routes queries and documents through "
+                         "different modules (a Router), which embedpipe does not do; use --prompt-name instead")
     role_prompt = ROLE_PROMPTS.get(config.role or "")
     for name in role_prompt or ():
         if name in model.prompts:
@@ -277,6 +280,14 @@ def resolve_prompt(model, config: EmbedConfig) -> str | None:
     if model.default_prompt_name is not None:
         return model.prompts.get(model.default_prompt_name)
     return None
+
+
+def _routes(model) -> bool:
+    try:
+        from sentence_transformers.base.modules.router import Router
+    except ImportError:  # pragma: no cover - an older sentence-transformers has no Router
+        return False
+    return any(isinstance(m, Router) for m in model.modules())
 
 
 # The prompts encode_query and encode_document look for, in their order.

@@ -144,7 +144,14 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, du
     try:
         _write_atomic(fs, path, data, durable)
     except OSError as exc:
-        raise PipelineError(write_failure(exc, shown or (path if is_local(fs) else f"s3://{path}"))) from exc
+        raise PipelineError(write_failure(exc, shown or _uri(fs, path))) from exc
+
+
+def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    if is_local(fs):
+        return path
+    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
+    return f"{protocol}://{path}"
 
 
 def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool) -> None:

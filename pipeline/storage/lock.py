@@ -32,7 +32,7 @@ import time
 import uuid
 from typing import Any, Iterator
 
-from pipeline.errors import UsageError
+from pipeline.errors import PipelineError, UsageError
 from pipeline.storage.filesystems import is_local, write_bytes_atomic
 
 log = logging.getLogger(__name__)
@@ -51,7 +51,7 @@ def output_lock(fs, root: str, output: str, command: str) -> Iterator[dict]:
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(fs, path, mine, stop), name="embedpipe-lock", daemon=True)
     beat.start()
-    _HELD[mine["token"]] = (fs, path)
+    _HELD[mine["token"]] = (fs, path, stop)
     try:
         yield mine
     finally:
@@ -59,11 +59,14 @@ def output_lock(fs, root: str, output: str, command: str) -> Iterator[dict]:
         stop.set()
         beat.join(timeout=5)
         _remove_if_ours(fs, path, mine["token"])
+    if LOST:
+        raise PipelineError(LOST[0])
 
 
 def release_held() -> None:
     """Remove the locks this process holds (pipeline.engine.interrupts, as a signal stops it)."""
-    for token, (fs, path) in list(_HELD.items()):
+    for token, (fs, path, stop) in list(_HELD.items()):
+        stop.set()
         _remove_if_ours(fs, path, token)
 
 
@@ -71,7 +74,9 @@ def _take(fs, path: str, output: str, command: str) -> dict:
     for _ in range(3):
         mine = _document(command)
         if _create(fs, path, json.dumps(mine, indent=2).encode()):
-            return mine
+            if is_local(fs) or (read_lock(fs, path) or {}).get("token") == mine["token"]:
+                return mine
+            continue  # on S3 a stale-lock takeover by another run raced ours: look again
         holder = read_lock(fs, path)
         if holder is None:  # removed in between: try again
             continue
@@ -83,7 +88,7 @@ def _take(fs, path: str, output: str, command: str) -> dict:
                 f"same host, or no heartbeat for {STALE_AFTER_S / 60:g} min)"
             )
         log.warning("--output %s: taking over the lock of %s: %s", output, describe(holder), why)
-        _remove_if_ours(fs, path, holder.get("token"))
+        _remove_stale(fs, path, holder.get("token"))
     raise UsageError(f"--output {output}: another run keeps taking its lock ({LOCK_FILE}); try again")
 
 
@@ -95,8 +100,25 @@ def _document(command: str) -> dict[str, Any]:
         user = str(os.getuid())
     return {
         "command": f"embedpipe {command}", "user": user, "host": socket.gethostname(), "pid": os.getpid(),
-        "started": _iso(now), "heartbeat": _iso(now), "heartbeat_unix": now, "token": uuid.uuid4().hex,
+        "machine": _machine(), "started": _iso(now), "heartbeat": _iso(now), "heartbeat_unix": now,
+        "token": uuid.uuid4().hex,
     }
+
+
+def _machine() -> str:
+    """This boot of this machine and this process namespace: two containers sharing a host name (or a
+    pid) differ here, so neither mistakes the other's live run for a dead one."""
+    parts = []
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            parts.append(f.read().strip())
+    except OSError:
+        pass
+    try:
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:
+        pass
+    return ":".join(parts)
 
 
 def _iso(t: float) -> str:
@@ -117,6 +139,8 @@ def _create(fs, path: str, data: bytes) -> bool:
             return True
         except (FileExistsError, FileNotFoundError):  # taken; or a run holding it cleared our temporary file
             return False
+        except OSError:  # no hard links here (vfat, some FUSE and CIFS mounts): an exclusive create instead
+            return _create_exclusive(path, data)
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
@@ -127,6 +151,18 @@ def _create(fs, path: str, data: bytes) -> bool:
         if fs.exists(path):
             return False
         raise UsageError(f"{path}: cannot create the output's lock ({exc})") from None
+
+
+def _create_exclusive(path: str, data: bytes) -> bool:
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        return False
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    return True
 
 
 def read_lock(fs, path: str) -> dict | None:
@@ -145,7 +181,8 @@ def read_lock(fs, path: str) -> dict | None:
 def stale_reason(holder: dict, now: float | None = None) -> str | None:
     """Why the lock `holder` no longer protects a live run, or None if it may."""
     now = time.time() if now is None else now
-    if holder.get("host") == socket.gethostname() and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+    here = holder.get("host") == socket.gethostname() and holder.get("machine", _machine()) == _machine()
+    if here and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
         return f"its process (pid {holder['pid']}) is gone"
     beat = holder.get("heartbeat_unix")
     if not isinstance(beat, (int, float)):
@@ -179,13 +216,45 @@ def _heartbeat(fs, path: str, mine: dict, stop: threading.Event) -> None:
         try:
             held = read_lock(fs, path)
             if not held or held.get("token") != mine["token"]:
-                log.warning("%s: this run's lock was taken over by %s", path, describe(held or {}))
+                _lost(f"another run took over the output's lock ({path}) after this one stopped beating for "
+                      f"{STALE_AFTER_S / 60:g} min: {describe(held or {})}; this run stops and leaves the output to it")
                 return
             now = time.time()
             mine.update(heartbeat=_iso(now), heartbeat_unix=now)
             write_bytes_atomic(fs, path, json.dumps(mine, indent=2).encode(), durable=False)
         except Exception as exc:  # noqa: BLE001 - a missed heartbeat must not end the run
             log.debug("lock heartbeat failed: %s", exc)
+
+
+LOST: list[str] = []  # why this process lost its lock, once it has
+
+
+def _lost(message: str) -> None:
+    """The run must stop: interrupt the main thread (the CLI's handler prints LOST[0] and exits 1)."""
+    import _thread
+
+    LOST.append(message)
+    log.error("%s", message)
+    _thread.interrupt_main()
+
+
+def _remove_stale(fs, path: str, token: str | None) -> None:
+    """Remove the stale lock `token`, never another: locally it is first renamed aside (atomic), then
+    checked, and put back if a new lock had replaced it in between; on S3, read then removed."""
+    if not is_local(fs):
+        _remove_if_ours(fs, path, token)
+        return
+    aside = f"{path}.stale.{uuid.uuid4().hex}"
+    try:
+        os.rename(path, aside)
+    except FileNotFoundError:
+        return
+    held = read_lock(fs, aside)
+    if held is not None and held.get("token") != token:  # a new lock came between: give it back
+        with contextlib.suppress(FileExistsError):
+            os.link(aside, path)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(aside)
 
 
 def _remove_if_ours(fs, path: str, token: str | None) -> None:

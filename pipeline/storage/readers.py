@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.identity import check_consistent, names_to_paths
-from pipeline.quantization import VectorFormat, from_column
+from pipeline.quantization import VectorFormat, from_column, normalized
 from pipeline.storage.filesystems import get_fs
 from pipeline.storage.sink import SETTINGS_KEY
 
@@ -121,6 +121,8 @@ def quantize_queries(vectors, path: str, storage_options: Mapping[str, Any] | No
     width = vectors.shape[1]
     if fmt.dim is not None and width != fmt.dim and not (fmt.truncate_dim is not None and width > fmt.truncate_dim):
         raise InputError(f"{path}: holds {fmt.dim}-dimensional vectors; the queries have {width}")
+    if fmt.normalize:  # the run's vectors were unit vectors before any truncation (idempotent on unit vectors)
+        vectors = normalized(vectors)
     return fmt.quantize(fmt.finish(vectors))
 
 

@@ -8,7 +8,7 @@ output file, which is the unit of commit and resume. Discovery is in
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +32,7 @@ __all__ = [  # with the names of discovery, formats and rows that other modules 
     "output_stem",
     "read_chunks",
     "read_shard",
+    "shard_done",
 ]
 
 
@@ -84,6 +85,28 @@ def _longest_first(table: pa.Table) -> pa.Table:
 def chunk_file_name(shard: Shard, chunk: int, multi: bool) -> str:
     stem = output_stem(shard.key)
     return f"{stem}-{chunk:05d}.parquet" if multi else f"{stem}.parquet"
+
+
+def shard_done(shard: Shard, committed: Mapping[str, Any], rows_per_file: int) -> bool:
+    """Whether every file of `shard` is committed, judged from the output alone, without reading the shard.
+
+    `committed`: {file name: its statistics (a dict with `rows`) or None}. A shard of one file is done
+    when that file is there. A shard cut into several files is done when files 0..K are all there
+    and file K holds fewer than `rows_per_file` rows: only a shard's last file can be short. A shard
+    whose last file is exactly full cannot be told apart from one with more rows to come; it is read
+    again, its committed files skipped as it goes (and so is a shard whose files have no statistics).
+    """
+    stem = output_stem(shard.key)
+    if f"{stem}.parquet" in committed:
+        return True
+    k = 0
+    while f"{stem}-{k:05d}.parquet" in committed:
+        k += 1
+    if k == 0:
+        return False
+    stats = committed[f"{stem}-{k - 1:05d}.parquet"]
+    rows = stats.get("rows") if isinstance(stats, dict) else None
+    return isinstance(rows, int) and rows < rows_per_file
 
 
 def read_chunks(shard: Shard, spec: ReadSpec, rows_per_file: int, committed: frozenset[str]) -> Iterator[pa.Table]:
