@@ -52,7 +52,7 @@ class VectorFormat:
         precision = settings.get("precision") or settings.get("output_dtype") or "float32"
         quantization = settings.get("quantization") or {}
         ranges = quantization.get("ranges")
-        dim = settings.get("dim") or (width if precision not in ("binary", "ubinary") else None)
+        dim = settings.get("dim") or dim_of_width(precision, width)
         return cls(
             precision=precision, dim=dim, truncate_dim=settings.get("truncate_dim"),
             normalize=bool(settings.get("normalize")),
@@ -108,6 +108,14 @@ class VectorFormat:
         if not dequantize:
             return values
         return dequantized(values, self.precision, self.ranges_array(), self.dim)
+
+
+def dim_of_width(precision: str, width: int | None) -> int | None:
+    """The dimension of vectors stored `width` values wide, where none was recorded: binary/ubinary
+    pack 8 dimensions a byte (a dimension count that was not a multiple of 8 reads as the next one)."""
+    if width is None:
+        return None
+    return width * 8 if precision in ("binary", "ubinary") else width
 
 
 def normalized(vectors: np.ndarray) -> np.ndarray:

@@ -27,7 +27,7 @@ from pipeline.identity import (
 from pipeline.manifest import write as write_manifest
 from pipeline.models.describe import ModelFacts
 from pipeline.models.loading import check_model
-from pipeline.quantization import NEEDS_RANGES, VectorFormat
+from pipeline.quantization import NEEDS_RANGES, VectorFormat, dim_of_width
 from pipeline.storage.output import (
     clear_leftovers, clear_staging, committed_files, finish_swap, staging_uri, swap_in,
 )
@@ -86,6 +86,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
     # shards with every file committed are not read at all (pipeline.storage.sources.shard_done)
     done = {name: facts.stats for name, facts in earlier.facts.items()}
     todo = [s for s in shards if not shard_done(s, done, config.rows_per_file)]
+    fmt = None
     if earlier.facts:  # a resume with other settings is refused before a cluster starts
         info, vectors = describing.result()[:2]
         fmt = vector_format(config, info, vectors, earlier.run)
@@ -93,7 +94,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
     with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
         info, vectors, tokenizer_spec = describing.result()
         plan = plan_from_cluster(config, vectors.get("vocab_size"), info.weights_per_token) if todo else None
-        fmt, source = _vector_format(config, info, vectors, earlier, shards, plan)
+        fmt, source = _vector_format(config, info, vectors, earlier, shards, plan, fmt)
         identity = run_identity(config, info, planned_dtype(config, plan), fmt, source)
         target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
         sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
@@ -138,11 +139,13 @@ class Earlier:
         return iter((self.run, self.manifest, self.facts))
 
 
-def _vector_format(config: EmbedConfig, info, vectors: dict, earlier: Earlier, shards, plan: Plan | None):
+def _vector_format(config: EmbedConfig, info, vectors: dict, earlier: Earlier, shards, plan: Plan | None,
+                   fmt: VectorFormat | None = None):
     """(what the run stores, how its int8/uint8 ranges were obtained): a file's or the resumed run's
-    ranges, else ranges computed now from sampled documents (pipeline.engine.calibration)."""
+    ranges, else ranges computed now from sampled documents (pipeline.engine.calibration). `fmt`: the
+    format a resume already worked out before the cluster started (its --calibration file read once)."""
     bound = earlier.run if earlier.facts else None  # a run that committed nothing binds nothing
-    fmt = vector_format(config, info, vectors, bound)
+    fmt = fmt or vector_format(config, info, vectors, bound)
     source = quantization_source(config, bound)
     if fmt.precision in NEEDS_RANGES and fmt.ranges is None and plan is not None:
         fmt, source = calibrate(config, fmt, shards, plan.device)
@@ -303,6 +306,5 @@ def _dimension(fs, root: str, files: list[dict], precision: str = "float32") -> 
 
     for s in files:
         with fs.open(posixpath.join(root, s["file"]), "rb") as f:
-            width = pq.read_schema(f).field("embedding").type.list_size
-        return width * 8 if precision in ("binary", "ubinary") else width
+            return dim_of_width(precision, pq.read_schema(f).field("embedding").type.list_size)
     return None

@@ -11,6 +11,7 @@ from pipeline.errors import InputError
 from pipeline.identity import consistency_problems, names_to_paths
 from pipeline.storage.readers import embedding_files, read_embeddings
 from pipeline.manifest import read_required
+from pipeline.quantization import VectorFormat
 from pipeline.storage.filesystems import get_fs
 
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
@@ -24,7 +25,8 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "rows")}
     brief["precision"] = manifest.get("precision") or manifest.get("output_dtype")
     if manifest.get("kind") != "sparse":
-        brief["bytes_per_vector"] = manifest.get("bytes_per_vector") or _float_bytes(manifest)
+        brief["bytes_per_vector"] = manifest.get("bytes_per_vector") or VectorFormat(brief["precision"] or "float32",
+                                                                                    manifest.get("dim")).bytes_per_vector
         if manifest.get("truncate_dim"):
             brief["truncate_dim"] = manifest["truncate_dim"]
     if manifest.get("kind") == "sparse":
@@ -101,12 +103,6 @@ def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict |
     for t in top:
         a, b = iu[0][t], iu[1][t]
         print(f"  {scores[t]:.4f}  {_label(ids[a], texts)}  <->  {_label(ids[b], texts)}")
-
-
-def _float_bytes(manifest: dict) -> int | None:
-    """An older manifest's bytes per vector: float32 or float16 of its dimension."""
-    dim = manifest.get("dim")
-    return dim * (2 if manifest.get("output_dtype") == "float16" else 4) if dim else None
 
 
 def _label(doc_id: str, texts: dict) -> str:

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import posixpath
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -101,8 +101,6 @@ def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, Vecto
                          "(or embedpipe's int8/uint8/binary/ubinary vectors)")
     if fmt.precision in NEEDS_RANGES and fmt.ranges is None:
         raise InputError(f"{where}: {fmt.precision} vectors without the ranges they were quantised with")
-    if fmt.dim is None:  # no recorded dimension: a packed binary vector holds 8 per byte
-        fmt = replace(fmt, dim=kind.list_size * (8 if fmt.precision in ("binary", "ubinary") else 1))
     return meta.num_rows, fmt
 
 

@@ -144,14 +144,7 @@ def write_bytes_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, du
     try:
         _write_atomic(fs, path, data, durable)
     except OSError as exc:
-        raise PipelineError(write_failure(exc, shown or _uri(fs, path))) from exc
-
-
-def _uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
-    if is_local(fs):
-        return path
-    protocol = fs.protocol[0] if isinstance(fs.protocol, (tuple, list)) else fs.protocol
-    return f"{protocol}://{path}"
+        raise PipelineError(write_failure(exc, shown or (path if is_local(fs) else fs.unstrip_protocol(path)))) from exc
 
 
 def _write_atomic(fs: fsspec.AbstractFileSystem, path: str, data: bytes, durable: bool) -> None:
@@ -191,7 +184,7 @@ def write_failure(exc: OSError, path: str) -> str:
     code = exc.errno if isinstance(exc.errno, int) else (errno.EACCES if isinstance(exc, PermissionError) else None)
     what, todo = _WRITE_ERRORS.get(code, (None, "then rerun to resume"))
     if what is None:
-        what = (exc.strerror or str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__).lower()
+        what = (exc.strerror or first_line(exc)).lower()
     return f"{what} writing {path}: {todo}"
 
 

@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
-from pipeline.identity import check_consistent, names_to_paths
+from pipeline.identity import check_consistent, names_to_paths, read_run
 from pipeline.quantization import VectorFormat, from_column, normalized
 from pipeline.storage.filesystems import get_fs
 from pipeline.storage.sink import SETTINGS_KEY
@@ -95,7 +95,6 @@ def file_format(fs, file: str, schema: pa.Schema | None = None) -> VectorFormat:
 
 def output_format(path: str, storage_options: Mapping[str, Any] | None = None) -> VectorFormat:
     """What an output's vectors are: its `_run.json`, else its manifest, else its first file's settings."""
-    from pipeline.identity import read_run
     from pipeline.manifest import read
 
     fs, root = get_fs(path, storage_options)
