@@ -46,9 +46,9 @@ RUN_FORMAT_VERSION = 1
 # setting would assume "float32"), so that older outputs still resume.
 IDENTITY_KEYS = (
     "model", "kind", "pooling", "normalize", "max_seq_length", "prompt", "dtype", "precision", "truncate_dim",
-    "dim", "quantization", "sparse_top_k", "rows_per_file", "text_field", "id_field",
+    "dim", "quantization", "sparse_top_k", "chunking", "rows_per_file", "text_field", "id_field",
 )
-ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None}
+ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None, "chunking": None}
 RENAMED = {"precision": "output_dtype"}  # a setting's name in identities written before it was renamed
 READ_THREADS = 16  # footers read at once: one or two small requests each on S3
 
@@ -71,6 +71,7 @@ def run_identity(config, info, dtype: str | None, vectors=None, source: dict | N
         "dim": vectors.dim if vectors else None,
         "quantization": {"ranges": [list(r) for r in vectors.ranges]} if vectors and vectors.ranges else None,
         "sparse_top_k": config.sparse_top_k,
+        "chunking": {"tokens": config.chunk_tokens, "overlap": config.chunk_overlap} if config.chunk_tokens else None,
         "rows_per_file": config.rows_per_file,
         "text_field": config.text_field,
         "id_field": config.id_field,
@@ -174,7 +175,15 @@ def describe_difference(key: str, old: Any, new: Any, old_model: str | None, new
     if key == "dtype" and "int8" in (old, new):
         return (f"vectors computed with dtype={old!r}, this run has {new!r}; int8 and floating-point "
                 "vectors are not mixed in one output")
+    if key == "chunking":
+        return f"vectors of {_chunking(old)}, this run embeds {_chunking(new)}"
     return f"vectors made with {key}={old!r}, this run has {new!r}"
+
+
+def _chunking(value: dict | None) -> str:
+    if not value:
+        return "whole documents (no --chunk-tokens)"
+    return f"chunks of at most {value['tokens']} tokens sharing {value['overlap']} (--chunk-tokens/--chunk-overlap)"
 
 
 def check_against(stored: dict[str, Any], identity: dict[str, Any], where: str) -> None:

@@ -43,11 +43,12 @@ COMMON_KEYS = {
                       "`format_version`), and is read all the same",
     "version": "1: the key readers of version 1 looked for; kept",
     "rows": "counts: for embeddings `documents`, `embedded`, `invalid` (empty texts skipped), `truncated`, "
-            "`tokens`; for pairs `documents`, `pairs`; for reranked pairs `pairs_in`, `reranked`, `tokens`",
+            "`tokens` (with --chunk-tokens also `chunks` and `chunks_per_document`: `mean`, `max`); for pairs "
+            "`documents`, `pairs`; for reranked pairs `pairs_in`, `reranked`, `tokens`",
     "model": "the model: `name`, `path`, `fingerprint` (sha256 over its files), and its settings; "
              "None for pairs",
     "files": "the Parquet files: `file` and `rows` (for embeddings also `shard`, `embedded`, `invalid`, "
-             "`truncated`, `tokens`)",
+             "`truncated`, `tokens`, `chunks`, `max_chunks`; `rows` and `embedded` count documents)",
     "config": "every option of the run, as in docs/reference.md; storage options (credentials) are never written",
     "timings": "`started`, `finished` (UTC, ISO 8601), `seconds`; embeddings add `stages` (per stage and step "
                "(`read.reading`, `tokenize.tokenizing`, `encode.encoding`, `encode.model`: the time inside the model's "
@@ -75,6 +76,8 @@ KEYS: dict[str, dict[str, str]] = {
         "quantization": "int8/uint8: `precision`, `ranges` ([[min per dimension], [max per dimension]], the run's "
                         "buckets), `source` (how they were obtained: `from` rows (with `rows`, `shards`, `device`, "
                         "`seconds`), file (`path`) or a resumed run); None for other precisions",
+        "chunking": "--chunk-tokens: `tokens` (most per chunk) and `overlap`; rows are chunks, with `doc_id`, "
+                    "`chunk`, `start`, `end`. None: one vector per document",
         "vocab_size": "sparse outputs: the vocabulary size",
         "sparse_top_k": "sparse outputs: the terms kept per document (None: all non-zero ones)",
         "shards": "per input shard: `shard`, its `files`, `rows`, `embedded`",

@@ -161,7 +161,7 @@ def test_help_lists_every_field_with_its_help_default_and_group(capsys, command)
         assert option.doc and (option.shown_default is None or option.shown_default in option.help)
     if command == "embed":
         assert "--rows-per-fileROWS_PER_FILELargestnumberofrowsinoneoutputfile;abiggershardiswrittenasseveral" \
-               "files.(default:50000)" in squeezed
+               "files.Withchunk_tokensitcountsdocuments:afileholdsitsdocuments'chunks.(default:50000)" in squeezed
         assert "--inputINPUTFile,directory,globors3://URIofthedocuments.(required)" in squeezed
         assert "--normalizeL2-normalisethevectors;defaultfollowsthemodel(itsNormalizemodule).--no-normalize" in squeezed
 

@@ -50,6 +50,8 @@ class RunResult:
     files_written: int
     files_skipped: int
     manifest: dict[str, Any] = field(repr=False)
+    chunks: int | None = None
+    """With --chunk-tokens: the chunks embedded (rows of the output); None without."""
     mined: Any = None
     """The MineResult of `embed --mine` (pipeline.embed with mine=True), else None."""
 
@@ -59,10 +61,14 @@ class RunResult:
 
     def summary_line(self) -> str:
         return (
-            f"embedded {self.embedded:,} documents ({self.tokens:,} tokens, {self.truncated:,} truncated, "
+            f"embedded {self.embedded:,} documents{self._as_chunks()} ({self.tokens:,} tokens, {self.truncated:,} truncated, "
             f"{self.invalid:,} empty skipped, {self.files_skipped} file(s) already done) in "
             f"{self.seconds:.1f}s: {self.docs_per_second:,.0f} docs/s -> {self.output}"
         )
+
+
+    def _as_chunks(self) -> str:
+        return "" if self.chunks is None else f" as {self.chunks:,} chunks"
 
 
 def run_embed(config: EmbedConfig) -> RunResult:
@@ -93,6 +99,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
         check_resume(config, info, run_identity(config, info, planned_dtype(config, None), fmt), *earlier)
     with ray_session_for(config.ray_address, config.quiet) if todo else contextlib.nullcontext():
         info, vectors, tokenizer_spec = describing.result()
+        check_chunking(config, info, tokenizer_spec)
         plan = plan_from_cluster(config, vectors.get("vocab_size"), info.weights_per_token) if todo else None
         fmt, source = _vector_format(config, info, vectors, earlier, shards, plan, fmt)
         identity = run_identity(config, info, planned_dtype(config, plan), fmt, source)
@@ -123,7 +130,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
         embedded=sum(s["embedded"] for s in written.values()), invalid=manifest["rows"]["invalid"],
         truncated=manifest["rows"]["truncated"], tokens=sum(s["tokens"] for s in written.values()),
         seconds=finished - started, files_written=len(written), files_skipped=len(stats) - len(written),
-        manifest=manifest,
+        manifest=manifest, chunks=sum(s.get("chunks", 0) for s in written.values()) if config.chunk_tokens else None,
     )
 
 
@@ -186,6 +193,23 @@ def _file_stats(config: EmbedConfig, fs, root: str, shards, written: dict, facts
     return stats
 
 
+def check_chunking(config: EmbedConfig, info, spec) -> None:
+    """--chunk-tokens needs the model's fast tokenizer (its offsets place the cuts) and must leave
+    room in the model's window for its special tokens and prompt."""
+    if not config.chunk_tokens:
+        return
+    if spec is None:
+        raise UsageError(f"--chunk-tokens: model {info.name} has no fast (Rust) tokenizer for plain text, whose "
+                         "character offsets embedpipe cuts by")
+    from pipeline.models.fast_tokenizer import PlainTokenizer
+
+    overhead = int(PlainTokenizer(spec).encode([""])[1][0])  # special tokens and the prompt
+    room = spec.max_len - overhead if spec.max_len else None
+    if room is not None and config.chunk_tokens > room:
+        raise UsageError(f"--chunk-tokens {config.chunk_tokens}: model {info.name} reads {spec.max_len} tokens, "
+                         f"{overhead} of them special tokens and prompt; at most {room}")
+
+
 def _onnx_graph(config: EmbedConfig, plan: Plan, info):
     """The model's checked ONNX graph in the object store, for CPU encoders (every node gets the
     same graph without a shared disk); None where PyTorch runs the model."""
@@ -237,6 +261,12 @@ def _manifest(
             entry["embedded"] += s["embedded"]
     totals = {k: sum(s[k] for s in files) for k in ("embedded", "invalid", "truncated", "tokens")}
     totals["documents"] = sum(s["rows"] for s in files)
+    if config.chunk_tokens:
+        totals["chunks"] = sum(s.get("chunks", 0) for s in files)
+        totals["chunks_per_document"] = {
+            "mean": round(totals["chunks"] / totals["embedded"], 3) if totals["embedded"] else 0.0,
+            "max": max((s.get("max_chunks", 0) for s in files), default=0),
+        }
     vectors = dict(vectors or {"kind": "dense"})
     kind = vectors.pop("kind")
     return manifest.build(
@@ -248,6 +278,7 @@ def _manifest(
         dim=vectors["vocab_size"] if kind == "sparse" else (fmt and fmt.dim) or _dimension(fs, root, files, config.precision),
         **{k: v for k, v in vectors.items() if k in ("vocab_size", "sparse_top_k")},
         **_stored_vectors(config, kind, fmt, source),
+        chunking={"tokens": config.chunk_tokens, "overlap": config.chunk_overlap} if config.chunk_tokens else None,
         pooling=info.pooling,
         normalize=info.normalize,
         max_seq_length=info.max_seq_length,

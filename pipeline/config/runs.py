@@ -113,8 +113,16 @@ class EmbedConfig(_Recorded):
     """Tokenizer actors; default scales with the cluster's CPUs."""
     encoder_threads: int | None = None
     """Threads per CPU encoder (ONNX Runtime or torch); default the CPUs of its node."""
+    chunk_tokens: int | None = None
+    """Cut each document into chunks of at most N tokens of the model's tokenizer (special tokens and
+    the prompt not counted) and embed every chunk: one row per chunk, id '<doc id>#<chunk>'. Default:
+    one vector per document, truncated at the model's max_seq_length."""
+    chunk_overlap: int = 0
+    """With chunk_tokens: tokens consecutive chunks share (up to 8 fewer where a cut moves to the start
+    of a word)."""
     rows_per_file: int = 50_000
-    """Largest number of rows in one output file; a bigger shard is written as several files."""
+    """Largest number of rows in one output file; a bigger shard is written as several files. With
+    chunk_tokens it counts documents: a file holds its documents' chunks."""
     ray_address: str | None = None
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     overwrite: bool = False
@@ -167,6 +175,7 @@ class EmbedConfig(_Recorded):
         _positive("--num-tokenizers", self.num_tokenizers)
         _positive("--encoder-threads", self.encoder_threads)
         _positive("--rows-per-file", self.rows_per_file)
+        self._check_chunking()
         _positive("--sparse-top-k", self.sparse_top_k)
         _positive("--mine-top-k", self.mine_top_k)
         _positive("--mine-max-pairs", self.mine_max_pairs)
@@ -194,6 +203,16 @@ class EmbedConfig(_Recorded):
         reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
+
+    def _check_chunking(self) -> None:
+        _positive("--chunk-tokens", self.chunk_tokens)
+        if not isinstance(self.chunk_overlap, int) or self.chunk_overlap < 0:
+            raise UsageError(f"--chunk-overlap must be a whole number of tokens, 0 or more, got {self.chunk_overlap!r}")
+        if self.chunk_overlap and not self.chunk_tokens:
+            raise UsageError("--chunk-overlap needs --chunk-tokens: it is the tokens consecutive chunks share")
+        if self.chunk_tokens and self.chunk_overlap * 2 > self.chunk_tokens:
+            raise UsageError(f"--chunk-overlap {self.chunk_overlap} is more than half of --chunk-tokens "
+                             f"{self.chunk_tokens}: every token would be embedded three times or more")
 
     def _check_precision(self) -> None:
         """--precision and its options; --output-dtype, deprecated, is read as --precision."""

@@ -156,8 +156,9 @@ class FileTracker:
             self.written[name] = _stats(row)
             return
         self.chunk_rows[name] = row["chunk_rows"]
-        self.pieces.setdefault(name, {})[row["first_row"]] = row["rows"]
-        if name not in self.merges and sum(self.pieces[name].values()) == row["chunk_rows"]:
+        self.pieces.setdefault(name, {})[row["first_row"]] = (row["rows"], row["docs"], row["doc_chunks"])
+        rows, docs, doc_chunks = (sum(counts) for counts in zip(*self.pieces[name].values()))
+        if name not in self.merges and docs == row["chunk_rows"] and rows == doc_chunks:  # every document, whole
             self.merges[name] = self._join(self.sink, name, row["chunk_rows"], self.board)
 
     def finish(self) -> dict[str, dict]:
@@ -175,4 +176,4 @@ class FileTracker:
 
 
 def _stats(row: dict) -> dict:
-    return {k: row[k] for k in ("file", "shard", "rows", "embedded", "invalid", "truncated", "tokens")}
+    return {k: row[k] for k in ("file", "shard", "rows", "embedded", "invalid", "truncated", "tokens", "chunks", "max_chunks")}

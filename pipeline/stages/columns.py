@@ -23,6 +23,15 @@ SHARD = "_shard"  # string: the shard's key (its path under --input)
 FILE = "_file"  # string: the output file of the row's chunk, e.g. "sub__d.csv-00001.parquet"
 CHUNK_ROWS = "_chunk_rows"  # int64: the rows of that chunk, so the sink knows when its file is complete
 
+# Chunks of long documents, added by TokenizeStage with --chunk-tokens (pipeline.stages.chunking):
+# a row is then one chunk; ID becomes "<doc id>#<chunk>", TEXT the chunk's text, ROW numbers chunks.
+DOC_ID = "doc_id"  # string: the document's id
+CHUNK = "chunk"  # int32: the chunk's place in its document, 0-based
+START = "start"  # int64: the chunk's first character in the document's text as read
+END = "end"  # int64: one past its last: text[start:end] is what was embedded
+N_CHUNKS = "_n_chunks"  # int32: the chunks of the row's document, so the sink knows when a document is whole
+CHUNK_COLUMNS = (DOC_ID, CHUNK, START, END)  # written to the output, after ID
+
 # Tokens, added by TokenizeStage as ready-to-run micro-batches (pipeline.stages.ready).
 TOKEN_PREFIX = "tok_"  # large_list<int64> per token feature and the mask, padded to the row's micro-batch:
 TOKENS = TOKEN_PREFIX + "*"  # tok_input_ids, tok_attention_mask, ...; stands for all of them in the contracts below

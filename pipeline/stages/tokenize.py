@@ -23,6 +23,7 @@ from pipeline.models.loading import load_model, resolve_prompt
 from pipeline.models.fast_tokenizer import PlainTokenizer, TokenizerSpec
 from pipeline.engine.watchdog import Progress
 from pipeline.stages.batching import CPU_BATCH_TOKENS, padding
+from pipeline.stages.chunking import Chunker
 from pipeline.stages.columns import N_TOKENS, ROW, TEXT, TRUNCATED, VALID
 from pipeline.stages.ready import lay_out, segments
 
@@ -53,6 +54,9 @@ class TokenizeStage:
                 self.max_len = self.model.max_seq_length
                 self.left_pad, self.pad_values = padding(self.model.tokenizer)
         self.progress.report_placement(tokenizer="tokenizers" if self.plain else "sentence-transformers")
+        self.chunker = None
+        if config.chunk_tokens:  # the driver allows chunking only with a fast tokenizer's spec
+            self.chunker = Chunker(spec.backend, spec.split_special_tokens, config.chunk_tokens, config.chunk_overlap)
         self.keep_text = config.text_field in config.keep_columns
         self.batch_tokens = batch_tokens or config.max_batch_tokens or CPU_BATCH_TOKENS
 
@@ -61,6 +65,8 @@ class TokenizeStage:
             return self._tokenize_block(batch)
 
     def _tokenize_block(self, batch: pa.Table) -> pa.Table:
+        if self.chunker is not None:
+            batch = self.chunker.expand(batch)  # one row per chunk from here on
         n = batch.num_rows
         valid = np.asarray(batch[VALID].to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.flatnonzero(valid)

@@ -28,7 +28,9 @@ from pipeline.errors import PipelineError
 from pipeline.quantization import VectorFormat, from_column
 from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 from pipeline.engine.watchdog import Progress
-from pipeline.stages.columns import CHUNK_ROWS, FILE, N_TOKENS, ROW, SHARD, TRUNCATED, VALID
+from pipeline.stages.columns import (
+    CHUNK, CHUNK_COLUMNS, CHUNK_ROWS, FILE, N_CHUNKS, N_TOKENS, ROW, SHARD, TRUNCATED, VALID,
+)
 
 PIECES_DIR = "_pieces"
 PIECE_SUFFIX = ".arrow"
@@ -43,6 +45,10 @@ SUMMARY_SCHEMA = pa.schema(
         ("rows", pa.int64()),
         ("chunk_rows", pa.int64()),
         ("first_row", pa.int64()),  # a piece's lowest row: names it, so a retried block is counted once
+        ("docs", pa.int64()),  # documents whose first chunk is among the rows (= rows without chunking)
+        ("doc_chunks", pa.int64()),  # the chunks those documents have in all (= rows without chunking)
+        ("chunks", pa.int64()),  # chunks embedded (= embedded without chunking)
+        ("max_chunks", pa.int64()),  # the most chunks of one document
         ("embedded", pa.int64()),
         ("invalid", pa.int64()),
         ("truncated", pa.int64()),
@@ -76,17 +82,18 @@ def _commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
     for name in pc.unique(files).to_pylist():
         rows = batch.filter(pc.equal(files, name))
         chunk_rows = int(rows[CHUNK_ROWS][0].as_py())
-        if rows.num_rows == chunk_rows:
+        docs, doc_chunks = document_counts(rows)
+        if docs == chunk_rows and rows.num_rows == doc_chunks:  # every document of the file, whole
             stats = write_chunk(fs, root, name, rows, sink)
-            summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows, "first_row": None})
+            summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows, "first_row": None,
+                              "docs": docs, "doc_chunks": doc_chunks})
         else:
             first = int(pc.min(rows[ROW]).as_py())
             piece = posixpath.join(root, PIECES_DIR, name, f"{first:012d}{PIECE_SUFFIX}")
             write_bytes_atomic(fs, piece, ipc_bytes(rows.select(_piece_columns(rows, sink))), durable=False,
                                shown=f"{sink.output.rstrip('/')}/{name} (a part of it)")
-            summaries.append(
-                {**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows, "first_row": first}
-            )
+            summaries.append({**chunk_stats(rows, name), "kind": "piece", "chunk_rows": chunk_rows, "first_row": first,
+                              "rows": rows.num_rows, "docs": docs, "doc_chunks": doc_chunks})
     return pa.Table.from_pylist(summaries, schema=SUMMARY_SCHEMA)
 
 
@@ -114,23 +121,39 @@ def _merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
     first = np.ones(len(order), bool)
     first[1:] = row_ids[order[1:]] != row_ids[order[:-1]]
     keep = order[first]  # each row once, in row order
-    if len(keep) != chunk_rows:
-        raise PipelineError(f"{name}: {len(keep)} of {chunk_rows} rows reached the sink; rerun to redo this file")
+    docs, doc_chunks = document_counts(rows.take(pa.array(keep)))
+    if docs != chunk_rows or len(keep) != doc_chunks:
+        raise PipelineError(f"{name}: {docs} of {chunk_rows} rows reached the sink; rerun to redo this file")
     stats = _write_rows(fs, root, name, rows, keep, sink)
     fs.rm(directory, recursive=True)
     return stats
 
 
+def document_counts(rows: pa.Table) -> tuple[int, int]:
+    """(documents whose first chunk is in `rows`, the chunks those documents have): a file is whole
+    when the first is its number of documents and the second its number of rows."""
+    if N_CHUNKS not in rows.column_names:
+        return rows.num_rows, rows.num_rows
+    first = np.asarray(rows[CHUNK].to_numpy(zero_copy_only=False)) == 0
+    return int(first.sum()), int(np.asarray(rows[N_CHUNKS].to_numpy(zero_copy_only=False), np.int64)[first].sum())
+
+
 def chunk_stats(rows: pa.Table, name: str) -> dict:
+    """A file's statistics: `rows`, `embedded` and `invalid` count documents; `chunks` the rows embedded."""
     valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
+    chunked = N_CHUNKS in rows.column_names
+    first = np.asarray(rows[CHUNK].to_numpy(zero_copy_only=False)) == 0 if chunked else np.ones(len(valid), bool)
+    n_chunks = np.asarray(rows[N_CHUNKS].to_numpy(zero_copy_only=False)) if chunked else np.ones(len(valid), np.int32)
     return {
         "file": name,
         "shard": rows[SHARD][0].as_py() if rows.num_rows else "",
-        "rows": rows.num_rows,
-        "embedded": int(valid.sum()),
-        "invalid": int((~valid).sum()),
+        "rows": int(first.sum()),
+        "embedded": int((valid & first).sum()),
+        "invalid": int((~valid & first).sum()),
         "truncated": int(pc.sum(rows[TRUNCATED]).as_py() or 0),
         "tokens": int(pc.sum(rows[N_TOKENS]).as_py() or 0),
+        "chunks": int(valid.sum()),
+        "max_chunks": int(n_chunks[valid].max()) if valid.any() else 0,
     }
 
 
@@ -143,17 +166,20 @@ def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dic
 def _write_rows(fs, root: str, name: str, rows: pa.Table, keep: np.ndarray, sink: SinkSpec) -> dict:
     """Write rows `keep` of `rows` (the whole chunk, in row order) to `root/name`, its valid rows
     only, taken once; return the chunk's stats."""
-    bookkeeping = rows.select([c for c in (VALID, SHARD, TRUNCATED, N_TOKENS) if c in rows.column_names])
+    bookkeeping = rows.select([c for c in (VALID, SHARD, TRUNCATED, N_TOKENS, CHUNK, N_CHUNKS) if c in rows.column_names])
     stats = chunk_stats(bookkeeping.take(pa.array(keep)), name)
     valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
     rows = rows.take(pa.array(keep[valid[keep]]))
+    columns = {"id": rows["id"]}
+    if N_CHUNKS in rows.column_names:
+        columns.update((c, rows[c]) for c in CHUNK_COLUMNS)
     if "embedding" in rows.column_names:
-        columns = {"id": rows["id"], "embedding": _stored(rows["embedding"], sink.vectors)}
+        columns["embedding"] = _stored(rows["embedding"], sink.vectors)
     else:  # a sparse model's terms
         values = rows["values"]
         if sink.vectors.precision == "float16":
             values = values.cast(pa.list_(pa.float16()))
-        columns = {"id": rows["id"], "indices": rows["indices"], "values": values}
+        columns.update(indices=rows["indices"], values=values)
     for col in sink.keep_columns:
         columns[col] = rows["text"] if col == sink.text_field else rows[col]
     table = pa.table(columns)
@@ -176,7 +202,8 @@ def _stored(embedding: pa.ChunkedArray, vectors: VectorFormat) -> pa.Array:
 
 def _piece_columns(rows: pa.Table, sink: SinkSpec) -> list[str]:
     """What a piece keeps of a block: what write_chunk and chunk_stats read."""
-    wanted = {"id", "embedding", "indices", "values", "text", ROW, VALID, SHARD, N_TOKENS, TRUNCATED, *sink.keep_columns}
+    wanted = {"id", "embedding", "indices", "values", "text", ROW, VALID, SHARD, N_TOKENS, TRUNCATED, N_CHUNKS,
+              *CHUNK_COLUMNS, *sink.keep_columns}
     return [c for c in rows.column_names if c in wanted]
 
 

@@ -1,0 +1,203 @@
+"""Where long documents are cut (pipeline.stages.chunking), on real long text: the long descriptions
+of installed packages (METADATA), and Chinese text without spaces (the sample's proverbs joined)."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import sysconfig
+
+import numpy as np
+import pytest
+
+from pipeline.stages.chunking import OVERLAP_SLACK, boundary_score, chunk_spans, cut_window
+from tests.conftest import SAMPLE
+
+
+@pytest.fixture(scope="module")
+def tokenizer(default_model_path):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(os.path.join(default_model_path, "tokenizer.json"))
+    tok.no_truncation()
+    tok.no_padding()
+    return tok
+
+
+def long_texts() -> list[str]:
+    """The 12 longest package descriptions of this environment (5-60 KB each), and Chinese."""
+    site = sysconfig.get_paths()["purelib"]
+    texts = [open(p, encoding="utf-8", errors="replace").read() for p in glob.glob(f"{site}/*.dist-info/METADATA")]
+    texts = sorted(texts, key=len)[-12:]
+    with open(os.path.join(SAMPLE, "zh.csv"), encoding="utf-8", newline="") as f:
+        texts.append("".join(row["text"].split(" --")[0].replace(" ", "") for row in csv.DictReader(f)) * 3)  # poems, no attributions
+    return texts
+
+
+def spans_of(tokenizer, text, n, overlap):
+    def count(texts):
+        return [len(e.ids) for e in tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    return chunk_spans(text, offsets, n, overlap, count), offsets, count
+
+
+@pytest.mark.parametrize("n, overlap", [(128, 0), (200, 40), (32, 8)])
+def test_chunks_fit_cover_every_character_in_order_and_overlap_as_asked(tokenizer, n, overlap):
+    for text in long_texts():
+        spans, offsets, count = spans_of(tokenizer, text, n, overlap)
+        assert len(spans) > 1
+        assert max(count([text[s:e] for s, e in spans])) <= n  # each chunk, tokenised again alone, fits
+        assert all(a[0] < b[0] and a[1] < b[1] for a, b in zip(spans, spans[1:]))  # in order, moving on
+        covered = np.zeros(len(text), bool)
+        for s, e in spans:
+            covered[s:e] = True
+        missed = [i for i in np.flatnonzero(~covered) if not text[i].isspace()]
+        assert not missed, f"not embedded: {text[missed[0] - 10: missed[0] + 10]!r}"
+        token_starts = offsets[:, 0]
+        for (_, end), (start, _) in zip(spans, spans[1:]):
+            shared = int(((token_starts >= start) & (offsets[:, 1] <= end)).sum())  # tokens in both chunks
+            if overlap == 0:
+                assert start >= end  # no token is embedded twice
+            else:
+                assert overlap - OVERLAP_SLACK - cut_window(n) <= shared <= overlap, shared
+
+
+def test_cuts_fall_after_sentences_or_at_whitespace_when_the_text_has_them(tokenizer):
+    text = max(long_texts()[:-1], key=len)
+    spans, _, _ = spans_of(tokenizer, text, 128, 0)
+    scores = [boundary_score(text, end, nxt) for (_, end), (nxt, _) in zip(spans, spans[1:])]
+    assert min(scores) >= 2 and scores.count(3) > len(scores) / 4  # English prose: never inside a word
+
+
+def test_chinese_is_cut_between_characters_preferring_sentence_ends(tokenizer):
+    text = long_texts()[-1]
+    assert " " not in text
+    spans, _, count = spans_of(tokenizer, text, 64, 0)
+    assert max(count([text[s:e] for s, e in spans])) <= 64
+    assert "".join(text[s:e] for s, e in spans) == text  # nothing lost, nothing twice
+    assert sum(text[e - 1] in "。！？；" for _, e in spans[:-1]) > len(spans) / 2
+
+
+def test_a_short_document_is_one_chunk_covering_all_of_it(tokenizer):
+    text = "  A short document.  "
+    spans, _, _ = spans_of(tokenizer, text, 128, 16)
+    assert spans == [(0, len(text))]
+
+
+def test_a_cut_inside_a_word_that_tokenises_differently_alone_is_shortened(tokenizer):
+    # one long "word" without spaces: every cut is inside it, and a WordPiece continuation (##x)
+    # tokenised alone becomes another, often longer, sequence of tokens
+    text = "x" + "antidisestablishmentarianism" * 40
+    spans, _, count = spans_of(tokenizer, text, 16, 0)
+    assert max(count([text[s:e] for s, e in spans])) <= 16
+    assert "".join(text[s:e] for s, e in spans) == text
+
+
+# --------------------------------------------------------------------------- embed --chunk-tokens, end to end
+
+
+@pytest.fixture(scope="module")
+def st_model(default_model_path):
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(default_model_path, device="cpu")
+
+
+def write_documents(path, texts, prefix: str = "doc") -> dict[str, str]:
+    import json
+
+    docs = {f"{prefix}-{k}": text for k, text in enumerate(texts)}
+    with open(path, "w", encoding="utf-8") as f:
+        for doc_id, text in docs.items():
+            f.write(json.dumps({"id": doc_id, "text": text}) + "\n")
+    return docs
+
+
+def test_every_chunk_is_embedded_once_as_sentence_transformers_embeds_its_text(ray_cluster, tmp_path, st_model):
+    import pyarrow.parquet as pq
+
+    from pipeline import EmbedConfig
+    from pipeline.commands.embed import run_embed
+
+    texts = [t[:6000] for t in long_texts()[-4:]] + ["A short document: one chunk.", ""]
+    docs = write_documents(tmp_path / "docs.jsonl", texts)
+    out = tmp_path / "out"
+    result = run_embed(EmbedConfig(input=str(tmp_path / "docs.jsonl"), output=str(out), id_field="id",
+                                   chunk_tokens=64, chunk_overlap=8, keep_columns=("text",), quiet=True))
+    table = pq.read_table(out).to_pylist()
+    assert list(table[0]) == ["id", "doc_id", "chunk", "start", "end", "embedding", "text"]
+    by_doc: dict[str, list[dict]] = {}
+    for row in table:
+        by_doc.setdefault(row["doc_id"], []).append(row)
+        assert row["id"] == f"{row['doc_id']}#{row['chunk']}"
+        assert row["text"] == docs[row["doc_id"]][row["start"]:row["end"]]
+    assert sorted(by_doc) == sorted(d for d, t in docs.items() if t)  # the empty one is counted, not embedded
+    for doc_id, rows in by_doc.items():
+        assert [r["chunk"] for r in rows] == list(range(len(rows)))  # in order, each once
+    assert [(r["start"], r["end"]) for r in by_doc["doc-4"]] == [(0, len(docs["doc-4"]))]
+    assert len(by_doc["doc-0"]) > 5
+
+    got = np.array([r["embedding"] for r in table], np.float32)
+    want = st_model.encode([r["text"] for r in table], batch_size=64)
+    cosine = (got * want).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(want, axis=1)
+    assert cosine.min() >= 0.99999
+
+    rows = result.manifest["rows"]
+    assert rows["documents"] == 6 and rows["embedded"] == 5 and rows["invalid"] == 1 and rows["truncated"] == 0
+    assert rows["chunks"] == len(table) and result.chunks == len(table)
+    assert rows["chunks_per_document"]["max"] == max(len(r) for r in by_doc.values())
+    assert result.manifest["chunking"] == {"tokens": 64, "overlap": 8}
+    assert f"as {len(table):,} chunks" in result.summary_line()
+
+
+def test_a_resume_with_other_chunk_settings_is_refused(ray_cluster, tmp_path, tiny_model, capsys):
+    from tests.conftest import assert_one_line_error, run_main
+
+    write_documents(tmp_path / "docs.jsonl", [t[:3000] for t in long_texts()[-3:]])
+    args = ["embed", "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "out"), "--model", tiny_model,
+            "--id-field", "id", "--quiet"]
+    assert run_main(capsys, *args, "--chunk-tokens", "48").returncode == 0
+    other = run_main(capsys, *args, "--chunk-tokens", "64")
+    assert_one_line_error(other, 2, "holds vectors of chunks of at most 48 tokens sharing 0 (--chunk-tokens/--chunk-overlap), "
+                                    "this run embeds chunks of at most 64 tokens")
+    whole = run_main(capsys, *args)
+    assert_one_line_error(whole, 2, "this run embeds whole documents (no --chunk-tokens)")
+    too_long = run_main(capsys, "embed", "--input", str(tmp_path / "docs.jsonl"), "--output", str(tmp_path / "o2"),
+                        "--model", tiny_model, "--chunk-tokens", "500")
+    assert_one_line_error(too_long, 2, "--chunk-tokens 500: model")
+    assert "reads 64 tokens, 2 of them special tokens and prompt; at most 62" in too_long.stderr  # [CLS], [SEP]
+
+
+@pytest.mark.slow  # ~90 s on 2 cores: a run killed mid-way, then its rerun
+def test_kill_9_mid_chunked_run_then_rerun_embeds_every_chunk_once(tmp_path, tiny_bert_dir, default_model_path):
+    import pyarrow.parquet as pq
+    from tokenizers import Tokenizer
+
+    from pipeline.stages.chunking import Chunker
+    from tests.conftest import cli, committed, kill_cli_when
+    from tests.slow_model import make_slow_model
+
+    slow = make_slow_model(tiny_bert_dir, str(tmp_path / "slow"), delay=0.5)
+    texts = [t[k * 1500:(k + 1) * 1500] for t in long_texts()[:-1] for k in range(4)]
+    (tmp_path / "in").mkdir()
+    chunker = Chunker(Tokenizer.from_file(os.path.join(default_model_path, "tokenizer.json")).to_str(), False, 32, 0)
+    counts = [len(spans) for spans in chunker.spans(texts)]
+    expected = []
+    for shard in range(4):
+        write_documents(tmp_path / "in" / f"s{shard}.jsonl", texts, prefix=f"s{shard}")
+        expected += [f"s{shard}-{k}#{c}" for k, n in enumerate(counts) for c in range(n)]
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow, "--trust-remote-code",
+            "--id-field", "id", "--chunk-tokens", "32", "--rows-per-file", "8", "--max-batch-tokens", "2048", "--quiet"]
+    assert kill_cli_when(args, ready=lambda: len(committed(out)) >= 2), "the run finished before the kill"
+    before = committed(out)
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    after = committed(out)
+    assert {f: after[f] for f in before} == before, "a committed file was rewritten"
+    ids = pq.read_table(out, columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)), "a chunk was written twice"
+    assert sorted(ids) == sorted(expected), "a chunk is missing"
