@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pathlib
 import shutil
 import signal
 import subprocess
@@ -23,7 +24,9 @@ import pytest
 
 from pipeline import read_embeddings
 from pipeline.engine.cluster import LOCAL_GCS_ENV, WORKER_ENV
-from tests.conftest import REPO, _free_port, assert_one_line_error, cli, cli_env, session_processes
+from tests.slow_model import make_slow_model
+from tests.test_reliability import assert_exactly_once, shards_input
+from tests.conftest import REPO, _free_port, assert_one_line_error, cli, cli_env, committed, session_processes
 
 VENV_BIN = os.path.dirname(sys.executable)
 
@@ -198,6 +201,141 @@ def test_mine_puts_its_block_products_on_gpu_workers(tmp_path):
     ref = st_mining(torch.from_numpy(x), top_k=5, max_pairs=200)
     assert {(r["id_a"], r["id_b"]) for r in got} == {(ids[min(i, j)], ids[max(i, j)]) for _, i, j in ref}
     assert np.allclose(sorted(r["score"] for r in got), sorted(s for s, _, _ in ref), atol=1e-5)
+
+
+# --------------------------------------------------------------------------- a node lost mid-run
+
+
+def encoders_on(node) -> list[int]:
+    """Pids of the encoder actors a node of a ray.cluster_utils.Cluster runs (its raylet's workers)."""
+    import psutil
+
+    found = []
+    for worker in psutil.Process(node.all_processes["raylet"][0].process.pid).children():
+        with contextlib.suppress(psutil.Error):
+            if "EncodeStage" in " ".join(worker.cmdline()):
+                found.append(worker.pid)
+    return found
+
+
+def file_ids(path) -> list[str]:
+    return pq.read_table(path, columns=["id"]).column("id").to_pylist()
+
+
+def run_losing_a_node(cluster, workers, args) -> tuple[subprocess.CompletedProcess, dict]:
+    """Run `embedpipe ARGS` and, once a file is committed, remove the worker node that runs an encoder.
+    Returns the finished command and what the loss took: the files committed then, the encoders lost."""
+    out = pathlib.Path(args[args.index("--output") + 1])
+    proc = subprocess.Popen([sys.executable, "-m", "pipeline", *args], cwd=REPO, env=cli_env(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lost: dict = {}
+    deadline = time.time() + 600
+    while proc.poll() is None and time.time() < deadline:
+        if not lost and os.path.isdir(out) and any(f.endswith(".parquet") for f in os.listdir(out)):
+            for node in workers:
+                if encoders_on(node):
+                    files = committed(out)
+                    lost = {"files": files, "ids": {f: file_ids(out / f) for f in files}, "encoders": encoders_on(node),
+                            "node": node.node_id}
+                    cluster.remove_node(node, allow_graceful=False)  # SIGKILL: a machine gone, not a drained one
+                    break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=60)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr), lost
+
+
+@pytest.mark.slow  # ~4 min on 2 cores: three raylets, six encoders and three tokenizers
+def test_a_node_lost_mid_run_is_replaced_by_the_other_nodes_and_every_document_lands_once(tmp_path, tiny_bert_dir):
+    """Three 2-CPU nodes with the default plan (two encoders and a tokenizer on each). The worker node
+    running encoders is removed once files are committed: Ray restarts its actors on the nodes left
+    (each node keeps room for them once others finish) and retries their batches; blocks lost with
+    the node's object store are rebuilt from lineage. The run ends normally with every document once."""
+    from ray.cluster_utils import Cluster
+
+    slow = make_slow_model(tiny_bert_dir, str(tmp_path / "slow"), delay=0.5)
+    expected = shards_input(tmp_path / "in", 6, 2000)
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow, "--trust-remote-code",
+            "--max-batch-tokens", "512", "--rows-per-file", "500", "--quiet"]
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=2) for _ in range(2)]
+        cluster.wait_for_nodes()
+        proc, lost = run_losing_a_node(cluster, workers, [*args, "--ray-address", cluster.address])
+    finally:
+        cluster.shutdown()
+    assert lost, "no worker node ran an encoder while the run was going: nothing was tested"
+    assert len(lost["files"]) < 24, "the run was over before the node was lost"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    # A block whose results were lost with the node is redone (Ray rebuilds it from lineage) and writes
+    # its file again, atomically and with the same rows: a file may be replaced, never changed.
+    assert {f: file_ids(out / f) for f in lost["files"]} == lost["ids"]
+    assert_exactly_once(out, expected)
+
+
+@pytest.mark.slow  # ~3 min on 2 cores: three raylets, two encoders
+def test_a_lost_gpu_node_leaves_its_work_to_the_other_gpu_node_and_every_document_lands_once(tmp_path, tiny_bert_dir):
+    """Two (logical) GPU nodes, one encoder each. When one is removed, its encoder needs a GPU no other
+    node has; the run goes on with the encoder left and ends normally, every document once."""
+    from ray.cluster_utils import Cluster
+
+    slow = make_slow_model(tiny_bert_dir, str(tmp_path / "slow"), delay=0.5)
+    expected = shards_input(tmp_path / "in", 6, 1000)
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow, "--trust-remote-code",
+            "--max-batch-tokens", "512", "--rows-per-file", "500", "--num-tokenizers", "1", "--quiet"]
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        workers = [cluster.add_node(num_cpus=2, num_gpus=1) for _ in range(2)]
+        cluster.wait_for_nodes()
+        proc, lost = run_losing_a_node(cluster, workers, [*args, "--ray-address", cluster.address])
+    finally:
+        cluster.shutdown()
+    assert lost, "no GPU node ran an encoder while the run was going: nothing was tested"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert {f: file_ids(out / f) for f in lost["files"]} == lost["ids"]
+    assert_exactly_once(out, expected)
+
+
+@pytest.mark.slow  # ~4 min on 2 cores: three raylets, a stall, a replacement node, a rerun
+def test_losing_the_only_gpu_node_ends_the_run_in_one_line_and_the_rerun_on_a_new_node_completes(tmp_path, tiny_bert_dir):
+    """One (logical) GPU node and a CPU node: when the GPU node is removed no node can take its encoder,
+    so nothing moves; the watchdog ends the run after --stall-timeout with one line naming the lost
+    node. A new GPU node joins (as an autoscaler or KubeRay would bring one) and the rerun commits
+    exactly the missing files."""
+    from ray.cluster_utils import Cluster
+
+    # A GPU plan gives an encoder blocks of 8,192 rows, and a block's files commit when it is done:
+    # 12,000 rows make two blocks, and the node is lost while the second one is being encoded.
+    slow = make_slow_model(tiny_bert_dir, str(tmp_path / "slow"), delay=0.5)
+    expected = shards_input(tmp_path / "in", 6, 2000)
+    out = tmp_path / "out"
+    args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow, "--trust-remote-code",
+            "--max-batch-tokens", "2048", "--rows-per-file", "500", "--num-tokenizers", "1", "--stall-timeout", "45",
+            "--quiet"]
+    cluster = Cluster(initialize_head=True, connect=False, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        gpu_node = cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.add_node(num_cpus=2)
+        cluster.wait_for_nodes()
+        args += ["--ray-address", cluster.address]
+        proc, lost = run_losing_a_node(cluster, [gpu_node], args)
+        assert lost, "the GPU node ran no encoder while the run was going: nothing was tested"
+        assert_one_line_error(proc, 1, "node(s) left the cluster")  # at once, or after --stall-timeout (see docs)
+        assert lost["node"][:8] in proc.stderr and "rerun the same command to resume" in proc.stderr
+        before = committed(out)
+        assert {f: file_ids(out / f) for f in lost["files"]} == lost["ids"]
+        assert 0 < len(before) < 24 and not (out / "_manifest.json").exists()
+
+        cluster.add_node(num_cpus=2, num_gpus=1)
+        cluster.wait_for_nodes()
+        rerun = cli(*args, timeout=600)
+        assert rerun.returncode == 0, rerun.stderr[-3000:]
+    finally:
+        cluster.shutdown()
+    after = committed(out)
+    assert {f: after[f] for f in before} == before, "the rerun rewrote a committed file"
+    assert_exactly_once(out, expected)
 
 
 # --------------------------------------------------------------------------- ray start --head + ray job submit

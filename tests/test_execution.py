@@ -76,3 +76,21 @@ def test_a_run_leaves_ray_data_and_logging_as_it_found_them_so_a_second_run_in_o
         result = run_embed(EmbedConfig(input=str(src), output=str(tmp_path / f"out{k}"), model=tiny_model, quiet=True))
         assert result.embedded == 3
         assert state() == before, f"run {k + 1} left a global setting changed"
+
+
+def test_a_lost_actor_is_told_apart_from_a_failure_of_the_work_and_named_with_the_lost_nodes():
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
+
+    from pipeline.engine.execution import _actor_lost, explain, lost_node_message
+
+    unavailable = ActorUnavailableError("The actor is temporarily unavailable: RpcError: failed to connect", b"\x01" * 16)
+    assert _actor_lost(unavailable) and _actor_lost(ActorDiedError())
+    try:
+        raise RuntimeError("the executor stopped") from unavailable  # as Ray Data re-raises it
+    except RuntimeError as wrapped:
+        assert _actor_lost(wrapped)
+    assert not _actor_lost(ValueError("bad token ids")) and not _actor_lost(RayTaskError("f", "tb", ValueError("x")))
+
+    line = lost_node_message(explain(unavailable), ["10.0.3.7 (3f2a9c1e)"])
+    assert line.startswith("1 node(s) left the cluster (10.0.3.7 (3f2a9c1e)) and the run could not go on without them (")
+    assert line.endswith("; rerun the same command to resume: committed files are kept") and "\n" not in line

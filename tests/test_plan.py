@@ -38,6 +38,17 @@ def test_cpu_plan_puts_the_chosen_number_of_encoders_on_every_node():
         EmbedConfig(input="x", output="y", encoders_per_node=0)
 
 
+def test_every_node_of_a_cpu_cluster_keeps_room_for_read_and_commit_tasks():
+    """Three 2-CPU nodes: Ray spreads two encoders and a tokenizer on each, and what is left on each node
+    must still take a read task, or the chain waits for resources for ever."""
+    from pipeline.engine.plan import COMMIT_CPUS, READ_CPUS
+
+    plan = plan_resources(EmbedConfig(input="x", output="y"), {"CPU": 6.0}, nodes=3)
+    assert plan.num_encoders == 6 and plan.num_tokenizers == 3
+    per_node = 2 * plan.encoder_cpus + plan.tokenizer_cpus
+    assert 2.0 - per_node >= READ_CPUS + COMMIT_CPUS - 1e-9
+
+
 def test_several_encoders_share_a_gpu_and_num_encoders_caps_them():
     config = EmbedConfig(input="x", output="y", encoders_per_gpu=4)
     plan = plan_resources(config, {"CPU": 32.0, "GPU": 2.0}, nodes=2)

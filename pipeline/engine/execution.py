@@ -13,6 +13,7 @@ from typing import Any, Iterator
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
 
 STOP_WAIT_S = 60  # how long a failed run waits for Ray Data's executor to wind down
+NODE_DEATH_WAIT_S = 30  # how long a lost actor's error waits for Ray to mark its node dead (a few health checks)
 
 
 @contextlib.contextmanager
@@ -75,29 +76,103 @@ def watched(batches: Iterator, board, stall_timeout: float) -> Iterator:
 
     # The consumer thread must be gone before Ray shuts down, or Ray Data's executor,
     # still winding down, logs tracebacks and may even start a new local Ray.
+    running_before = _executors()
+    nodes_before = _alive_nodes()
     pumping = threading.Thread(target=pump, name="embedpipe-results", daemon=True)
     pumping.start()
     poll = min(5.0, stall_timeout / 4) if stall_timeout else 5.0
+    finished = False
+    try:
+        while True:
+            try:
+                item, error = items.get(timeout=poll)
+            except queue.Empty:
+                if not stall_timeout:
+                    continue
+                status = ray.get(board.status.remote())
+                if status.idle < stall_timeout:
+                    continue
+                for actor in ray.get(board.registered_actors.remote()):
+                    ray.kill(actor, no_restart=True)
+                raise PipelineError(stall_message(status, stall_timeout, _lost(nodes_before))) from None
+            if error is not None:
+                lost = _lost(nodes_before, wait=NODE_DEATH_WAIT_S) if _actor_lost(error) else []
+                if lost:
+                    raise PipelineError(lost_node_message(explain(error), lost)) from None
+                raise error
+            if item is done:
+                finished = True
+                return
+            yield item
+    finally:
+        if not finished:  # a stall, a failure, or the caller stopped reading: stop the chain's executor
+            _stop_executors(_executors() - running_before)
+        pumping.join(STOP_WAIT_S)
+
+
+def _alive_nodes() -> dict[str, str]:
+    """The cluster's live nodes: id -> address."""
+    import ray
+
+    return {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+
+
+def _lost(nodes_before: dict[str, str], wait: float = 0.0) -> list[str]:
+    """Addresses of the nodes alive when the chain started that are gone now (a stall's likely cause);
+    with `wait`, polls that long for one to go (Ray marks a node dead a few health checks after it dies)."""
+    import time
+
+    deadline = time.monotonic() + wait
     while True:
-        try:
-            item, error = items.get(timeout=poll)
-        except queue.Empty:
-            if not stall_timeout:
-                continue
-            status = ray.get(board.status.remote())
-            if status.idle < stall_timeout:
-                continue
-            for actor in ray.get(board.registered_actors.remote()):
-                ray.kill(actor, no_restart=True)
-            pumping.join(STOP_WAIT_S)  # the executor fails on the dead actors and stops
-            raise PipelineError(stall_message(status, stall_timeout)) from None
-        if error is not None:
-            pumping.join(STOP_WAIT_S)
-            raise error
-        if item is done:
-            pumping.join(STOP_WAIT_S)
-            return
-        yield item
+        alive = _alive_nodes()
+        lost = [f"{address} ({node_id[:8]})" for node_id, address in nodes_before.items() if node_id not in alive]
+        if lost or time.monotonic() >= deadline:
+            return lost
+        time.sleep(1.0)
+
+
+def _actor_lost(error: BaseException) -> bool:
+    """Whether a failure is Ray losing an actor or a node (not an error of the work itself)."""
+    from ray.exceptions import NodeDiedError, RayActorError
+
+    seen: set[int] = set()
+    stack = [error]
+    while stack:
+        e = stack.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, (RayActorError, NodeDiedError)) or _ACTOR_LOST_TEXT.search(str(e)):
+            return True
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return False
+
+
+def lost_node_message(cause: EmbedpipeError, lost: list[str]) -> str:
+    """The one line for a run that could not go on after nodes left the cluster."""
+    why = str(cause).removeprefix("the run failed: ")
+    return (f"{len(lost)} node(s) left the cluster ({', '.join(lost)}) and the run could not go on without "
+            f"them ({why[:200]}); rerun the same command to resume: committed files are kept")
+
+
+def _executors() -> set:
+    """Ray Data's streaming executors running in this process (each is a thread)."""
+    import threading
+
+    try:
+        from ray.data._internal.execution.streaming_executor import StreamingExecutor
+    except ImportError:  # a Ray Data without it: nothing to stop (only noisier logs)
+        return set()
+    return {t for t in threading.enumerate() if isinstance(t, StreamingExecutor) and t.is_alive()}
+
+
+def _stop_executors(executors: set) -> None:
+    """Shut down the executors a failed chain left running (never the caller's own datasets'): once Ray
+    has shut down, a running one logs tracebacks from its stats thread and may start a new local Ray.
+    Ray Data's own call for it (Dataset._synchronize_progress_bar does the same)."""
+    for executor in executors:
+        with contextlib.suppress(Exception):
+            executor.shutdown(force=True, exception=PipelineError("the run stopped"))
 
 
 def _keep_tracebacks_off_the_console() -> None:
@@ -152,5 +227,6 @@ def explain(exc: BaseException) -> EmbedpipeError:
     return PipelineError(f"the run failed: {exc.__class__.__name__}")
 
 
+_ACTOR_LOST_TEXT = re.compile(r"The actor \w+ is unavailable|The actor died|ActorDiedError|NodeDiedError")
 _ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineError": PipelineError}
 _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")

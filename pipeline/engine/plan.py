@@ -131,7 +131,10 @@ def _cpu_pools(config: EmbedConfig, cpus: float, nodes: int, headroom: float):
     encoders = config.num_encoders or per_node * nodes
     tokenizers = config.num_tokenizers or nodes
     tok_cpus = 0.5
-    enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom) / encoders)
+    # Ray spreads the actors evenly, so every node keeps the read/commit headroom: one pool for the whole
+    # cluster would leave each node a fraction of it, too small for any read task (the chain then waits
+    # for resources forever: 3 nodes of 2 CPUs kept 0.17 CPU each, measured).
+    enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom * nodes) / encoders)
     return encoders, tokenizers, tok_cpus, enc_cpus, threads, 0.0
 
 

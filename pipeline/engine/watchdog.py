@@ -119,9 +119,15 @@ class BoardStatus:
     started: tuple[str, ...]
 
 
-def stall_message(status: BoardStatus, timeout: float) -> str:
-    """One line saying which stage stopped moving, and what the user can do."""
+def stall_message(status: BoardStatus, timeout: float, lost_nodes: list[str] | None = None) -> str:
+    """One line saying which stage stopped moving, and what the user can do. `lost_nodes`: nodes that
+    left the cluster during the run, whose actors Ray could not place anywhere else."""
     hint = "; rerun the same command to resume (raise --stall-timeout if this step is just slow)"
+    if lost_nodes:
+        hint = (
+            f" after {len(lost_nodes)} node(s) left the cluster ({', '.join(lost_nodes)}) and no other node had room "
+            "for their actors; rerun the same command to resume"
+        )
     if status.stage is not None:
         return (
             f"the {status.stage} stage made no progress for {status.idle:.0f}s "
