@@ -97,6 +97,8 @@ KEYS: dict[str, dict[str, str]] = {
         "max_pairs": "best pairs kept in all",
         "threshold": "the lowest score kept, or None",
         "block_size": "rows per block of the blocked products",
+        "same_document_pairs": "for embeddings of chunks (`--chunk-tokens`): `left out` (the default: two chunks "
+        "of one document are never paired) or `kept` (`--same-document-pairs`); null for whole documents",
         "products": "where the block products ran: `device` planned (cuda when the cluster has GPUs), `ran_on` "
                     "([device, dtype] pairs the block-product tasks really used: cuda/float16 with candidates scored "
                     "again in float32, or cpu/float32), `tasks`, `gpu_tasks` (those holding a GPU), `per_node`",
@@ -108,6 +110,8 @@ KEYS: dict[str, dict[str, str]] = {
     },
     "reranked": {
         "pairs_input": "the pairs directory reranked",
+        "chunks_from": "pairs of chunks (`embed --chunk-tokens`): the embeddings output whose `start`/`end` cut "
+                       "each chunk's text out of `texts`; null for pairs of whole documents",
         "texts": "where the documents' texts were read",
         "score": "what `score` is: the bi-encoder cosine, as mined",
         "rerank_score": "what `rerank_score` is: the cross-encoder's output and its activation",

@@ -50,15 +50,29 @@ def normalize(x) -> np.ndarray:
     return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), np.float32(1e-12))
 
 
-def diagonal_candidates(a: np.ndarray, start: int, k: int) -> Candidates:
-    """Phase 1: each row's top-k over the columns of its own block a @ a.T, self excluded."""
+def same_group(ga: np.ndarray | None, gb: np.ndarray | None) -> np.ndarray | None:
+    """(A, B) True where row a and row b belong to the same group (two chunks of one document),
+    None without groups: such entries are never candidates."""
+    if ga is None or gb is None:
+        return None
+    return ga[:, None] == gb[None, :]
+
+
+def diagonal_candidates(a: np.ndarray, start: int, k: int, groups: np.ndarray | None = None) -> Candidates:
+    """Phase 1: each row's top-k over the columns of its own block a @ a.T, self excluded (and,
+    with `groups`, every row of its own group)."""
     scores = a @ a.T  # (A, A)
     np.fill_diagonal(scores, -np.inf)
+    same = same_group(groups, groups)
+    if same is not None:
+        scores[same] = -np.inf
     kk = min(k, len(a))
     at = len(a) - kk  # each row's kk-th best, partitioning an eighth of the rows at a time (a copy each)
     kth = np.concatenate([np.partition(part, at, axis=1)[:, at] for part in np.array_split(scores, 8)])  # (A,)
     keep = scores >= kth[:, None]
     np.fill_diagonal(keep, False)
+    if same is not None:  # a row with fewer than kk other groups' columns has kth -inf
+        keep &= ~same
     if np.count_nonzero(keep) > len(a) * kk:  # ties at a row's kk-th best: keep kk of them
         keep &= ~_outside_topk(scores, keep, kk)
     return _entries(scores, keep, start, start)
@@ -89,15 +103,22 @@ def score_floor(diagonal_scores: Iterable[np.ndarray], max_pairs: int, threshold
     return floor if threshold is None else max(floor, threshold)
 
 
-def off_diagonal_candidates(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float) -> Candidates:
-    """Phase 2: the entries of a @ b.T scoring >= floor; each is a candidate for its row and its column.
+def off_diagonal_candidates(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float,
+                            ga: np.ndarray | None = None, gb: np.ndarray | None = None) -> Candidates:
+    """Phase 2: the entries of a @ b.T scoring >= floor (and, with groups, of rows of other groups);
+    each is a candidate for its row and its column.
 
     If more than (A + B) * k pass, an entry is dropped only where both its row
     and its column have over k entries passing and it is in neither's top-k:
     the rows and columns still get their top-k, and at most (A + B) * k remain.
     """
     scores = a @ b.T  # (A, B)
+    same = same_group(ga, gb)
+    if same is not None:
+        scores[same] = -np.inf
     keep = scores >= floor
+    if same is not None:  # a floor of -inf (fewer pairs than asked) keeps -inf entries
+        keep &= ~same
     if np.count_nonzero(keep) > (len(a) + len(b)) * k:
         keep &= ~(_outside_topk(scores, keep, k) & _outside_topk(scores.T, keep.T, k).T)
     return _entries(scores, keep, a_start, b_start)
@@ -208,26 +229,32 @@ def paraphrase_mining_embeddings(
     threshold: float | None = None,
     device: str | None = None,
     dtype: str = "float16",
+    groups=None,
 ) -> list[tuple[float, int, int]]:
     """In-process blocked mining: [(score, i, j), ...] best first, as sentence-transformers returns.
+
+    With `groups` (one integer per row), two rows of the same group are never paired: each row's
+    top-k is taken over the other groups' rows (chunks of one document, `embedpipe mine`'s default).
 
     With `device` ("cuda", or "cpu" to run the same code without a GPU), the block products run
     on torch in `dtype` and their candidates are scored again in float32 (pipeline.mining_device)."""
     diagonal_fn, off_diagonal_fn = block_products(device, dtype)
     x = normalize(embeddings)
+    g = None if groups is None else np.asarray(groups, np.int64)
+    part = (lambda a0, a1: None) if g is None else (lambda a0, a1: g[a0:a1])  # noqa: E731
     blocks = row_blocks(len(x), block_size)
     if not blocks:
         return []
-    diagonal = [diagonal_fn(x[a0:a1], a0, top_k) for a0, a1 in blocks]
+    diagonal = [diagonal_fn(x[a0:a1], a0, top_k, part(a0, a1)) for a0, a1 in blocks]
     floor = score_floor((s for _, _, s in diagonal), max_pairs, threshold)
     off_diagonal: list[list[Candidates]] = [[] for _ in blocks]
     found = []
     for bi, (a0, a1) in enumerate(blocks):
         for bj in range(bi + 1, len(blocks)):
             b0, b1 = blocks[bj]
-            part = off_diagonal_fn(x[a0:a1], x[b0:b1], a0, b0, top_k, floor)
-            off_diagonal[bi].append(part)
-            off_diagonal[bj].append(part)
+            pair = off_diagonal_fn(x[a0:a1], x[b0:b1], a0, b0, top_k, floor, part(a0, a1), part(b0, b1))
+            off_diagonal[bi].append(pair)
+            off_diagonal[bj].append(pair)
         found.append(row_block_pairs(a0, a1, top_k, floor, diagonal[bi], off_diagonal[bi]))
         off_diagonal[bi] = []  # all its block pairs are done
     i, j, s = best_pairs(*(np.concatenate(parts) for parts in zip(*found)), max_pairs)

@@ -97,7 +97,7 @@ def _rescored(a, b, candidates):
     n = int(candidates.sum())
     if n * DENSE_SHARE > candidates.numel():  # a low floor: the float32 product itself
         scores = (a @ b.T).masked_fill_(~candidates, float("-inf"))
-        return torch.nan_to_num_(scores, nan=float("-inf"))
+        return torch.nan_to_num_(scores, nan=float("-inf"), neginf=float("-inf"))  # -inf stays -inf (not the lowest float)
     rows, cols = candidates.nonzero(as_tuple=True)
     values = torch.empty(n, dtype=torch.float32, device=a.device)
     chunk = max(1, GATHER_BYTES // (8 * a.shape[1]))
@@ -128,7 +128,17 @@ def _entries(scores, keep, a_start: int, b_start: int) -> Candidates:
             values.cpu().numpy().astype(np.float32))
 
 
-def diagonal_candidates(a: np.ndarray, start: int, k: int, device: str = "cuda", dtype: str = "float16") -> Candidates:
+def _same_group(ga, gb, where):
+    """pipeline.mining.same_group on the device (None without groups)."""
+    if ga is None or gb is None:
+        return None
+    import torch
+
+    return torch.from_numpy(np.asarray(ga, np.int64)).to(where)[:, None] == torch.from_numpy(np.asarray(gb, np.int64)).to(where)[None, :]
+
+
+def diagonal_candidates(a: np.ndarray, start: int, k: int, groups: np.ndarray | None = None, device: str = "cuda",
+                        dtype: str = "float16") -> Candidates:
     """pipeline.mining.diagonal_candidates, the product in `dtype` on `device`."""
     import torch
 
@@ -138,10 +148,15 @@ def diagonal_candidates(a: np.ndarray, start: int, k: int, device: str = "cuda",
         kk = min(k, len(a))
         low = _low_product(x, x, dtype)
         low.fill_diagonal_(float("-inf"))
+        same = _same_group(groups, groups, where)
+        if same is not None:
+            low.masked_fill_(same, float("-inf"))
         kth = torch.topk(low, kk, dim=1).values[:, -1]
         candidates = low >= (kth - 2 * product_error(dtype, a.shape[1]))[:, None]
         del low
         candidates.fill_diagonal_(False)
+        if same is not None:
+            candidates &= ~same
         scores = _rescored(x, x, candidates)
         kth = torch.topk(scores, kk, dim=1).values[:, -1]
         keep = (scores >= kth[:, None]) & torch.isfinite(scores)
@@ -151,8 +166,8 @@ def diagonal_candidates(a: np.ndarray, start: int, k: int, device: str = "cuda",
 
 
 def off_diagonal_candidates(
-    a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float, device: str = "cuda",
-    dtype: str = "float16",
+    a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float,
+    ga: np.ndarray | None = None, gb: np.ndarray | None = None, device: str = "cuda", dtype: str = "float16",
 ) -> Candidates:
     """pipeline.mining.off_diagonal_candidates, the product in `dtype` on `device`."""
     import torch
@@ -163,6 +178,9 @@ def off_diagonal_candidates(
         low = _low_product(x, y, dtype)
         candidates = low >= floor - product_error(dtype, a.shape[1])
         del low
+        same = _same_group(ga, gb, where)
+        if same is not None:
+            candidates &= ~same
         scores = _rescored(x, y, candidates)
         keep = (scores >= floor) & torch.isfinite(scores)
         if int(keep.sum()) > (len(a) + len(b)) * k:

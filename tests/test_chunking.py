@@ -11,7 +11,7 @@ import sysconfig
 import numpy as np
 import pytest
 
-from pipeline.stages.chunking import OVERLAP_SLACK, boundary_score, chunk_spans, cut_window
+from pipeline.stages.chunking import OVERLAP_SLACK, boundary_score, chunk_spans, cut_window, token_offsets
 from tests.conftest import SAMPLE
 
 
@@ -116,6 +116,61 @@ def write_documents(path, texts, prefix: str = "doc") -> dict[str, str]:
     return docs
 
 
+def test_a_long_document_tokenised_in_windows_has_the_whole_documents_tokens(tokenizer):
+    for text in long_texts()[-4:]:  # three package descriptions and the Chinese poems (no spaces at all)
+        whole = np.array(tokenizer.encode(text, add_special_tokens=False).offsets, np.int64).reshape(-1, 2)
+        windowed = token_offsets(tokenizer, text, window=3000)
+        assert len(text) > 3 * 3000
+        np.testing.assert_array_equal(windowed, whole)
+
+
+MEMORY_SCRIPT = """
+import json, sys
+import pyarrow as pa
+from pipeline.models.fast_tokenizer import spec_for
+from pipeline.stages.tokenize import TokenizeStage
+from tests.test_fast_tokenizer import _loaded
+from tests.test_chunking import long_texts
+
+def hwm():
+    return int(next(l for l in open("/proc/self/status") if l.startswith("VmHWM")).split()[1]) * 1024
+
+config, loaded, prompt = _loaded(sys.argv[1], chunk_tokens=200, chunk_overlap=20)
+stage = TokenizeStage(config, spec=spec_for(loaded, prompt))
+del loaded
+texts = long_texts()
+size = int(sys.argv[2])
+parts, total = [], 0
+while total < size:  # real text, repeated to the size asked
+    parts.append(texts[len(parts) % len(texts)])
+    total += len(parts[-1].encode()) + 2
+text = "\\n\\n".join(parts)
+text = text[: text.rfind(" ", 0, size)]
+batch = pa.table({"id": ["big"], "text": [text], "_valid": [True], "_file": ["f"]})
+list(stage(pa.table({"id": ["w"], "text": [texts[0]], "_valid": [True], "_file": ["f"]})))  # warm
+open("/proc/self/clear_refs", "w").write("5")  # the peak (VmHWM) starts again from here
+before = hwm()
+chunks = sum(piece.num_rows for piece in stage(batch))  # blocks of chunks, handed on one at a time
+print(json.dumps({"bytes": len(text.encode()), "chunks": chunks, "growth": hwm() - before}))
+"""
+
+
+@pytest.mark.slow  # ~40 s on 2 cores: a 10 MB document, tokenised, cut, checked and tokenised again
+def test_a_10_mb_document_is_chunked_with_at_most_20_times_its_size_in_memory(default_model_path):
+    import json
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    run = subprocess.run([sys.executable, "-c", MEMORY_SCRIPT, default_model_path, str(10 << 20)], cwd=REPO,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.strip().splitlines()[-1])
+    assert got["bytes"] > 9 << 20 and got["chunks"] > 10_000
+    assert got["growth"] <= 20 * got["bytes"], f"the tokenizer's peak grew {got['growth'] / got['bytes']:.1f}x the document"
+
+
 def test_every_chunk_is_embedded_once_as_sentence_transformers_embeds_its_text(ray_cluster, tmp_path, st_model):
     import pyarrow.parquet as pq
 
@@ -169,6 +224,43 @@ def test_a_resume_with_other_chunk_settings_is_refused(ray_cluster, tmp_path, ti
                         "--model", tiny_model, "--chunk-tokens", "500")
     assert_one_line_error(too_long, 2, "--chunk-tokens 500: model")
     assert "reads 64 tokens, 2 of them special tokens and prompt; at most 62" in too_long.stderr  # [CLS], [SEP]
+
+
+def test_mine_pairs_chunks_of_different_documents_and_rerank_cuts_their_texts(ray_cluster, tmp_path, tiny_model,
+                                                                              cross_encoder_dir, capsys):
+    """embed --chunk-tokens, then mine --rerank-model as a user chains them: the pairs are chunks of two
+    documents, and the cross-encoder scores text[start:end] of both, found through the embeddings output."""
+    import json
+
+    import pyarrow.parquet as pq
+    from sentence_transformers import CrossEncoder
+
+    from tests.conftest import assert_one_line_error, run_main
+
+    docs = write_documents(tmp_path / "docs.jsonl", [t[:2500] for t in long_texts()[-6:]])
+    emb, pairs = str(tmp_path / "emb"), str(tmp_path / "pairs")
+    assert run_main(capsys, "embed", "--input", str(tmp_path / "docs.jsonl"), "--output", emb, "--model", tiny_model,
+                    "--id-field", "id", "--chunk-tokens", "48", "--chunk-overlap", "8", "--quiet").returncode == 0
+    run = run_main(capsys, "mine", "--embeddings", emb, "--output", pairs, "--top-k", "3", "--rerank-model", cross_encoder_dir)
+    assert run.returncode == 0, run.stderr
+    assert json.loads(open(f"{pairs}/_manifest.json").read())["same_document_pairs"] == "left out"
+    chunks = {r["id"]: r for r in pq.read_table(emb, columns=["id", "doc_id", "start", "end"]).to_pylist()}
+    reranked = pq.read_table(f"{pairs}-reranked/pairs.parquet").to_pylist()
+    assert len(reranked) > 20 and all(chunks[r["id_a"]]["doc_id"] != chunks[r["id_b"]]["doc_id"] for r in reranked)
+
+    def text(chunk_id):
+        c = chunks[chunk_id]
+        return docs[c["doc_id"]][c["start"]:c["end"]]
+
+    want = CrossEncoder(cross_encoder_dir, device="cpu").predict([(text(r["id_a"]), text(r["id_b"])) for r in reranked])
+    assert np.allclose([r["rerank_score"] for r in reranked], want, atol=1e-5)
+    assert json.loads(open(f"{pairs}-reranked/_manifest.json").read())["chunks_from"] == emb
+
+    os.remove(f"{pairs}/_manifest.json")  # pairs of chunk ids with nothing saying where their texts are
+    blind = run_main(capsys, "rerank", "--pairs", pairs, "--texts", str(tmp_path / "docs.jsonl"), "--id-field", "id",
+                     "--model", cross_encoder_dir, "--output", str(tmp_path / "r2"))
+    assert_one_line_error(blind, 2, "ids named by the pairs are not in it")
+    assert "--embeddings" in blind.stderr
 
 
 @pytest.mark.slow  # ~90 s on 2 cores: a run killed mid-way, then its rerun

@@ -177,3 +177,40 @@ def test_quantized_embeddings_are_mined_as_their_float_readings(ray_cluster, tmp
     if precision == "binary":  # scores are 1 - 2 * Hamming / 32
         sixteenths = np.array(table["score"].to_pylist()) * 16
         assert np.abs(sixteenths - np.round(sixteenths)).max() <= 1e-5
+
+
+def test_chunks_of_one_document_are_left_out_by_default_and_kept_with_the_flag(ray_cluster, tmp_path):
+    from tests.test_mining import chunk_groups, masked_reference
+
+    n = 400
+    x = clustered_vectors(n)
+    x[1::2] = x[::2] + 0.01 * x[1::2]  # overlapping neighbours: near copies, mostly of the same document
+    groups = chunk_groups(n)
+    doc_ids = [f"d{g}" for g in groups]
+    chunk = [int(np.sum(groups[:i] == groups[i])) for i in range(n)]
+    ids = [f"{d}#{c}" for d, c in zip(doc_ids, chunk)]
+    emb = tmp_path / "emb"
+    emb.mkdir()
+    bounds = [0, 133, 260, n]  # files hold whole documents, as embed writes them
+    bounds = [int(np.searchsorted(groups, groups[b], "left")) if b < n else n for b in bounds]
+    for f, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        flat = pa.array(x[a:b].reshape(-1))
+        pq.write_table(pa.table({"id": ids[a:b], "doc_id": doc_ids[a:b], "chunk": pa.array(chunk[a:b], pa.int32()),
+                                 "embedding": pa.FixedSizeListArray.from_arrays(flat, x.shape[1])}),
+                       emb / f"part{f}.parquet")
+
+    out = tmp_path / "pairs"
+    run_mine(MineConfig(embeddings=str(emb), output=str(out), top_k=5, max_pairs=300, block_size=64, quiet=True))
+    got = mined(out)
+    ref = masked_reference(x, groups, 5, 300)
+    assert {frozenset((ids[i], ids[j])) for _, i, j in ref} == {
+        frozenset(p) for p in zip(got["id_a"].to_pylist(), got["id_b"].to_pylist())}
+    assert all(a.split("#")[0] != b.split("#")[0] for a, b in zip(got["id_a"].to_pylist(), got["id_b"].to_pylist()))
+    assert json.loads((out / "_manifest.json").read_text())["same_document_pairs"] == "left out"
+
+    run_mine(MineConfig(embeddings=str(emb), output=str(out), top_k=5, max_pairs=300, block_size=64, quiet=True,
+                        same_document_pairs=True))
+    assert_matches_st(mined(out), x, ids, top_k=5, max_pairs=300)
+    same = [a.split("#")[0] == b.split("#")[0] for a, b in zip(mined(out)["id_a"].to_pylist(), mined(out)["id_b"].to_pylist())]
+    assert sum(same) > len(same) // 3  # what the default leaves out: here neighbours would fill the top
+    assert json.loads((out / "_manifest.json").read_text())["same_document_pairs"] == "kept"

@@ -155,3 +155,45 @@ def test_each_part_cut_to_its_best_entries_gives_the_same_best_pairs():
     pieced = best_pairs(*(np.concatenate(x) for x in zip(*cut)), max_pairs)
     for got, want in zip(pieced, whole):
         np.testing.assert_array_equal(got, want)
+
+
+def masked_reference(x, groups, top_k, max_pairs):
+    """Brute force, as paraphrase_mining_embeddings defines mining, on a score matrix where two rows
+    of one group (and a row with itself) never pair: each row's top-k, each pair once, best max_pairs."""
+    x = normalize(x)
+    scores = x @ x.T
+    groups = np.asarray(groups)
+    scores[groups[:, None] == groups[None, :]] = -np.inf
+    found = {}
+    for i in range(len(x)):
+        for j in np.argsort(-scores[i], kind="stable")[:top_k]:
+            if np.isfinite(scores[i, j]):
+                found[(min(i, j), max(i, j))] = float(scores[i, j])
+    best = sorted(found.items(), key=lambda kv: -kv[1])[:max_pairs]
+    return [(s, i, j) for (i, j), s in best]
+
+
+def chunk_groups(n, seed=0):
+    """Documents of 1 to 9 consecutive chunks, as embed --chunk-tokens writes them."""
+    sizes = np.random.default_rng(seed).integers(1, 10, n)
+    return np.repeat(np.arange(n), sizes)[:n]
+
+
+@pytest.mark.parametrize("device", [None, "cpu"], ids=["numpy", "torch-bfloat16"])
+@pytest.mark.parametrize(
+    "n, top_k, max_pairs, block_size", [(300, 5, 10_000, 64), (300, 10, 200, 97), (120, 200, 100_000, 50), (60, 1, 7, 13)]
+)
+def test_chunks_of_one_document_are_never_paired(device, n, top_k, max_pairs, block_size):
+    x = clustered_vectors(n)
+    x[1::2] = x[::2][: len(x[1::2])] + 0.01 * x[1::2]  # each odd row a near copy of the row before it...
+    groups = chunk_groups(n)  # ...often in the same document, as overlapping neighbours are
+    ours = paraphrase_mining_embeddings(x, top_k=top_k, max_pairs=max_pairs, block_size=block_size, groups=groups,
+                                        device=device, dtype="bfloat16")
+    assert_same_pairs(ours, masked_reference(x, groups, top_k, max_pairs))
+    assert all(groups[i] != groups[j] for _, i, j in ours) and ours
+
+
+def test_one_document_per_row_is_plain_mining():
+    x = clustered_vectors(200)
+    plain = paraphrase_mining_embeddings(x, top_k=5, max_pairs=300, block_size=64)
+    assert_same_pairs(paraphrase_mining_embeddings(x, top_k=5, max_pairs=300, block_size=64, groups=np.arange(200)), plain)

@@ -26,8 +26,9 @@ from tests.test_mining import assert_same_pairs
         (random_vectors, 600, 10, 200, 64),  # an active floor drops most off-diagonal scores
         (partial(clustered_vectors, clusters=2), 600, 3, 500, 64),  # rows with over top_k scores above it
         (clustered_vectors, 257, 3, 50, 1000),  # one block
+        (random_vectors, 120, 200, 100_000, 50),  # top_k over a block's rows: the -inf of its own row stays out
     ],
-    ids=["dense", "floor", "crowded", "one-block"],
+    ids=["dense", "floor", "crowded", "one-block", "top-k-over-block"],
 )
 def test_low_precision_products_give_the_pairs_of_sentence_transformers(dtype, make, n, top_k, max_pairs, block_size):
     x = make(n, d=64)

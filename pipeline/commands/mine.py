@@ -29,6 +29,7 @@ from pipeline.config import MineConfig
 from pipeline.errors import InputError, PipelineError, UsageError
 from pipeline.identity import check_consistent, names_to_paths
 from pipeline.manifest import build as build_manifest, write as write_manifest
+from pipeline.stages.columns import DOC_ID
 from pipeline.quantization import NEEDS_RANGES, QUANTIZED, VectorFormat, from_column
 from pipeline.storage.readers import embedding_files, file_format
 from pipeline.storage.sink import parquet_bytes
@@ -46,6 +47,7 @@ class FileSpan:
     start: int  # global index of the file's first row
     rows: int
     vectors: VectorFormat = VectorFormat()  # what the file stores: read back as float32 (pipeline.quantization)
+    chunks: bool = False  # rows are chunks of documents (a doc_id column: embed --chunk-tokens)
 
 
 def plan_files(config: MineConfig) -> list[FileSpan]:
@@ -61,9 +63,9 @@ def plan_files(config: MineConfig) -> list[FileSpan]:
         check_consistent(fs, root.rstrip("/"), names_to_paths(files), f"--embeddings {config.embeddings}")
     spans, start, dims = [], 0, {}
     for path in files:
-        rows, fmt = _embedding_file_shape(fs, path, config)
+        rows, fmt, chunks = _embedding_file_shape(fs, path, config)
         dims[path] = (fmt.dim, fmt.precision)
-        spans.append(FileSpan(path, start, rows, fmt))
+        spans.append(FileSpan(path, start, rows, fmt, chunks))
         start += rows
     odd = next((p for p in files if dims[p] != dims[files[0]]), None)
     if odd is not None:
@@ -76,8 +78,8 @@ def plan_files(config: MineConfig) -> list[FileSpan]:
     return spans
 
 
-def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, VectorFormat]:
-    """(rows, what its vectors are) of one embeddings file, read from its footer; InputError naming
+def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, VectorFormat, bool]:
+    """(rows, what its vectors are, whether its rows are chunks) of one embeddings file, read from its footer; InputError naming
     what is wrong."""
     where = f"--embeddings {config.embeddings}: {posixpath.basename(path)}"
     try:
@@ -101,24 +103,36 @@ def _embedding_file_shape(fs, path: str, config: MineConfig) -> tuple[int, Vecto
                          "(or embedpipe's int8/uint8/binary/ubinary vectors)")
     if fmt.precision in NEEDS_RANGES and fmt.ranges is None:
         raise InputError(f"{where}: {fmt.precision} vectors without the ranges they were quantised with")
-    return meta.num_rows, fmt
+    return meta.num_rows, fmt, DOC_ID in schema.names
 
 
-def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, storage_options) -> np.ndarray:
-    """Rows [start, end) as unit-length float32 vectors, read from the files that hold them."""
+def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, storage_options,
+               groups: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+    """Rows [start, end) as unit-length float32 vectors, read from the files that hold them, and with
+    `groups` each row's document (`document_groups`), else None."""
     from pipeline.mining import normalize
 
     fs, _ = get_fs(embeddings, storage_options)
-    parts = []
+    parts, labels = [], []
     for span in spans:
         lo, hi = max(start, span.start), min(end, span.start + span.rows)
         if lo >= hi:
             continue
         with fs.open(span.path, "rb") as f:
-            column = pq.read_table(f, columns=["embedding"])["embedding"].combine_chunks()
-        column = column.slice(lo - span.start, hi - lo)
+            table = pq.read_table(f, columns=["embedding", DOC_ID] if groups else ["embedding"])
+        column = table["embedding"].combine_chunks().slice(lo - span.start, hi - lo)
         parts.append(span.vectors.decode(from_column(column)))  # int8/uint8 dequantised, binary as +1/-1
-    return normalize(np.concatenate(parts))
+        if groups:
+            labels.append(document_groups(table[DOC_ID], span.start)[lo - span.start : hi - span.start])
+    return normalize(np.concatenate(parts)), (np.concatenate(labels) if groups else None)
+
+
+def document_groups(doc_ids: pa.ChunkedArray, start: int) -> np.ndarray:
+    """One integer per row of a file whose first row is global row `start`: the global row of the
+    first chunk of the row's document in that file (a document's chunks are all in one file)."""
+    _, first, inverse = np.unique(np.asarray(doc_ids.to_numpy(zero_copy_only=False), dtype=object).astype(str),
+                                  return_index=True, return_inverse=True)
+    return first[inverse].astype(np.int64) + start
 
 
 GPU_DTYPE = "float16"  # the block products' precision on a GPU (candidates are scored again in float32)
@@ -157,18 +171,17 @@ def _block_products(device: str):
     return (*block_products(where if where == "cuda" else None, dtype), task_placement(where, dtype))
 
 
-def diagonal_block(a: np.ndarray, start: int, k: int, device: str = "cpu"):
+def diagonal_block(block: tuple, start: int, k: int, device: str = "cpu"):
     """Phase 1: the block's candidates, their scores again for the driver's floor, and where it ran."""
     diagonal_candidates, _, placement = _block_products(device)
-    found = diagonal_candidates(a, start, k)
+    found = diagonal_candidates(block[0], start, k, block[1])
     return found, found[2], placement
 
 
-def off_diagonal_block(a: np.ndarray, b: np.ndarray, a_start: int, b_start: int, k: int, floor: float,
-                       device: str = "cpu"):
-    """Phase 2: the block pair's candidates, and where it ran."""
+def off_diagonal_block(a: tuple, b: tuple, a_start: int, b_start: int, k: int, floor: float, device: str = "cpu"):
+    """Phase 2: the block pair's candidates, and where it ran (a, b: load_block's (vectors, groups))."""
     _, off_diagonal_candidates, placement = _block_products(device)
-    return off_diagonal_candidates(a, b, a_start, b_start, k, floor), placement
+    return off_diagonal_candidates(a[0], b[0], a_start, b_start, k, floor, a[1], b[1]), placement
 
 
 def reduce_rows(start: int, end: int, k: int, max_pairs: int, floor: float, diagonal, *off_diagonal):
@@ -197,7 +210,8 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
     diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns=3)(diagonal_block)
     off_diagonal_task = ray.remote(num_cpus=1, num_gpus=gpus, num_returns=2)(off_diagonal_block)
     reduce = ray.remote(num_cpus=1)(reduce_rows)
-    vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options) for a, b in blocks]
+    groups = leaves_out_same_document(config, spans)
+    vectors = [load.remote(spans, a, b, config.embeddings, config.storage_options, groups) for a, b in blocks]
     diagonal, scores, placed = zip(
         *(diagonal_task.remote(vectors[b], a0, config.top_k, task_device) for b, (a0, _) in enumerate(blocks))
     )
@@ -218,6 +232,19 @@ def mine_pairs(config: MineConfig, spans: list[FileSpan]) -> tuple[np.ndarray, n
     ]
     i, j, s = best_pairs(*_best_as_they_finish(reduced, 2 * config.max_pairs), config.max_pairs)
     return i, j, s, products_summary(device, ray.get(placed))
+
+
+def leaves_out_same_document(config: MineConfig, spans: list[FileSpan]) -> bool:
+    """Whether two chunks of one document are kept from pairing: by default when the rows are chunks
+    (their overlapping neighbours would fill every top-k), unless --same-document-pairs."""
+    return any(span.chunks for span in spans) and not config.same_document_pairs
+
+
+def same_document_pairs(config: MineConfig, spans: list[FileSpan]) -> str | None:
+    """The manifest's `same_document_pairs`: "left out" or "kept" for chunks, None for whole documents."""
+    if not any(span.chunks for span in spans):
+        return None
+    return "left out" if leaves_out_same_document(config, spans) else "kept"
 
 
 def mining_device(asked: str, gpus: float) -> str:
@@ -319,6 +346,7 @@ def run_mine(config: MineConfig) -> MineResult:
         threshold=config.threshold,
         block_size=config.block_size,
         products=products,
+        same_document_pairs=same_document_pairs(config, spans),
         precision=spans[0].vectors.precision,
         score="cosine" if spans[0].vectors.precision not in ("binary", "ubinary") else "cosine of the +1/-1 vectors",
         min_score=float(s.min()) if len(s) else None,

@@ -107,6 +107,50 @@ def read_pairs(config: RerankConfig) -> tuple[pa.Table, int]:
     return table.append_column("pair", pa.array(np.arange(table.num_rows), pa.int64())), total
 
 
+def chunk_cuts(config: RerankConfig, wanted: pa.Array) -> tuple[pa.Table | None, str | None]:
+    """For pairs of chunks (embed --chunk-tokens, then mine): doc_id, start, end of each wanted id, in
+    wanted's order, read from the embeddings output (--embeddings, else the one the pairs' manifest
+    names), and that output; (None, None) for pairs of whole documents."""
+    mined = _pairs_manifest(config)
+    embeddings = config.embeddings
+    if embeddings is None and mined.get("same_document_pairs") is None:
+        return None, None  # pairs of whole documents, or pairs without a manifest: ids are documents'
+    embeddings = embeddings or mined.get("embeddings")
+    where = f"--embeddings {embeddings}" if config.embeddings else f"--pairs {config.pairs}"
+    if not embeddings:
+        raise UsageError(f"{where}: pairs of chunks need the embeddings output they were mined from (its offsets); give --embeddings")
+    from pipeline.storage.readers import embedding_files
+
+    try:
+        fs, _ = get_fs(embeddings, config.storage_options)
+        parts = []
+        for path in embedding_files(embeddings, config.storage_options):
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["id", "doc_id", "start", "end"])
+            parts.append(table.filter(pc.is_in(table["id"], value_set=wanted)))
+    except InputError:
+        raise InputError(f"{where}: the embeddings output {embeddings} the pairs were mined from cannot be read; "
+                         "give --embeddings") from None
+    except (pa.ArrowException, KeyError, OSError) as exc:
+        raise InputError(f"{where}: {embeddings} holds no chunk offsets (id, doc_id, start, end: not an "
+                         f"`embed --chunk-tokens` output): {first_line(exc)}") from None
+    found = pa.concat_tables(parts) if parts else None
+    if found is None or found.num_rows == 0:
+        raise InputError(f"{where}: none of the pairs' ids is a chunk of {embeddings}")
+    at = pc.index_in(wanted, value_set=found["id"].combine_chunks())
+    return found.select(["doc_id", "start", "end"]).take(at), embeddings
+
+
+def _pairs_manifest(config: RerankConfig) -> dict[str, Any]:
+    """The pairs' _manifest.json ({} without one)."""
+    try:
+        fs, root = get_fs(config.pairs, config.storage_options)
+        root = root.rstrip("/")
+        return read_manifest(fs, posixpath.dirname(root) if root.endswith(".parquet") else root) or {}
+    except (OSError, ValueError):
+        return {}
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -140,6 +184,7 @@ def run_rerank(config: RerankConfig) -> RerankResult:
         shards = discover_shards(config.texts, config.storage_options)
     except InputError as exc:
         raise InputError(str(exc).replace(f"--input {config.texts}", f"--texts {config.texts}", 1)) from None
+    cuts, chunks_from = chunk_cuts(config, wanted_ids(pairs)) if pairs.num_rows else (None, None)
     _refuse_clobber(config)
     fs, root = prepare_output(config.output, config.storage_options)
 
@@ -147,7 +192,7 @@ def run_rerank(config: RerankConfig) -> RerankResult:
     tokens, layout, timings = 0, None, {}
     if pairs.num_rows:
         with ray_session_for(config.ray_address, config.quiet):
-            scores, tokens, layout, timings = _join_and_score(config, _plan(config), pairs, shards)
+            scores, tokens, layout, timings = _join_and_score(config, _plan(config), pairs, shards, cuts)
     order = np.lexsort((np.arange(len(scores)), -scores))  # best rerank_score first; ties keep the mined order
     table = pa.table(
         {"id_a": pairs["id_a"], "id_b": pairs["id_b"], "score": pairs["score"], "rerank_score": pa.array(scores, pa.float32())},
@@ -157,7 +202,7 @@ def run_rerank(config: RerankConfig) -> RerankResult:
         fs.rm(posixpath.join(root, MANIFEST))  # never a new pairs file beside the old manifest
     write_bytes_atomic(fs, posixpath.join(root, PAIRS_FILE), parquet_bytes(table))
     finished = time.time()
-    manifest = _manifest(config, info, layout, total, table, tokens, started, finished, timings)
+    manifest = _manifest(config, info, layout, total, table, tokens, started, finished, timings, chunks_from)
     write_manifest(fs, root, manifest)
     return RerankResult(config.output, table.num_rows, finished - started, manifest)
 
@@ -188,23 +233,29 @@ def _plan(config: RerankConfig):
     return plan_resources(view, ray.cluster_resources(), alive_nodes())
 
 
-def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards) -> tuple[np.ndarray, int, dict, dict]:
+def wanted_ids(pairs: pa.Table) -> pa.Array:
+    """The distinct ids the pairs name, sorted."""
+    ids = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
+    return ids.take(pc.sort_indices(ids))
+
+
+def _join_and_score(config: RerankConfig, plan, pairs: pa.Table, shards, cuts) -> tuple[np.ndarray, int, dict, dict]:
     """Rerank scores of `pairs` (indexed by their `pair` column), total tokens, the layout used
-    (replicas, their reservations, block and join sizes), and seconds per phase."""
+    (replicas, their reservations, block and join sizes), and seconds per phase; `cuts`: chunk_cuts'."""
     from pipeline.storage.pair_texts import default_parts, join_texts
     from pipeline.engine.execution import explain
     from pipeline.storage.sources import ReadSpec
 
     block_pairs = config.block_pairs or (GPU_BLOCK_PAIRS if plan.device == "cuda" else CPU_BLOCK_PAIRS)
     block_pairs = min(block_pairs, -(-pairs.num_rows // (BLOCKS_PER_REPLICA * plan.num_encoders)))
-    ids = pc.unique(pa.concat_arrays([pairs["id_a"].combine_chunks(), pairs["id_b"].combine_chunks()]))
-    wanted = ids.take(pc.sort_indices(ids))
+    wanted = wanted_ids(pairs)
     parts = config.join_parts or default_parts(len(wanted))
     spec = ReadSpec(config.text_field, config.id_field, (), config.encoding_errors, config.storage_options)
     started = time.time()
     try:
         blocks = join_texts(
-            pairs.select(["pair", "id_a", "id_b"]), wanted, shards, spec, parts, block_pairs, f"--texts {config.texts}"
+            pairs.select(["pair", "id_a", "id_b"]), wanted, shards, spec, parts, block_pairs, f"--texts {config.texts}",
+            cuts,
         )
         joined = time.time()
         replicas = min(plan.num_encoders, len(blocks))
@@ -257,7 +308,7 @@ def _scores(config: RerankConfig, plan, blocks: list, block_pairs: int, replicas
     return scores, tokens
 
 
-def _manifest(config, info, layout, total, table, tokens, started, finished, timings) -> dict[str, Any]:
+def _manifest(config, info, layout, total, table, tokens, started, finished, timings, chunks_from) -> dict[str, Any]:
     rerank = table["rerank_score"]
     return build_manifest(
         "reranked", rows={"pairs_in": total, "reranked": table.num_rows, "tokens": tokens},
@@ -265,6 +316,7 @@ def _manifest(config, info, layout, total, table, tokens, started, finished, tim
         model=info.as_dict(), timings=timings,
         pairs_input=config.pairs,
         texts=config.texts,
+        chunks_from=chunks_from,
         score="cosine (bi-encoder), as mined",
         rerank_score=f"cross-encoder, {info.activation_fn}",
         top=config.top,

@@ -38,11 +38,11 @@ FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
         "input": ("embeddings", "storage_options"),
         "output": ("output", "quiet"),
         "resources": ("device", "block_size", "ray_address"),
-        "mining": ("top_k", "max_pairs", "threshold"),
+        "mining": ("top_k", "max_pairs", "threshold", "same_document_pairs"),
         "rerank": ("rerank_model", "texts", "rerank_top", "rerank_output"),
     },
     RerankConfig: {
-        "input": ("pairs", "texts", "text_field", "id_field", "encoding_errors", "storage_options"),
+        "input": ("pairs", "texts", "embeddings", "text_field", "id_field", "encoding_errors", "storage_options"),
         "model": ("model", "dtype", "trust_remote_code"),
         "output": ("output", "quiet"),
         "resources": ("device", "max_batch_tokens", "num_encoders", "encoder_threads", "block_pairs", "join_parts",

@@ -285,6 +285,10 @@ class MineConfig(_Recorded):
     device: str = "auto"
     """Where the block products run: auto (on GPU workers when the cluster has GPUs, in float16 with
     every candidate scored again in float32: the same pairs; else float32 numpy on CPU), cpu, cuda."""
+    same_document_pairs: bool = False
+    """Embeddings of chunks (embed --chunk-tokens): also pair two chunks of the same document (left out
+    by default: overlapping neighbours would fill every top-k); then the pairs are exactly
+    paraphrase_mining_embeddings' over all chunks."""
     ray_address: str | None = None
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     quiet: bool = False
@@ -342,6 +346,9 @@ class RerankConfig(_Recorded):
     """Directory that receives pairs.parquet (id_a, id_b, score, rerank_score; best rerank_score first) and _manifest.json."""
     top: int | None = None
     """Rerank only the N best pairs by bi-encoder score; the output keeps those N. Default: all."""
+    embeddings: str | None = None
+    """Pairs of chunks (embed --chunk-tokens): the embeddings output they were mined from, whose start/end
+    offsets cut each chunk's text out of --texts; default the one named in the pairs' manifest."""
     text_field: str = "text"
     """As in embed: column / JSON key holding the text (ignored for .txt)."""
     id_field: str | None = None

@@ -79,7 +79,7 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
     )
     ds = ds.map_batches(
         TokenizeStage,
-        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens),
+        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens, plan.block_rows),
         batch_size=plan.block_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),

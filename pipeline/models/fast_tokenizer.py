@@ -24,6 +24,7 @@ import numpy as np
 
 # transformers' "no limit" model_max_length is 1e30; a tokenizer above this does not truncate
 NO_LIMIT = 1 << 40
+ENCODE_TEXTS = 1024  # texts encoded at once: a block of chunks of a 10 MB document is ~10,000 texts
 # The features `preprocess` returns per token, and where a `tokenizers.Encoding` keeps them.
 ENCODING_FIELDS = {"input_ids": "ids", "token_type_ids": "type_ids"}
 
@@ -138,11 +139,17 @@ class PlainTokenizer:
         tokenizer = self._tokenizers[int(longer)]
         # encode_batch_fast: the same ids without the character offsets, which nothing here reads
         encode = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
-        encodings = encode(texts, add_special_tokens=True)
-        features, lengths = {}, None
-        for name, field in self.spec.fields:
-            rows = [getattr(e, field) for e in encodings]
-            if lengths is None:
-                lengths = np.fromiter(map(len, rows), np.int64, len(rows))
-            features[name] = np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum()))
-        return features, lengths
+        parts: dict[str, list[np.ndarray]] = {name: [] for name, _ in self.spec.fields}
+        all_lengths = []
+        for start in range(0, len(texts), ENCODE_TEXTS):  # Encodings cost ~100 bytes a token: a few at a time
+            encodings = encode(texts[start : start + ENCODE_TEXTS], add_special_tokens=True)
+            lengths = None
+            for name, field in self.spec.fields:
+                rows = [getattr(e, field) for e in encodings]
+                if lengths is None:
+                    lengths = np.fromiter(map(len, rows), np.int64, len(rows))
+                parts[name].append(np.fromiter(itertools.chain.from_iterable(rows), np.int64, int(lengths.sum())))
+            all_lengths.append(lengths if lengths is not None else np.zeros(len(encodings), np.int64))
+            del encodings
+        features = {name: np.concatenate(p) if p else np.zeros(0, np.int64) for name, p in parts.items()}
+        return features, (np.concatenate(all_lengths) if all_lengths else np.zeros(0, np.int64))

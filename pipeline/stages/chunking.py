@@ -1,8 +1,8 @@
 """Token-aware chunking (--chunk-tokens N, --chunk-overlap M): where a long document is cut.
 
 A document is tokenised once with the model's own tokenizer, without special tokens, prompt or
-truncation; its tokens' character offsets say where each chunk starts and ends in the text as
-read. A chunk holds at most N tokens; consecutive chunks share about M. The rule for a cut, looked
+truncation (a long one a window at a time: `token_offsets`); its tokens' character offsets say
+where each chunk starts and ends in the text as read. A chunk holds at most N tokens; consecutive chunks share about M. The rule for a cut, looked
 for among the last CUT_WINDOW(N) tokens a chunk could end with (a chunk is never cut shorter than
 that):
 
@@ -24,6 +24,34 @@ import numpy as np
 
 SENTENCE_ENDS = frozenset(".!?;。！？；…")
 OVERLAP_SLACK = 8  # tokens an overlap's start may move forward to begin at a word
+CHECK_CHUNKS = 256  # chunks tokenised again at once to check them
+WINDOW_CHARS = 1 << 16  # a longer document is tokenised this many characters at a time (`token_offsets`)
+
+
+def token_offsets(tokenizer, text: str, window: int = WINDOW_CHARS) -> np.ndarray:
+    """The character offsets (tokens x 2, int64) of `text`'s tokens without special tokens. A text
+    longer than `window` is tokenised a window at a time, each ending at whitespace where the last
+    half of the window has some (tokenizers split words there, so the tokens are the whole text's),
+    so memory follows the window, not the document (tokenizers' Encodings cost ~100 bytes a token)."""
+    parts, at = [], 0
+    dtype = np.int32 if len(text) < 1 << 31 else np.int64  # 8 bytes a token, not 16
+    while at < len(text):
+        end = min(at + window, len(text))
+        if end < len(text):
+            space = _last_space(text, at + window // 2, end)
+            end = space if space > at else end
+        encoding = tokenizer.encode(text[at:end], add_special_tokens=False)
+        parts.append(np.array(encoding.offsets, dtype=dtype).reshape(-1, 2) + at)
+        at = end
+    return np.concatenate(parts) if parts else np.zeros((0, 2), dtype)
+
+
+def _last_space(text: str, low: int, high: int) -> int:
+    """The position of the last whitespace character in text[low:high], else -1."""
+    for k in range(high - 1, low - 1, -1):
+        if text[k].isspace():
+            return k
+    return -1
 
 
 def cut_window(n: int) -> int:
@@ -62,13 +90,18 @@ def chunk_spans(text: str, offsets: np.ndarray, n: int, overlap: int, count_toke
     first = 0
     while True:
         planned = _plan(text, starts, ends, n, overlap, first)
-        counts = count_tokens([text[starts[f]:ends[e - 1]] for f, e in planned])
-        bad = next((i for i, c in enumerate(counts) if c > n), None)
+        bad = None
+        for g in range(0, len(planned), CHECK_CHUNKS):  # a few at a time: a 10 MB document has ~10,000
+            group = planned[g : g + CHECK_CHUNKS]
+            counts = count_tokens([text[starts[f]:ends[e - 1]] for f, e in group])
+            bad = next((i for i, c in enumerate(counts) if c > n), None)
+            if bad is not None:
+                break
+            chunks += group
         if bad is None:
-            chunks += planned
             return [(int(starts[f]), int(ends[e - 1])) for f, e in chunks]
-        chunks += planned[:bad]
-        f, e = planned[bad]
+        chunks += group[:bad]
+        f, e = group[bad]
         while e - f > 1 and count_tokens([text[starts[f]:ends[e - 1]]])[0] > n:
             e -= 1  # a cut that tokenises differently on its own (inside a word): one token shorter
         chunks.append((f, e))
@@ -141,10 +174,16 @@ class Chunker:
 
     def spans(self, texts: list[str]) -> list[list[tuple[int, int]]]:
         """Each text's chunks as (start char, end char)."""
+        short = [i for i, t in enumerate(texts) if len(t) <= WINDOW_CHARS]
+        offsets: dict[int, np.ndarray] = {}
+        for g in range(0, len(short), CHECK_CHUNKS):  # short texts a batch at a time (Rust threads)
+            idx = short[g : g + CHECK_CHUNKS]
+            for i, encoding in zip(idx, self.tokenizer.encode_batch([texts[i] for i in idx], add_special_tokens=False)):
+                offsets[i] = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
         result = []
-        for text, encoding in zip(texts, self.tokenizer.encode_batch(texts, add_special_tokens=False)):
-            offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-            result.append(chunk_spans(text, offsets, self.tokens, self.overlap, self.count))
+        for i, text in enumerate(texts):
+            found = offsets.pop(i) if i in offsets else token_offsets(self.tokenizer, text)
+            result.append(chunk_spans(text, found, self.tokens, self.overlap, self.count))
         return result
 
     def expand(self, batch):
@@ -166,7 +205,7 @@ class Chunker:
         flat = np.array([s for row in spans for s in row], dtype=np.int64).reshape(-1, 2)
         rows = (np.asarray(batch[ROW].to_numpy(zero_copy_only=False), np.int64) if ROW in batch.column_names
                 else np.arange(n, dtype=np.int64))
-        out = batch.take(pa.array(take))
+        out = batch.drop_columns([TEXT]).take(pa.array(take))  # not the text: each chunk gets its own
         chunk_texts = [texts[i][s:e] for i, (s, e) in zip(take.tolist(), flat.tolist())]
         doc_ids = out[ID]
         columns = {

@@ -39,7 +39,7 @@ class TokenizeStage:
     they are. A block without `_row` (not made by the read tasks) gets one, numbering its rows."""
 
     def __init__(self, config: EmbedConfig, board=None, spec: TokenizerSpec | None = None,
-                 batch_tokens: int | None = None):
+                 batch_tokens: int | None = None, block_rows: int | None = None):
         self.progress = Progress(board, "tokenize", time.process_time)  # the Rust tokenizer runs threads of its own
         self.progress.register_actor()
         self.plain = self.model = None
@@ -59,14 +59,27 @@ class TokenizeStage:
             self.chunker = Chunker(spec.backend, spec.split_special_tokens, config.chunk_tokens, config.chunk_overlap)
         self.keep_text = config.text_field in config.keep_columns
         self.batch_tokens = batch_tokens or config.max_batch_tokens or CPU_BATCH_TOKENS
+        self.block_rows = block_rows or 256  # chunks per block handed on (the plan's block_rows; a block's documents give many)
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
+    def __call__(self, batch: pa.Table):
+        """The block tokenised; with --chunk-tokens, a generator of blocks of at most block_rows chunks."""
+        if self.chunker is not None:
+            return self._chunked(batch)
         with self.progress.step(f"tokenizing {batch.num_rows} rows"):
             return self._tokenize_block(batch)
 
+    def _chunked(self, batch: pa.Table):
+        """One row per chunk, handed on block_rows chunks at a time: the encoders share a block's
+        chunks (its documents may give thousands) and the tokens of one piece are held at a time.
+        A document's chunks may span two blocks; the sink counts a file's rows whatever the blocks."""
+        with self.progress.step(f"chunking {batch.num_rows} documents"):
+            chunks = self.chunker.expand(batch)
+        for start in range(0, max(chunks.num_rows, 1), self.block_rows):
+            with self.progress.step(f"tokenizing {min(self.block_rows, chunks.num_rows - start)} chunks"):
+                piece = self._tokenize_block(chunks.slice(start, self.block_rows))
+            yield piece
+
     def _tokenize_block(self, batch: pa.Table) -> pa.Table:
-        if self.chunker is not None:
-            batch = self.chunker.expand(batch)  # one row per chunk from here on
         n = batch.num_rows
         valid = np.asarray(batch[VALID].to_numpy(zero_copy_only=False), dtype=bool)
         rows = np.flatnonzero(valid)

@@ -36,25 +36,38 @@ def default_parts(wanted: int) -> int:
     return max(1, math.ceil(wanted / TEXTS_PER_PART))
 
 
-def pick_texts(shard: Shard, spec: ReadSpec, wanted: pa.Array, parts: int) -> list:
+def pick_texts(shard: Shard, spec: ReadSpec, wanted: pa.Array, parts: int, cuts: pa.Table | None = None) -> list:
     """The shard's texts whose id is wanted, as `parts` tables (pos, text), then the positions found.
 
+    With `cuts` (pairs of chunks: `doc_id`, `start`, `end` of each wanted id, in wanted's order), a
+    wanted id is a chunk: the row whose id is its doc_id gives text[start:end], as embed embedded it.
     Rows whose text is empty, blank or null are left out: embed never embedded them.
     """
-    lookup = {value: k for k, value in enumerate(wanted.to_pylist())}
+    if cuts is None:
+        lookup = {value: [k] for k, value in enumerate(wanted.to_pylist())}
+    else:
+        lookup = {}
+        for k, doc in enumerate(cuts["doc_id"].to_pylist()):
+            lookup.setdefault(doc, []).append(k)
+        starts, ends = cuts["start"].to_pylist(), cuts["end"].to_pylist()
     picked: list[list[pa.Table]] = [[] for _ in range(parts)]
     found = []
     for table in read_shard(shard, spec):
-        pos = np.array([lookup.get(i, -1) for i in table["id"].to_pylist()], np.int64)
-        keep = (pos >= 0) & np.asarray(table[VALID].to_numpy(zero_copy_only=False), bool)
-        if not keep.any():
+        valid = table[VALID].to_pylist()
+        rows = [(i, ks) for i, ks in enumerate(lookup.get(d) for d in table["id"].to_pylist()) if ks and valid[i]]
+        if not rows:
             continue
-        pos, texts = pos[keep], table["text"].filter(pa.array(keep))
+        texts = table["text"].take(pa.array([i for i, _ in rows])).to_pylist()
+        pos = np.array([k for _, ks in rows for k in ks], np.int64)
+        if cuts is None:
+            text = pa.array(texts, pa.string())
+        else:
+            text = pa.array([t[starts[k]:ends[k]] for (_, ks), t in zip(rows, texts) for k in ks], pa.string())
         found.append(pos)
         part = pos % parts
         for p in np.unique(part):
             mine = part == p
-            picked[p].append(pa.table({"pos": pos[mine], "text": texts.filter(pa.array(mine))}, schema=TEXT_PART))
+            picked[p].append(pa.table({"pos": pos[mine], "text": text.filter(pa.array(mine))}, schema=TEXT_PART))
     out: list[Any] = [pa.concat_tables(t) if t else TEXT_PART.empty_table() for t in picked]
     return out + [np.concatenate(found) if found else np.zeros(0, np.int64)]
 
@@ -97,10 +110,12 @@ def join_second(parts: int, block_rows: int, n_texts: int, *tables: pa.Table) ->
 
 def join_texts(
     pairs: pa.Table, wanted: pa.Array, shards: list[Shard], spec: ReadSpec, parts: int, block_rows: int, where: str,
+    cuts: pa.Table | None = None,
 ) -> list:
     """Blocks (pair, text_a, text_b) of every pair, as object refs, computed on the cluster in use.
 
-    `pairs` holds pair, id_a, id_b. An id that is not in the input, or that is on
+    `pairs` holds pair, id_a, id_b; `cuts`, for pairs of chunks, where each wanted id's text is
+    (pick_texts). An id that is not in the input, or that is on
     several of its rows, is an InputError naming how many and one of them,
     raised before any pair is joined.
     """
@@ -108,9 +123,10 @@ def join_texts(
 
     pick = ray.remote(num_cpus=TASK_CPUS, num_returns=parts + 1)(pick_texts)
     wanted_ref = ray.put(wanted)
-    picked = [pick.remote(shard, spec, wanted_ref, parts) for shard in shards]
+    cuts_ref = ray.put(cuts)
+    picked = [pick.remote(shard, spec, wanted_ref, parts, cuts_ref) for shard in shards]
     found = np.concatenate(ray.get([refs[-1] for refs in picked]) or [np.zeros(0, np.int64)])
-    _check_found(found, wanted, where)
+    _check_found(found, wanted, where, cuts_unknown=cuts is None)
 
     pos_a = pc.index_in(pairs["id_a"], value_set=wanted).to_numpy()
     pos_b = pc.index_in(pairs["id_b"], value_set=wanted).to_numpy()
@@ -137,14 +153,17 @@ def _as_list(refs) -> list:
     return refs if isinstance(refs, list) else [refs]
 
 
-def _check_found(found: np.ndarray, wanted: pa.Array, where: str) -> None:
+def _check_found(found: np.ndarray, wanted: pa.Array, where: str, cuts_unknown: bool = True) -> None:
     counts = np.bincount(found, minlength=len(wanted))
     missing = np.flatnonzero(counts == 0)
     if len(missing):
+        example = wanted[int(missing[0])].as_py()
+        chunk = "#" in example and cuts_unknown
         raise InputError(
             f"{where}: {len(missing):,} of the {len(wanted):,} ids named by the pairs are not in it "
-            f"(e.g. {wanted[int(missing[0])].as_py()!r}), or have empty text; were the pairs mined from this input's "
-            "vectors, with the same --id-field?"
+            f"(e.g. {example!r}), or have empty text; "
+            + ("if they are chunks (embed --chunk-tokens), give --embeddings, the output they were mined from"
+               if chunk else "were the pairs mined from this input's vectors, with the same --id-field?")
         )
     repeated = np.flatnonzero(counts > 1)
     if len(repeated):
