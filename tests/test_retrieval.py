@@ -8,7 +8,7 @@ import pytest
 import torch
 from sentence_transformers.util import semantic_search as st_search
 
-from pipeline.retrieval import RunningTopK, semantic_search
+from pipeline.retrieval import EMPTY_ROW, RunningTopK, semantic_search
 from tests.conftest import assert_same_search, clustered_vectors, random_vectors
 
 
@@ -67,3 +67,6 @@ def test_running_top_k_holds_queries_times_k_and_counts_rows():
     assert found.seen == 7 and rows.shape == scores.shape == (3, 4) and scores.dtype == np.float32
     assert rows.min() >= 0 and rows.max() < 7
     assert found.scores.shape == (3, 4)  # what is held, whatever the rows seen
+    nan = RunningTopK(random_vectors(2, 8), k=3)
+    nan.add(np.full((5, 8), np.nan, np.float32))  # NaN never ranks: the slots stay empty (search refuses that)
+    assert (nan.result()[0] == EMPTY_ROW).all()

@@ -160,7 +160,7 @@ def embeddings_manifest(config: SearchConfig) -> dict[str, Any]:
 
 def top_k(config: SearchConfig, spans: list[FileSpan], queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rows, scores) of every query's top_k over the output's rows, read config.block_size at a time."""
-    from pipeline.retrieval import RunningTopK
+    from pipeline.retrieval import EMPTY_ROW, RunningTopK
 
     fs, _ = get_fs(config.embeddings, config.storage_options)
     vectors = spans[0].vectors  # every file's, as plan_files checked
@@ -171,7 +171,10 @@ def top_k(config: SearchConfig, spans: list[FileSpan], queries: np.ndarray) -> t
         with fs.open(span.path, "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=config.block_size, columns=["embedding"]):
                 found.add(span.vectors.decode(from_column(batch.column(0))))  # float32; int8 centres, binary +1/-1
-    return found.result()
+    rows, scores = found.result()
+    if (rows == EMPTY_ROW).any():  # only NaN scores fail every comparison
+        raise InputError(f"{config.embeddings}: holds vectors that are not finite numbers (NaN), which no score ranks")
+    return rows, scores
 
 
 def texts_shards(config: SearchConfig) -> list:
