@@ -34,6 +34,12 @@ against float32, bytes) and what binary and int8 cost to write against float32 (
 
     python jobs/benchmark.py --task precision [--pairs 2000] [--lines 200000] [--repeat 1]
 
+search: `embedpipe search` (whole command) of 1,000 queries over 100,000 vectors against
+encode_query + util.semantic_search in one process (jobs/st_search_baseline.py), and the scoring alone
+against semantic_search alone; checks the hits agree (jobs/bench_search.py).
+
+    python jobs/benchmark.py --task search [--search-vectors 100000] [--search-queries 1000] [--top-k-search 10] [--repeat 1]
+
 rerank: `embedpipe rerank` (whole command) against CrossEncoder.predict in one process
 (jobs/st_rerank_baseline.py) on N random pairs of the corpus's texts; checks the scores agree.
 The cross-encoder is all-MiniLM-L6-v2's BERT with a new one-label classification head (seed 0):
@@ -127,7 +133,8 @@ def main() -> None:
                    help="several jobs/st_baseline.py flag sets (e.g. '' '--dtype float16 --batch-size 256'); "
                         "the first one's vectors are the reference")
     p.add_argument("--markdown", action="store_true", help="also print a BENCHMARKS.md table row")
-    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank", "host", "precision"), default="embed")
+    p.add_argument("--task", choices=("embed", "mine", "scale", "fidelity", "rerank", "host", "precision", "search"),
+                   default="embed")
     p.add_argument("--pairs", type=int, default=2000, help="similarity pairs for --task fidelity, pairs to score for --task rerank")
     p.add_argument("--rerank-args", default="", help="extra flags for embedpipe rerank")
     p.add_argument("--scale-docs", type=int, nargs="+", default=[100_000, 1_000_000], help="corpus sizes for --task scale")
@@ -137,6 +144,9 @@ def main() -> None:
     p.add_argument("--top-k", type=int, default=100)
     p.add_argument("--max-pairs", type=int, default=500_000)
     p.add_argument("--mine-args", default="", help="extra flags for embedpipe mine")
+    p.add_argument("--search-vectors", type=int, default=100_000, help="vectors searched by --task search")
+    p.add_argument("--search-queries", type=int, default=1000, help="queries of --task search")
+    p.add_argument("--top-k-search", type=int, default=10, help="top_k of --task search")
     args = p.parse_args()
     if args.task == "mine":
         return bench_mine(args)
@@ -150,6 +160,11 @@ def main() -> None:
         from jobs.bench_precision import bench_precision
 
         return bench_precision(args)
+    if args.task == "search":
+        from jobs.bench_search import bench_search
+
+        bench_search(args)
+        return
     if args.task == "host":
         from jobs.bench_host import bench_host
 

@@ -1,8 +1,9 @@
-"""The Python API: `embed`, `mine` and `rerank` do exactly what the commands do, chained runs included.
+"""The Python API: `embed`, `mine`, `rerank` and `search` do exactly what the commands do, chained runs included.
 
     import pipeline
     result = pipeline.embed(input="docs/", output="vectors/", mine=True)   # or pipeline.embed(EmbedConfig(...))
     result.mined.pairs, result.mined.reranked
+    pipeline.search(embeddings="vectors/", query="how do I ...").hits(0)  # [{'rank', 'id', 'score', ...}, ...]
 
 The CLI calls these same functions; `report` is how it prints each step's summary line as the step ends.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable
 
-from pipeline.config import EmbedConfig, MineConfig, RerankConfig
+from pipeline.config import EmbedConfig, MineConfig, RerankConfig, SearchConfig
 
 Report = Callable[[Any], None]
 
@@ -46,6 +47,19 @@ def rerank(config: RerankConfig | None = None, *, report: Report | None = None, 
     from pipeline.commands.rerank import run_rerank
 
     result = run_rerank(_config(RerankConfig, config, options))
+    _report(report, result)
+    return result
+
+
+def search(config: SearchConfig | None = None, *, report: Report | None = None, **options: Any):
+    """Exact top-k by cosine over an embeddings directory, as `embedpipe search` does: the run's model
+    encodes the query (or every query of `queries`, a .txt or .jsonl file), with its `query` prompt,
+    and its vectors are scored as the output stores them. Returns the SearchResult: `.hits(q)` (or
+    `.results`, as util.semantic_search lists them), `.table()`; with `output`, results.parquet and a
+    manifest are written too."""
+    from pipeline.commands.search import run_search
+
+    result = run_search(_config(SearchConfig, config, options))
     _report(report, result)
     return result
 

@@ -1,7 +1,8 @@
-"""Command line: `embedpipe embed | mine | rerank | info` (also `python -m pipeline`).
+"""Command line: `embedpipe embed | mine | rerank | search | info` (also `python -m pipeline`).
 
-The flags of embed, mine and rerank, their groups, help and defaults are made from the fields of
-their config classes (`pipeline.config.options`); only --config, --dry-run and info's are written here.
+The flags (and search's arguments) of embed, mine, rerank and search, their groups, help and defaults
+are made from the fields of their config classes (`pipeline.config.options`); only --config, --dry-run
+and info's are written here.
 
 Exit codes: 0 success; 2 bad usage or bad input, with one line on stderr;
 1 runtime failure, with the cause named. `--debug` adds the traceback.
@@ -55,6 +56,9 @@ def _add_flag(group, option: Option) -> None:
     """A config field as a flag: help = its docstring and default. A boolean is --flag (and --no-flag where
     None means 'not set'), a list is comma-separated, a mapping a JSON object. Not given: None."""
     text = option.help.replace("%", "%%")
+    if option.positional:  # optional here, so that --config may give it; the config says what is required
+        group.add_argument(option.name, nargs="?", metavar=option.flag, help=text)
+        return
     if option.kind == "boolean":
         group.add_argument(option.flag, dest=option.name, action="store_const", const=True, help=text)
         if option.default is None:
@@ -79,10 +83,16 @@ def _rerank_parser(sub) -> None:
     _command_parser(sub, "rerank", "score mined pairs with a cross-encoder and sort them by that score")
 
 
+def _search_parser(sub) -> None:
+    p = _command_parser(sub, "search", "exact top-k documents by cosine for a query, over an embeddings directory")
+    p.usage = ("embedpipe search EMBEDDINGS QUERY [--top-k K] [--texts INPUT] [options]\n"
+               "       embedpipe search EMBEDDINGS --queries FILE --output DIR [--top-k K] [options]")
+
+
 def _info_parser(sub) -> None:
     p = sub.add_parser("info", help="print an output's manifest and a few rows",
                        description="Print an output's manifest and a few rows.")
-    p.add_argument("path", help="An output directory (local or s3://) written by embed, mine or rerank.")
+    p.add_argument("path", help="An output directory (local or s3://) written by embed, mine, rerank or search.")
     p.add_argument("--rows", type=int, default=3, help="Rows to show. (default: 3)")
     p.add_argument("--pairs", type=int, default=0,
                    help="Also show the N most similar pairs, computed here (small outputs). (default: 0)")
@@ -97,6 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     _embed_parser(sub)
     _mine_parser(sub)
     _rerank_parser(sub)
+    _search_parser(sub)
     _info_parser(sub)
     return parser
 
@@ -149,6 +160,23 @@ def cmd_rerank(args: argparse.Namespace) -> int:
 
     config = _load_config(args)
     api.rerank(config, report=_summary(config.quiet))
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from pipeline import api
+
+    config = _load_config(args)
+    if config.queries and not config.output:
+        raise UsageError("--queries needs --output DIR: the results of a query file are written to "
+                         "DIR/results.parquet (give one QUERY to print its results)")
+    if config.texts and config.output:
+        raise UsageError("--texts prints the hits' texts; results.parquet holds their ids: drop --texts with --output")
+    result = api.search(config)
+    if not config.output:
+        print("\n".join(result.lines()), flush=True)
+    elif not config.quiet:
+        print(result.summary_line(), flush=True)
     return 0
 
 
@@ -232,7 +260,8 @@ def _main(parser: argparse.ArgumentParser, argv: Sequence[str] | None, debug: bo
         if args.command is None:
             parser.print_help()
             return 2
-        return {"embed": cmd_embed, "mine": cmd_mine, "rerank": cmd_rerank, "info": cmd_info}[args.command](args)
+        commands = {"embed": cmd_embed, "mine": cmd_mine, "rerank": cmd_rerank, "search": cmd_search, "info": cmd_info}
+        return commands[args.command](args)
     except EmbedpipeError as exc:
         if debug:
             traceback.print_exc()

@@ -2,11 +2,11 @@
 
 Every manifest, whatever the output, has:
 
-    kind            what the output holds: dense, sparse, pairs or reranked
-    format          embedpipe/embeddings, embedpipe/pairs or embedpipe/reranked-pairs (since version 1)
+    kind            what the output holds: dense, sparse, pairs, reranked or search
+    format          embedpipe/embeddings, embedpipe/pairs, embedpipe/reranked-pairs or embedpipe/search-results
     format_version  2; manifests without it are version 1 and are read all the same
     rows            counts of what went in and came out
-    model           the model that made the vectors or scores (None for pairs: they come from vectors)
+    model           the model that made the vectors, scores or query vectors (None for pairs: they come from vectors)
     files           the output's Parquet files, with their row counts
     config          the options of the run (never credentials)
     timings         started, finished, seconds, and the kind's own breakdown
@@ -32,21 +32,22 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 2
 FORMATS = {"dense": "embedpipe/embeddings", "sparse": "embedpipe/embeddings", "pairs": "embedpipe/pairs",
-           "reranked": "embedpipe/reranked-pairs"}
+           "reranked": "embedpipe/reranked-pairs", "search": "embedpipe/search-results"}
 KINDS = tuple(FORMATS)
 
 COMMON_KEYS = {
     "kind": "what the output holds: `dense` (one vector per document), `sparse` (SPLADE terms), `pairs` "
-            "(mined pairs) or `reranked` (pairs with a cross-encoder score)",
-    "format": "`embedpipe/embeddings`, `embedpipe/pairs` or `embedpipe/reranked-pairs`",
+            "(mined pairs), `reranked` (pairs with a cross-encoder score) or `search` (each query's top-k documents)",
+    "format": "`embedpipe/embeddings`, `embedpipe/pairs`, `embedpipe/reranked-pairs` or `embedpipe/search-results`",
     "format_version": f"{FORMAT_VERSION}; a manifest without it is version 1 (written before `kind` and "
                       "`format_version`), and is read all the same",
     "version": "1: the key readers of version 1 looked for; kept",
     "rows": "counts: for embeddings `documents`, `embedded`, `invalid` (empty texts skipped), `truncated`, "
             "`tokens` (with --chunk-tokens also `chunks` and `chunks_per_document`: `mean`, `max`); for pairs "
-            "`documents`, `pairs`; for reranked pairs `pairs_in`, `reranked`, `tokens`",
+            "`documents`, `pairs`; for reranked pairs `pairs_in`, `reranked`, `tokens`; for search results "
+            "`queries`, `documents`, `results`",
     "model": "the model: `name`, `path`, `fingerprint` (sha256 over its files), and its settings; "
-             "None for pairs",
+             "None for pairs; for search results the model that encoded the queries, its `prompt` and `device`",
     "files": "the Parquet files: `file` and `rows` (for embeddings also `shard`, `embedded`, `invalid`, "
              "`truncated`, `tokens`, `chunks`, `max_chunks`; `rows` and `embedded` count documents)",
     "config": "every option of the run, as in docs/reference.md; storage options (credentials) are never written",
@@ -54,7 +55,8 @@ COMMON_KEYS = {
                "(`read.reading`, `tokenize.tokenizing`, `encode.encoding`, `encode.model`: the time inside the model's "
                "calls, `write.writing`, `write.joining`, ...): `steps`, `busy_s` (wall clock), `cpu_s` (CPU time of the "
                "thread doing it), `first_s` and `last_s` after `origin_unix`; and `chain_started_s`), reranks "
-               "`join_s`, `score_s`",
+               "`join_s`, `score_s`, searches `read_s` (the output's manifest and footers, the queries), "
+               "`encode_s` (loading the model, encoding the queries), `score_s` (reading and scoring every row)",
     "versions": "versions of embedpipe, ray, torch, transformers, sentence-transformers, pyarrow, tokenizers",
 }
 KEYS: dict[str, dict[str, str]] = {
@@ -120,8 +122,21 @@ KEYS: dict[str, dict[str, str]] = {
         "max_rerank_score": "the highest rerank score",
         "resources": "the layout: replicas, their reservations, block and join sizes",
     },
+    "search": {
+        "embeddings": "the embeddings directory searched",
+        "embeddings_identity": "the settings hash of those embeddings (their `_run.json`), None if they have none",
+        "queries": "the query file (--queries), or None for one query given on the command line (query_id `0`)",
+        "top_k": "documents kept per query",
+        "prompt": "the prompt the queries were encoded with (the model's `query` prompt, --prompt-name or "
+                  "--prompt), None for none",
+        "precision": "what the embeddings stored, so how documents and queries were read: float32/float16 as they "
+                     "are, int8/uint8 as their buckets' centres, binary/ubinary as +1/-1 vectors, as `mine` reads them",
+        "score": "`cosine`; for binary/ubinary embeddings `cosine of the +1/-1 vectors` (1 - 2 * Hamming / dim)",
+        "min_score": "the lowest score written",
+        "max_score": "the highest score written",
+    },
 }
-SECTION = {"dense": "embeddings", "sparse": "embeddings", "pairs": "pairs", "reranked": "reranked"}
+SECTION = {"dense": "embeddings", "sparse": "embeddings", "pairs": "pairs", "reranked": "reranked", "search": "search"}
 
 
 def build(kind: str, *, rows: dict, files: list[dict], config, started: float, finished: float,
@@ -220,7 +235,7 @@ def reference_markdown() -> str:
              "| key | meaning |", "|---|---|"]
     lines += [f"| `{k}` | {v} |" for k, v in COMMON_KEYS.items()]
     titles = {"embeddings": "Embeddings (`kind` dense or sparse)", "pairs": "Mined pairs (`kind` pairs)",
-              "reranked": "Reranked pairs (`kind` reranked)"}
+              "reranked": "Reranked pairs (`kind` reranked)", "search": "Search results (`kind` search)"}
     for section, keys in KEYS.items():
         lines += ["", f"### {titles[section]}", "", "| key | meaning |", "|---|---|"]
         lines += [f"| `{k}` | {v} |" for k, v in keys.items()]

@@ -314,6 +314,29 @@ def encode_in_process(config, texts: list[str], graph: bytes | None = None, thre
     return np.asarray(out["embedding"].combine_chunks().flatten().to_numpy(), np.float32).reshape(len(texts), -1)[order]
 
 
+def assert_same_answer(ours: list[dict], theirs: list[dict], tol: float = 1e-5) -> None:
+    """One query's hits equal semantic_search's: the same scores rank by rank, and the same rows,
+    except that rows whose scores are equal within float rounding may trade places (or, at the
+    k-th score, be another of the rows tied there)."""
+    import numpy as np
+
+    assert len(ours) == len(theirs)
+    assert np.allclose([h["score"] for h in ours], [h["score"] for h in theirs], atol=tol, rtol=0)
+    rows = {h["corpus_id"] for h in theirs}
+    cutoff = theirs[-1]["score"] if theirs else None
+    for hit, expected in zip(ours, theirs):
+        if hit["corpus_id"] != expected["corpus_id"]:
+            assert abs(hit["score"] - expected["score"]) <= tol
+            assert hit["corpus_id"] in rows or abs(hit["score"] - cutoff) <= tol, (hit, expected)
+
+
+def assert_same_search(ours: list[list[dict]], theirs: list[list[dict]], tol: float = 1e-5) -> None:
+    """Every query's hits equal util.semantic_search's (`assert_same_answer`)."""
+    assert len(ours) == len(theirs)
+    for a, b in zip(ours, theirs):
+        assert_same_answer(a, b, tol)
+
+
 def random_vectors(n, d=24, seed=0):
     import numpy as np
 

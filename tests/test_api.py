@@ -16,8 +16,11 @@ def test_public_functions_are_not_shadowed_by_modules():
     import pipeline.commands.embed  # noqa: F401 - importing the command modules must not replace the functions
     import pipeline.commands.mine  # noqa: F401
     import pipeline.commands.rerank  # noqa: F401
+    import pipeline.commands.search  # noqa: F401
+    import pipeline.config.search  # noqa: F401
+    import pipeline.retrieval  # noqa: F401
 
-    for name in ("embed", "mine", "rerank"):
+    for name in ("embed", "mine", "rerank", "search"):
         assert callable(getattr(pipeline, name)) and getattr(pipeline, name).__module__ == "pipeline.api"
     assert pipeline.run_embed is pipeline.embed
 

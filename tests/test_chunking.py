@@ -256,6 +256,12 @@ def test_mine_pairs_chunks_of_different_documents_and_rerank_cuts_their_texts(ra
     assert np.allclose([r["rerank_score"] for r in reranked], want, atol=1e-5)
     assert json.loads(open(f"{pairs}-reranked/_manifest.json").read())["chunks_from"] == emb
 
+    import pipeline
+
+    hits = pipeline.search(embeddings=emb, query=text(reranked[0]["id_a"]), texts=str(tmp_path / "docs.jsonl"),
+                           top_k=5).results[0]
+    assert hits[0]["id"] == reranked[0]["id_a"] and [h["text"] for h in hits] == [text(h["id"]) for h in hits]
+
     os.remove(f"{pairs}/_manifest.json")  # pairs of chunk ids with nothing saying where their texts are
     blind = run_main(capsys, "rerank", "--pairs", pairs, "--texts", str(tmp_path / "docs.jsonl"), "--id-field", "id",
                      "--model", cross_encoder_dir, "--output", str(tmp_path / "r2"))

@@ -69,7 +69,7 @@ def test_output_dtype_is_the_deprecated_name_of_precision(caplog, tmp_path):
 
 
 def test_shipped_configs_load(tmp_path):
-    not_embed = {"mine.yaml", "runtime_env.yaml", "rerank.yaml"}  # checked in test_configs_infra.py, test_rerank.py
+    not_embed = {"mine.yaml", "runtime_env.yaml", "rerank.yaml", "search.yaml"}  # test_configs_infra.py, test_rerank.py, test_search.py
     paths = [p for p in glob.glob(os.path.join(REPO, "configs", "*.yaml")) if os.path.basename(p) not in not_embed]
     assert len(paths) >= 3
     for path in paths:
@@ -136,13 +136,13 @@ def _help(capsys, command: str) -> str:
 
 
 def _groups_of_flags(help_text: str) -> dict[str, str]:
-    """{flag: the argument group --help shows it under}."""
+    """{flag (or ARGUMENT): the argument group --help shows it under}."""
     found, group = {}, None
     for line in help_text.splitlines():
         heading = re.fullmatch(r"(\w[\w ]*):", line)
         if heading:
             group = heading.group(1)
-        for flag in re.findall(r"^  (--[\w-]+)", line):
+        for flag in re.findall(r"^  (--[\w-]+|[A-Z][A-Z_]*\b)", line):
             found[flag] = group
     return found
 
@@ -176,7 +176,7 @@ def test_every_field_is_in_one_known_group(cls):
 def test_every_option_of_every_subcommand_has_help():
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"embed", "mine", "rerank", "info"}
+    assert set(commands) == {"embed", "mine", "rerank", "search", "info"}
     for name, sub in [("", parser), *commands.items()]:
         for action in sub._actions:
             if not isinstance(action, argparse._SubParsersAction):

@@ -1,4 +1,5 @@
-"""`embedpipe info DIR`: the manifest, a few rows, optionally the closest pairs."""
+"""`embedpipe info DIR`: the manifest, a few rows, optionally the closest pairs (embeddings); for pairs,
+reranked pairs and search results, the manifest's parameters and counts and the first rows."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `
 def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | None = None) -> None:
     fs, root = get_fs(path, storage_options)
     manifest = read_required(fs, root.rstrip("/"), path)
-    if manifest["kind"] in ("pairs", "reranked"):
+    if manifest["kind"] in ("pairs", "reranked", "search"):
         return _show_pairs_output(path, manifest, rows, pairs, fs, root)
     brief = {k: manifest[k] for k in ("dim", "pooling", "normalize", "max_seq_length", "rows")}
     brief["precision"] = manifest.get("precision") or manifest.get("output_dtype")
@@ -64,20 +65,27 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
 
 
 def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, root: str) -> None:
-    """A `mine` or `rerank` output: its parameters and counts, then its best pairs."""
+    """A `mine`, `rerank` or `search` output: its parameters and counts, then its first rows (the
+    best pairs; search results query after query)."""
     if pairs > 0:
-        raise InputError(f"--pairs: {path} already holds mined pairs; show its best ones with --rows N")
+        held = "search results" if manifest["kind"] == "search" else "mined pairs"
+        raise InputError(f"--pairs: {path} already holds {held}; show its first rows with --rows N")
     skip = ("timings", "versions", "config", "resources", "model")
     brief = {k: v for k, v in manifest.items() if k not in skip}
     if isinstance(manifest.get("model"), dict):
         brief["model"] = manifest["model"].get("name")
     print(json.dumps(brief, indent=2, ensure_ascii=False))
     from pipeline.commands.mine import PAIRS_FILE
+    from pipeline.commands.search import RESULTS_FILE
 
     if rows > 0:
-        with fs.open(f"{root.rstrip('/')}/{PAIRS_FILE}", "rb") as f:
+        name = RESULTS_FILE if manifest["kind"] == "search" else PAIRS_FILE
+        with fs.open(f"{root.rstrip('/')}/{name}", "rb") as f:
             table = pq.read_table(f).slice(0, rows)
         for row in table.to_pylist():
+            if "query_id" in row:
+                print(f"query {row['query_id']}  {row['rank']:>3}  {row['score']:.4f}  {row['id']}")
+                continue
             rerank = f"  rerank {row['rerank_score']:.4f}" if "rerank_score" in row else ""
             print(f"{row['score']:.4f}{rerank}  {row['id_a']} <-> {row['id_b']}")
 

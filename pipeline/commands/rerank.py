@@ -119,26 +119,9 @@ def chunk_cuts(config: RerankConfig, wanted: pa.Array) -> tuple[pa.Table | None,
     where = f"--embeddings {embeddings}" if config.embeddings else f"--pairs {config.pairs}"
     if not embeddings:
         raise UsageError(f"{where}: pairs of chunks need the embeddings output they were mined from (its offsets); give --embeddings")
-    from pipeline.storage.readers import embedding_files
+    from pipeline.storage.pair_texts import chunk_offsets
 
-    try:
-        fs, _ = get_fs(embeddings, config.storage_options)
-        parts = []
-        for path in embedding_files(embeddings, config.storage_options):
-            with fs.open(path, "rb") as f:
-                table = pq.read_table(f, columns=["id", "doc_id", "start", "end"])
-            parts.append(table.filter(pc.is_in(table["id"], value_set=wanted)))
-    except InputError:
-        raise InputError(f"{where}: the embeddings output {embeddings} the pairs were mined from cannot be read; "
-                         "give --embeddings") from None
-    except (pa.ArrowException, KeyError, OSError) as exc:
-        raise InputError(f"{where}: {embeddings} holds no chunk offsets (id, doc_id, start, end: not an "
-                         f"`embed --chunk-tokens` output): {first_line(exc)}") from None
-    found = pa.concat_tables(parts) if parts else None
-    if found is None or found.num_rows == 0:
-        raise InputError(f"{where}: none of the pairs' ids is a chunk of {embeddings}")
-    at = pc.index_in(wanted, value_set=found["id"].combine_chunks())
-    return found.select(["doc_id", "start", "end"]).take(at), embeddings
+    return chunk_offsets(embeddings, config.storage_options, wanted, where), embeddings
 
 
 def _pairs_manifest(config: RerankConfig) -> dict[str, Any]:

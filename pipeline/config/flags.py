@@ -16,9 +16,10 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 from pipeline.config.runs import EmbedConfig, MineConfig, RerankConfig
+from pipeline.config.search import SearchConfig
 from pipeline.config.validators import _flag
 
-GROUPS = ("input", "model", "output", "resources", "reliability", "mining", "rerank")
+GROUPS = ("input", "model", "output", "resources", "reliability", "mining", "rerank", "search")
 """The CLI's argument groups, in the order `--help` and docs/reference.md show them."""
 
 FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
@@ -50,6 +51,13 @@ FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
         "reliability": ("overwrite",),
         "rerank": ("top",),
     },
+    SearchConfig: {
+        "input": ("embeddings", "query", "queries", "texts", "storage_options"),
+        "model": ("model", "prompt_name", "prompt", "trust_remote_code"),
+        "output": ("output", "quiet"),
+        "resources": ("device", "block_size"),
+        "search": ("top_k",),
+    },
 }
 """The argument group of every field of each config."""
 
@@ -68,10 +76,13 @@ class Option:
     """The field's default; dataclasses.MISSING for a required field."""
     doc: str
     """The field's docstring, on one line."""
+    positional: bool = False
+    """A command-line argument (`embedpipe search EMBEDDINGS QUERY`), not a flag; a YAML key all the same."""
 
     @property
     def flag(self) -> str:
-        return _flag(self.name)
+        """How the command line names it: `--top-k`, or `EMBEDDINGS` for an argument."""
+        return self.name.upper() if self.positional else _flag(self.name)
 
     @property
     def required(self) -> bool:
@@ -104,8 +115,10 @@ class Option:
 
 @functools.cache
 def options(cls: type) -> tuple[Option, ...]:
-    """Every field of a config class (EmbedConfig, MineConfig, RerankConfig) as an Option, in field order."""
+    """Every field of a config class (EmbedConfig, MineConfig, RerankConfig, SearchConfig) as an Option, in
+    field order."""
     docs = _field_docs(cls)
+    positional = getattr(cls, "positional", ())
     hints = typing.get_type_hints(cls)
     groups = {name: group for group, names in FIELD_GROUPS[cls].items() for name in names}
     found = []
@@ -113,7 +126,7 @@ def options(cls: type) -> tuple[Option, ...]:
         if f.name not in docs or f.name not in groups:
             raise TypeError(f"{cls.__name__}.{f.name} needs a docstring and an entry in FIELD_GROUPS")
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        found.append(Option(f.name, groups[f.name], _kind(hints[f.name]), default, docs[f.name]))
+        found.append(Option(f.name, groups[f.name], _kind(hints[f.name]), default, docs[f.name], f.name in positional))
     return tuple(found)
 
 

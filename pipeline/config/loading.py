@@ -10,6 +10,7 @@ import yaml
 
 from pipeline.config.flags import options
 from pipeline.config.runs import CONFIGS, EmbedConfig, MineConfig, RerankConfig
+from pipeline.config.search import SearchConfig
 from pipeline.errors import UsageError
 
 
@@ -17,7 +18,7 @@ def load_yaml(path: str, cls: type = EmbedConfig) -> dict[str, Any]:
     """Read a YAML config file for `cls`'s command; an unknown key is an error naming it.
 
     Keys are the fields of `cls`, '-' or '_' alike, either at the top level or under the
-    command's section (`embed:`, `mine:`, `rerank:`): one file may configure several commands.
+    command's section (`embed:`, `mine:`, `rerank:`, `search:`): one file may configure several commands.
     """
     if not os.path.isfile(path):
         raise UsageError(f"--config {path}: no such file")
@@ -50,7 +51,7 @@ RENAMED_OPTIONS = {"output_dtype": "precision"}  # deprecated name -> its new na
 
 
 def load_config(cls: type, config_file: str | None = None, **overrides: Any) -> Any:
-    """A `cls` (EmbedConfig, MineConfig, RerankConfig) from defaults <- YAML file <- `overrides`,
+    """A `cls` (EmbedConfig, MineConfig, RerankConfig, SearchConfig) from defaults <- YAML file <- `overrides`,
     the flags (None means 'not given'). Lists may be given as comma-separated text."""
     values: dict[str, Any] = load_yaml(config_file, cls) if config_file else {}
     given = {k: v for k, v in overrides.items() if v is not None}
@@ -65,7 +66,8 @@ def load_config(cls: type, config_file: str | None = None, **overrides: Any) -> 
         value = values.get(option.name)
         if value is None:
             if option.required:
-                raise UsageError(f"{option.flag} is required (as a flag or in --config)")
+                given_as = "an argument" if option.positional else "a flag"
+                raise UsageError(f"{option.flag} is required (as {given_as} or in --config)")
         elif option.kind == "list":
             if isinstance(value, str):
                 value = [c.strip() for c in value.split(",") if c.strip()]
@@ -93,3 +95,8 @@ def build_mine_config(config_file: str | None = None, **overrides: Any) -> MineC
 def build_rerank_config(config_file: str | None = None, **overrides: Any) -> RerankConfig:
     """`embedpipe rerank`'s config: defaults <- YAML file (top level or `rerank:`) <- overrides (None: not given)."""
     return load_config(RerankConfig, config_file, **overrides)
+
+
+def build_search_config(config_file: str | None = None, **overrides: Any) -> SearchConfig:
+    """`embedpipe search`'s config: defaults <- YAML file (top level or `search:`) <- overrides (None: not given)."""
+    return load_config(SearchConfig, config_file, **overrides)

@@ -1,16 +1,18 @@
-"""The three configs, one frozen object per command: `EmbedConfig` (`embedpipe embed`), `MineConfig`
-(`mine`) and `RerankConfig` (`rerank`), validated once, in `__post_init__`, by the shared validators
-(`pipeline.config.validators`). A field's docstring is its CLI help (`options` in `pipeline.config.flags`)."""
+"""The configs, one frozen object per command: `EmbedConfig` (`embedpipe embed`), `MineConfig`
+(`mine`) and `RerankConfig` (`rerank`) here, `SearchConfig` (`search`) in `pipeline.config.search`;
+validated once, in `__post_init__`, by the shared validators (`pipeline.config.validators`). A field's
+docstring is its CLI help (`options` in `pipeline.config.flags`)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 import logging
 from typing import Any, ClassVar
 
+from pipeline.config.search import SearchConfig
 from pipeline.config.validators import (
-    _check_rerank_options, _choice, _cosine, _dtype_on_device, _flag, _positive, _required, _seconds,
+    _Recorded, _check_rerank_options, _choice, _cosine, _dtype_on_device, _flag, _positive, _required, _seconds,
 )
 from pipeline.errors import UsageError
 
@@ -24,17 +26,6 @@ PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 ROLES = ("query", "document")
 DEFAULT_CALIBRATION_ROWS = 2000
 ENCODING_ERRORS = ("strict", "replace")
-
-
-class _Recorded:
-    """What every config shares: how it is written into a manifest."""
-
-    def public_dict(self) -> dict[str, Any]:
-        """The config as plain data (tuples as lists), without storage options (they may hold secrets)."""
-        return {
-            f.name: list(value) if isinstance(value, tuple) else value
-            for f in fields(self) if f.name != "storage_options" for value in [getattr(self, f.name)]
-        }
 
 
 @dataclass(frozen=True)
@@ -393,7 +384,7 @@ class RerankConfig(_Recorded):
 
 
 
-CONFIGS: dict[str, type] = {cls.command: cls for cls in (EmbedConfig, MineConfig, RerankConfig)}
+CONFIGS: dict[str, type] = {cls.command: cls for cls in (EmbedConfig, MineConfig, RerankConfig, SearchConfig)}
 """The config class of each subcommand; the name is also the YAML file's section for it."""
 
 

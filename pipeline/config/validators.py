@@ -1,10 +1,23 @@
-"""The validators the three configs share: each error is a `UsageError` naming the flag (or YAML key) to fix."""
+"""What the configs share: the validators (each error is a `UsageError` naming the flag (or YAML key)
+to fix) and `_Recorded`, how a config is written into a manifest."""
 
 from __future__ import annotations
 
+from dataclasses import fields
 from typing import Any
 
 from pipeline.errors import UsageError
+
+
+class _Recorded:
+    """What every config shares: how it is written into a manifest."""
+
+    def public_dict(self) -> dict[str, Any]:
+        """The config as plain data (tuples as lists), without storage options (they may hold secrets)."""
+        return {
+            f.name: list(value) if isinstance(value, tuple) else value
+            for f in fields(self) if f.name != "storage_options" for value in [getattr(self, f.name)]
+        }
 
 
 def _flag(name: str) -> str:

@@ -72,6 +72,32 @@ def pick_texts(shard: Shard, spec: ReadSpec, wanted: pa.Array, parts: int, cuts:
     return out + [np.concatenate(found) if found else np.zeros(0, np.int64)]
 
 
+def chunk_offsets(embeddings: str, storage_options, wanted: pa.Array, where: str) -> pa.Table:
+    """`doc_id`, `start`, `end` of each of the chunk ids `wanted`, in its order (nulls for an id that
+    is not there), read from an `embed --chunk-tokens` output: pick_texts' `cuts`."""
+    import pyarrow.parquet as pq
+
+    from pipeline.storage.filesystems import first_line, get_fs
+    from pipeline.storage.readers import embedding_files
+
+    try:
+        fs, _ = get_fs(embeddings, storage_options)
+        parts = []
+        for path in embedding_files(embeddings, storage_options):
+            with fs.open(path, "rb") as f:
+                table = pq.read_table(f, columns=["id", "doc_id", "start", "end"])
+            parts.append(table.filter(pc.is_in(table["id"], value_set=wanted)))
+    except InputError:
+        raise InputError(f"{where}: the embeddings output {embeddings} cannot be read; give --embeddings") from None
+    except (pa.ArrowException, KeyError, OSError) as exc:
+        raise InputError(f"{where}: {embeddings} holds no chunk offsets (id, doc_id, start, end: not an "
+                         f"`embed --chunk-tokens` output): {first_line(exc)}") from None
+    found = pa.concat_tables(parts) if parts else None
+    if found is None or found.num_rows == 0:
+        raise InputError(f"{where}: none of the ids is a chunk of {embeddings}")
+    return found.select(["doc_id", "start", "end"]).take(pc.index_in(wanted, value_set=found["id"].combine_chunks()))
+
+
 def _texts_by_slot(parts: int, text_tables: tuple[pa.Table, ...]) -> tuple[pa.Array, np.ndarray]:
     """One part's texts and, for each position pos of the part, the row holding it (at slot pos // parts)."""
     texts = pa.concat_tables(text_tables)
