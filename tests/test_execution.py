@@ -84,11 +84,11 @@ def test_a_lost_actor_is_told_apart_from_a_failure_of_the_work_and_named_with_th
     from pipeline.engine.execution import _actor_lost, explain, lost_node_message
 
     unavailable = ActorUnavailableError("The actor is temporarily unavailable: RpcError: failed to connect", b"\x01" * 16)
-    assert _actor_lost(unavailable) and _actor_lost(ActorDiedError())
+    assert _actor_lost(unavailable) == "node" and _actor_lost(ActorDiedError()) == "actor"  # only "node" waits
     try:
         raise RuntimeError("the executor stopped") from unavailable  # as Ray Data re-raises it
     except RuntimeError as wrapped:
-        assert _actor_lost(wrapped)
+        assert _actor_lost(wrapped) == "node"
     assert not _actor_lost(ValueError("bad token ids")) and not _actor_lost(RayTaskError("f", "tb", ValueError("x")))
 
     line = lost_node_message(explain(unavailable), ["10.0.3.7 (3f2a9c1e)"])

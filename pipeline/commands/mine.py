@@ -130,8 +130,10 @@ def load_block(spans: list[FileSpan], start: int, end: int, embeddings: str, sto
 def document_groups(doc_ids: pa.ChunkedArray, start: int) -> np.ndarray:
     """One integer per row of a file whose first row is global row `start`: the global row of the
     first chunk of the row's document in that file (a document's chunks are all in one file)."""
-    _, first, inverse = np.unique(np.asarray(doc_ids.to_numpy(zero_copy_only=False), dtype=object).astype(str),
-                                  return_index=True, return_inverse=True)
+    import pyarrow.compute as pc
+
+    codes = np.asarray(pc.dictionary_encode(doc_ids.combine_chunks()).indices.to_numpy(zero_copy_only=False), np.int64)
+    _, first, inverse = np.unique(codes, return_index=True, return_inverse=True)  # integers, not id strings
     return first[inverse].astype(np.int64) + start
 
 

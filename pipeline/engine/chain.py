@@ -59,10 +59,7 @@ def run_chain(
 def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node):
     """read -> TokenizeStage -> EncodeStage (which commits the files), consumed by the driver."""
     import ray
-    from ray.data import ActorPoolStrategy, TaskPoolStrategy
-
-    from pipeline.stages.encode import EncodeStage
-    from pipeline.stages.tokenize import TokenizeStage
+    from ray.data import TaskPoolStrategy
 
     board = ray.remote(num_cpus=0)(ProgressBoard).remote()
     spec = ReadSpec(
@@ -77,23 +74,7 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
         # (~95 MiB each) that outlive their reads: the peak memory of a long run (BENCHMARKS.md).
         compute=TaskPoolStrategy(size=plan.num_tokenizers),
     )
-    ds = ds.map_batches(
-        TokenizeStage,
-        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens, plan.block_rows),
-        batch_size=plan.block_rows,
-        batch_format="pyarrow",
-        compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
-        num_cpus=plan.tokenizer_cpus,
-    )
-    ds = ds.map_batches(
-        EncodeStage,
-        fn_constructor_args=(config, plan.device, plan.encoder_threads, board, graph, sink),
-        batch_size=plan.block_rows,
-        batch_format="pyarrow",
-        compute=_encoder_pool(plan),
-        num_cpus=plan.encoder_cpus,
-        num_gpus=plan.encoder_gpus,
-    )
+    ds = embed_stages(ds, config, plan, board, tokenizer_spec, graph, sink)
 
     files = FileTracker(sink, spread=multi_node, board=board)
     try:
@@ -107,6 +88,34 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
     finally:
         files.close()
         ray.kill(board)
+
+
+def embed_stages(ds, config: EmbedConfig, plan: Plan, board, tokenizer_spec, graph=None, sink: SinkSpec | None = None):
+    """`ds` (rows with the read tasks' columns: id, text, _valid, _row) through TokenizeStage and
+    EncodeStage, as the plan places them; with a sink the encoders commit files and return their
+    summary rows, without one they return the rows with an `embedding` column (embed_dataset)."""
+    from ray.data import ActorPoolStrategy
+
+    from pipeline.stages.encode import EncodeStage
+    from pipeline.stages.tokenize import TokenizeStage
+
+    ds = ds.map_batches(
+        TokenizeStage,
+        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens, plan.block_rows),
+        batch_size=plan.block_rows,
+        batch_format="pyarrow",
+        compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),
+        num_cpus=plan.tokenizer_cpus,
+    )
+    return ds.map_batches(
+        EncodeStage,
+        fn_constructor_args=(config, plan.device, plan.encoder_threads, board, graph, sink),
+        batch_size=plan.block_rows,
+        batch_format="pyarrow",
+        compute=_encoder_pool(plan),
+        num_cpus=plan.encoder_cpus,
+        num_gpus=plan.encoder_gpus,
+    )
 
 
 def _encoder_pool(plan: Plan):

@@ -96,7 +96,8 @@ def watched(batches: Iterator, board, stall_timeout: float) -> Iterator:
                     ray.kill(actor, no_restart=True)
                 raise PipelineError(stall_message(status, stall_timeout, _lost(nodes_before))) from None
             if error is not None:
-                lost = _lost(nodes_before, wait=NODE_DEATH_WAIT_S) if _actor_lost(error) else []
+                kind = _actor_lost(error)  # a node's loss may take Ray a few health checks to see
+                lost = _lost(nodes_before, wait=NODE_DEATH_WAIT_S if kind == "node" else 0) if kind else []
                 if lost:
                     raise PipelineError(lost_node_message(explain(error), lost)) from None
                 raise error
@@ -131,21 +132,25 @@ def _lost(nodes_before: dict[str, str], wait: float = 0.0) -> list[str]:
         time.sleep(1.0)
 
 
-def _actor_lost(error: BaseException) -> bool:
-    """Whether a failure is Ray losing an actor or a node (not an error of the work itself)."""
-    from ray.exceptions import NodeDiedError, RayActorError
+def _actor_lost(error: BaseException) -> str | None:
+    """Whether a failure is Ray losing an actor (not an error of the work itself): "node" where its
+    node may be gone (the actor unreachable, a node died), "actor" for another actor death (a
+    constructor that failed), None otherwise."""
+    from ray.exceptions import ActorUnavailableError, NodeDiedError, RayActorError
 
     seen: set[int] = set()
-    stack = [error]
+    stack, kind = [error], None
     while stack:
         e = stack.pop()
         if e is None or id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, (RayActorError, NodeDiedError)) or _ACTOR_LOST_TEXT.search(str(e)):
-            return True
+        if isinstance(e, (ActorUnavailableError, NodeDiedError)) or _NODE_LOST_TEXT.search(str(e)):
+            return "node"
+        if isinstance(e, RayActorError) or _ACTOR_LOST_TEXT.search(str(e)):
+            kind = "actor"
         stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
-    return False
+    return kind
 
 
 def lost_node_message(cause: EmbedpipeError, lost: list[str]) -> str:
@@ -227,6 +232,7 @@ def explain(exc: BaseException) -> EmbedpipeError:
     return PipelineError(f"the run failed: {exc.__class__.__name__}")
 
 
-_ACTOR_LOST_TEXT = re.compile(r"The actor \w+ is unavailable|The actor died|ActorDiedError|NodeDiedError")
+_NODE_LOST_TEXT = re.compile(r"The actor \w+ is unavailable|NodeDiedError")
+_ACTOR_LOST_TEXT = re.compile(r"The actor died|ActorDiedError")
 _ERROR_CLASSES = {"UsageError": UsageError, "InputError": InputError, "PipelineError": PipelineError}
 _OUR_ERROR_LINE = re.compile(r"pipeline\.errors\.(UsageError|InputError|PipelineError): (.+)$")

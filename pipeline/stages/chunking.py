@@ -2,14 +2,16 @@
 
 A document is tokenised once with the model's own tokenizer, without special tokens, prompt or
 truncation (a long one a window at a time: `token_offsets`); its tokens' character offsets say
-where each chunk starts and ends in the text as read. A chunk holds at most N tokens; consecutive chunks share about M. The rule for a cut, looked
-for among the last CUT_WINDOW(N) tokens a chunk could end with (a chunk is never cut shorter than
-that):
+where each chunk starts and ends in the text as read. A chunk holds at most N tokens;
+consecutive chunks share about M. The rule for a cut, looked for among the last CUT_WINDOW(N)
+tokens a chunk could end with (a chunk is never cut shorter than that):
 
-1. after a sentence's end (`.`, `!`, `?`, `;` and their CJK forms, `…`), else
+1. after a sentence's end (`.`, `!`, `?`, `;` before whitespace; their CJK forms, `…`), else
 2. at whitespace, else
 3. between two words that touch (punctuation, a CJK character), else
-4. after the N-th token.
+4. after the N-th token,
+
+never between two tokens of one character (a byte-level BPE's pieces of an emoji).
 
 The next chunk starts M tokens before the cut, moved forward by at most OVERLAP_SLACK tokens to
 the start of a word, so its overlap is between M - OVERLAP_SLACK and M tokens. A chunk's text,
@@ -19,6 +21,8 @@ covering its whole text.
 """
 
 from __future__ import annotations
+
+import itertools
 
 import numpy as np
 
@@ -47,9 +51,10 @@ def token_offsets(tokenizer, text: str, window: int = WINDOW_CHARS) -> np.ndarra
 
 
 def _last_space(text: str, low: int, high: int) -> int:
-    """The position of the last whitespace character in text[low:high], else -1."""
+    """The position of the last whitespace character in text[low:high] that a non-space follows (the
+    space a byte-level or SentencePiece token carries in front of its word), else -1."""
     for k in range(high - 1, low - 1, -1):
-        if text[k].isspace():
+        if text[k].isspace() and k + 1 < len(text) and not text[k + 1].isspace():
             return k
     return -1
 
@@ -66,11 +71,15 @@ def _is_cjk(ch: str) -> bool:
 
 def boundary_score(text: str, prev_end: int, next_start: int) -> int:
     """How good a cut is between a token ending at `prev_end` and one starting at `next_start`:
-    3 a sentence's end, 2 whitespace, 1 two touching words, 0 inside a word."""
+    3 a sentence's end (followed by whitespace, or a CJK end), 2 whitespace, 1 two touching words,
+    0 inside a word, -1 inside a character."""
+    if next_start < prev_end:  # two tokens of one character (byte-level BPE): never cut there
+        return -1
     last = text[prev_end - 1] if prev_end > 0 else " "
-    if last in SENTENCE_ENDS:
+    spaced = next_start > prev_end or next_start >= len(text)
+    if last in SENTENCE_ENDS and (spaced or _is_cjk(last) or last == "…"):  # not 3.14, e.g.x, a.b.c
         return 3
-    if next_start > prev_end:
+    if spaced:
         return 2
     first = text[next_start] if next_start < len(text) else " "
     if not (last.isalnum() and first.isalnum()) or _is_cjk(last) or _is_cjk(first):
@@ -89,18 +98,15 @@ def chunk_spans(text: str, offsets: np.ndarray, n: int, overlap: int, count_toke
     chunks: list[tuple[int, int]] = []
     first = 0
     while True:
-        planned = _plan(text, starts, ends, n, overlap, first)
+        planned = _plan(text, starts, ends, n, overlap, first)  # lazy: a failed check replans from there only
         bad = None
-        for g in range(0, len(planned), CHECK_CHUNKS):  # a few at a time: a 10 MB document has ~10,000
-            group = planned[g : g + CHECK_CHUNKS]
+        while bad is None:
+            group = list(itertools.islice(planned, CHECK_CHUNKS))  # a few at a time: a 10 MB document has ~10,000
+            if not group:
+                return [(int(starts[f]), int(ends[e - 1])) for f, e in chunks]
             counts = count_tokens([text[starts[f]:ends[e - 1]] for f, e in group])
             bad = next((i for i, c in enumerate(counts) if c > n), None)
-            if bad is not None:
-                break
-            chunks += group
-        if bad is None:
-            return [(int(starts[f]), int(ends[e - 1])) for f, e in chunks]
-        chunks += group[:bad]
+            chunks += group if bad is None else group[:bad]
         f, e = group[bad]
         while e - f > 1 and count_tokens([text[starts[f]:ends[e - 1]]])[0] > n:
             e -= 1  # a cut that tokenises differently on its own (inside a word): one token shorter
@@ -110,17 +116,17 @@ def chunk_spans(text: str, offsets: np.ndarray, n: int, overlap: int, count_toke
         first = _next_start(text, starts, ends, f, e, overlap)
 
 
-def _plan(text: str, starts: np.ndarray, ends: np.ndarray, n: int, overlap: int, first: int) -> list[tuple[int, int]]:
-    """(first token, end token) of the chunks from token `first` to the end, by the cutting rule."""
+def _plan(text: str, starts: np.ndarray, ends: np.ndarray, n: int, overlap: int, first: int):
+    """(first token, end token) of the chunks from token `first` to the end, by the cutting rule, one
+    after another."""
     count, window = len(starts), cut_window(n)
-    planned = []
     while True:
         last = min(first + n, count)  # the chunk is tokens [first, last)
         if last < count:
             last = _best_cut(text, starts, ends, max(first + 1, last - window), last)
-        planned.append((first, last))
+        yield first, last
         if last >= count:
-            return planned
+            return
         first = _next_start(text, starts, ends, first, last, overlap)
 
 

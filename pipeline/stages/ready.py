@@ -189,10 +189,14 @@ def copies_of(batch: pa.Table, lists: dict, left: bool, pad_values: dict[str, in
         return copies, copies, []
     n = batch.num_rows
     file_code = _file_codes(batch)
-    keys = np.asarray(batch[ROW].to_numpy(zero_copy_only=False), np.int64) + (file_code << 40)
+    rows = np.asarray(batch[ROW].to_numpy(zero_copy_only=False), np.int64)
+    copy_of = np.asarray(batch[COPY_OF].to_numpy(zero_copy_only=False), np.int64)[copies]
+    # (file, row) pairs as one integer each: a chunk's row (doc_row * 2**24 + k) leaves no bits to shift into
+    pairs = np.concatenate([np.stack([file_code, rows], 1), np.stack([file_code[copies], copy_of], 1)])
+    codes = np.unique(pairs, axis=0, return_inverse=True)[1].reshape(-1)
+    keys, wanted = codes[:n], codes[n:]
     encoded = np.flatnonzero(mb >= 0)
     sorted_keys = np.argsort(keys[encoded])
-    wanted = np.asarray(batch[COPY_OF].to_numpy(zero_copy_only=False), np.int64)[copies] + (file_code[copies] << 40)
     at = np.minimum(np.searchsorted(keys[encoded], wanted, sorter=sorted_keys), len(encoded) - 1) if len(encoded) else None
     if at is not None:
         source = encoded[sorted_keys[at]]
