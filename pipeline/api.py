@@ -4,6 +4,7 @@
     result = pipeline.embed(input="docs/", output="vectors/", mine=True)   # or pipeline.embed(EmbedConfig(...))
     result.mined.pairs, result.mined.reranked
     pipeline.search(embeddings="vectors/", query="how do I ...").hits(0)  # [{'rank', 'id', 'score', ...}, ...]
+    pipeline.embed_dataset(ray.data.read_parquet(...), model=...)          # a Ray Dataset in, rows + embedding out
 
 The CLI calls these same functions; `report` is how it prints each step's summary line as the step ends.
 """
@@ -49,6 +50,15 @@ def rerank(config: RerankConfig | None = None, *, report: Report | None = None, 
     result = run_rerank(_config(RerankConfig, config, options))
     _report(report, result)
     return result
+
+
+def embed_dataset(ds, model: str | None = None, text_field: str = "text", id_field: str | None = None, **options: Any):
+    """A Ray Dataset in, the same rows with an `embedding` column out, computed by embed's tokenize and
+    encode stages (pipeline.commands.dataset: what it gives, and what it does not: exactly-once files
+    and resume are `embed`'s). `options`: the model, encoding and precision fields of EmbedConfig."""
+    from pipeline.commands.dataset import embed_dataset as run
+
+    return run(ds, **({"model": model} if model else {}), text_field=text_field, id_field=id_field, **options)
 
 
 def search(config: SearchConfig | None = None, *, report: Report | None = None, **options: Any):

@@ -30,6 +30,9 @@ from pipeline.stages.ready import lay_out, segments
 SUB_BATCH = 256  # texts per preprocess call; sorted by length so padding stays small
 
 
+CHUNK_FIRST_DOCS = 8  # documents cut before the first piece is handed on (then about a block's worth)
+
+
 class TokenizeStage:
     """Adds the ready micro-batches (pipeline.stages.ready: `tok_<feature>` and `tok_attention_mask`
     padded, `_mb`, `_copy_of`), `_n_tokens` and `_truncated`; drops the text (columns.TOKENIZE).
@@ -69,15 +72,27 @@ class TokenizeStage:
             return self._tokenize_block(batch)
 
     def _chunked(self, batch: pa.Table):
-        """One row per chunk, handed on block_rows chunks at a time: the encoders share a block's
-        chunks (its documents may give thousands) and the tokens of one piece are held at a time.
-        A document's chunks may span two blocks; the sink counts a file's rows whatever the blocks."""
-        with self.progress.step(f"chunking {batch.num_rows} documents"):
-            chunks = self.chunker.expand(batch)
-        for start in range(0, max(chunks.num_rows, 1), self.block_rows):
-            with self.progress.step(f"tokenizing {min(self.block_rows, chunks.num_rows - start)} chunks"):
-                piece = self._tokenize_block(chunks.slice(start, self.block_rows))
-            yield piece
+        """One row per chunk, handed on block_rows chunks at a time as soon as they are cut: the encoders
+        start on a block's first chunks while its other documents are still being cut, they share its
+        chunks (its documents may give thousands), and the tokens of one piece are held at a time. A
+        document's chunks may span two blocks; the sink counts a file's rows whatever the blocks."""
+        pending: list[pa.Table] = []
+        held, docs, at = 0, CHUNK_FIRST_DOCS, 0
+        while at < batch.num_rows:
+            group = batch.slice(at, docs)
+            at += group.num_rows
+            with self.progress.step(f"chunking {group.num_rows} documents"):
+                chunks = self.chunker.expand(group)
+            pending.append(chunks)
+            held += chunks.num_rows
+            # next group: about a block's worth of chunks, from the chunks per document seen so far
+            docs = max(1, min(batch.num_rows, int(self.block_rows * group.num_rows / max(chunks.num_rows, 1))))
+            while held >= self.block_rows or (at >= batch.num_rows and held):
+                rows = pa.concat_tables(pending)
+                piece, rest = rows.slice(0, self.block_rows), rows.slice(self.block_rows)
+                pending, held = ([rest] if rest.num_rows else []), rest.num_rows
+                with self.progress.step(f"tokenizing {piece.num_rows} chunks"):
+                    yield self._tokenize_block(piece)
 
     def _tokenize_block(self, batch: pa.Table) -> pa.Table:
         n = batch.num_rows
