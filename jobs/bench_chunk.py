@@ -4,7 +4,10 @@ the same chunks already cut (one JSONL row per chunk: what a user who cut them f
 against a sentence-transformers script that cuts with the same rule (pipeline.stages.chunking) and
 encodes the chunks; whole commands, one after another in the same run, the default model.
 
-    python jobs/bench_chunk.py [--docs 300] [--chunk-tokens 200] [--overlap 0] [--max-chars 20000]
+    python jobs/bench_chunk.py [--docs 300] [--chunk-tokens 200] [--overlap 0] [--max-chars 20000] [--repeat 1]
+
+With --repeat N the chunked and pre-cut commands alternate N times (the shared machine's speed moves
+between minutes) and the medians are compared.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import argparse
 import glob
 import json
 import os
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -67,6 +71,7 @@ def main() -> None:
     p.add_argument("--chunk-tokens", type=int, default=200)
     p.add_argument("--overlap", type=int, default=0)
     p.add_argument("--max-chars", type=int, default=20_000)
+    p.add_argument("--repeat", type=int, default=1)
     args = p.parse_args()
     model = resolve_model_path(DEFAULT_MODEL)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": ""}
@@ -92,9 +97,14 @@ def main() -> None:
             subprocess.run(cmd, check=True, env=env, cwd=REPO, capture_output=True)
             return time.perf_counter() - t0, json.load(open(os.path.join(out, "_manifest.json")))
 
-        chunked_s, m = embed("chunked", whole, "--chunk-tokens", str(args.chunk_tokens),
-                             "--chunk-overlap", str(args.overlap))
-        precut_s, m2 = embed("precut", cut)
+        chunked, precut = [], []
+        for k in range(args.repeat):  # alternated
+            chunked_s, m = embed(f"chunked{k}", whole, "--chunk-tokens", str(args.chunk_tokens),
+                                 "--chunk-overlap", str(args.overlap))
+            precut_s, m2 = embed(f"precut{k}", cut)
+            chunked.append(chunked_s)
+            precut.append(precut_s)
+        chunked_s, precut_s = statistics.median(chunked), statistics.median(precut)
         t0 = time.perf_counter()
         st = subprocess.run([sys.executable, "-c", ST_SCRIPT, model, whole, os.path.join(work, "st.parquet"),
                              str(args.chunk_tokens), str(args.overlap)], check=True, env=env, cwd=REPO,
@@ -106,6 +116,7 @@ def main() -> None:
         "machine": machine(), "documents": rows["documents"], "characters": sum(len(d["text"]) for d in docs),
         "chunk_tokens": args.chunk_tokens, "overlap": args.overlap, "chunks": rows["chunks"],
         "chunks_per_document": rows["chunks_per_document"], "tokens": rows["tokens"],
+        "chunked_runs_s": [round(x, 1) for x in chunked], "precut_runs_s": [round(x, 1) for x in precut],
         "chunked_s": round(chunked_s, 1), "precut_s": round(precut_s, 1), "precut_rows": m2["rows"]["embedded"],
         "chunking_cost": round(chunked_s / precut_s, 3),
         "st_s": round(st_s, 1), "st_chunks": st_chunks, "vs_st": round(st_s / chunked_s, 3),
