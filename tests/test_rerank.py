@@ -193,6 +193,28 @@ def test_rerank_on_the_cluster_equals_predict_and_keeps_the_top(ray_cluster, tmp
     assert f"rerank {best['rerank_score']:.4f}  {best['id_a']} <-> {best['id_b']}" in shown.stdout
 
 
+def test_any_parquet_of_id_pairs_is_reranked_a_score_column_being_optional(ray_cluster, tmp_path, capsys,
+                                                                            cross_encoder_dir, reference):
+    corpus = write_corpus(tmp_path / "in")
+    pairs = write_pairs(tmp_path / "mined", corpus, 40).drop_columns(["score"])
+    (tmp_path / "mine").mkdir()
+    pq.write_table(pairs.slice(0, 25), tmp_path / "mine" / "a.parquet")  # a directory of the user's own files
+    pq.write_table(pairs.slice(25), tmp_path / "mine" / "b.parquet")
+    out = tmp_path / "out"
+    args = ["rerank", "--pairs", str(tmp_path / "mine"), "--texts", str(tmp_path / "in"), "--model", cross_encoder_dir,
+            "--output", str(out)]
+    refused = run_main(capsys, *args, "--top", "5")
+    assert_one_line_error(refused, 2, f"--top 5: --pairs {tmp_path / 'mine'} has no 'score' column to choose the best pairs by")
+    assert run_main(capsys, *args).returncode == 0
+    table = read_reranked(out)
+    assert table.num_rows == 40 and table["score"].null_count == 40
+    assert {(a, b) for a, b in zip(table["id_a"].to_pylist(), table["id_b"].to_pylist())} == set(
+        zip(pairs["id_a"].to_pylist(), pairs["id_b"].to_pylist()))
+    expected = reference([(corpus[a], corpus[b]) for a, b in zip(table["id_a"].to_pylist(), table["id_b"].to_pylist())])
+    assert np.abs(table["rerank_score"].to_numpy() - expected).max() <= 1e-5
+    assert json.loads((out / "_manifest.json").read_text())["score"] == "none: the pairs had no score"
+
+
 def test_embed_mine_rerank_through_the_cli(ray_cluster, tmp_path, capsys, cross_encoder_dir, reference):
     """As a user runs it: embed with the default model, then mine --rerank-model (texts from the embeddings' manifest)."""
     corpus = write_corpus(tmp_path / "in")
@@ -265,8 +287,8 @@ def two_label_dir(tmp_path_factory, default_model_path) -> str:
 @pytest.mark.parametrize(
     "case, message",
     [
-        ("missing-pairs", "--pairs {tmp}/nope: no such directory"),
-        ("pairs-without-file", "--pairs {tmp}/in: holds no pairs.parquet (not an `embedpipe mine` output)"),
+        ("missing-pairs", "--pairs {tmp}/nope: no such file or directory"),
+        ("pairs-without-file", "--pairs {tmp}/in: holds no Parquet file of pairs (pairs.parquet from `embedpipe mine`, or any with id_a and id_b columns)"),
         ("pairs-without-id_b", "pairs.parquet has no 'id_b' column"),
         ("bi-encoder", "--model all-MiniLM-L6-v2: a sentence-transformers bi-encoder (it has a Pooling module), not a cross-encoder"),
         ("no-head", "not a cross-encoder: its model is BertModel, without a sequence-classification head"),

@@ -71,28 +71,21 @@ def _embed_config(embeddings: str, storage_options) -> dict[str, Any]:
 
 
 def read_pairs(config: RerankConfig) -> tuple[pa.Table, int]:
-    """(pair, id_a, id_b, score) of the pairs to rerank, best score first, and how many the input held."""
+    """(pair, id_a, id_b, score) of the pairs to rerank, best score first (in the input's order where it
+    has no `score`: then `score` is null), and how many the input held. --pairs is `mine`'s output, or
+    any Parquet file or directory of Parquet files with id_a and id_b."""
     where = f"--pairs {config.pairs}"
-    try:
-        fs, root = get_fs(config.pairs, config.storage_options)
-        root = root.rstrip("/") or root
-        path = root if root.endswith(".parquet") else posixpath.join(root, PAIRS_FILE)
-        if not fs.exists(path):
-            if not fs.exists(root):
-                raise InputError(f"{where}: no such directory")
-            raise InputError(f"{where}: holds no {PAIRS_FILE} (not an `embedpipe mine` output)")
-        with fs.open(path, "rb") as f:
-            table = pq.read_table(f)
-    except InputError:
-        raise
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise InputError(f"{where}: not a readable pairs file ({first_line(exc)})") from None
-    for column in ("id_a", "id_b", "score"):
+    table, name = _pairs_table(config, where)
+    for column in ("id_a", "id_b"):
         if column not in table.column_names:
-            raise InputError(f"{where}: {posixpath.basename(path)} has no {column!r} column (columns are {table.column_names[:12]})")
-    kind = table["score"].type
-    if table["score"].null_count or not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
-        raise InputError(f"{where}: column 'score' must hold numbers, without nulls")
+            raise InputError(f"{where}: {name} has no {column!r} column (columns are {table.column_names[:12]})")
+    scored = "score" in table.column_names
+    if scored:
+        kind = table["score"].type
+        if table["score"].null_count or not (pa.types.is_floating(kind) or pa.types.is_integer(kind)):
+            raise InputError(f"{where}: column 'score' must hold numbers, without nulls")
+    elif config.top:
+        raise UsageError(f"--top {config.top}: {where} has no 'score' column to choose the best pairs by")
     for column in ("id_a", "id_b"):
         if table[column].null_count:
             raise InputError(f"{where}: column {column!r} has {table[column].null_count} null ids")
@@ -100,11 +93,42 @@ def read_pairs(config: RerankConfig) -> tuple[pa.Table, int]:
     table = pa.table({
         "id_a": table["id_a"].cast(pa.string()),
         "id_b": table["id_b"].cast(pa.string()),
-        "score": table["score"].cast(pa.float32()),
+        "score": table["score"].cast(pa.float32()) if scored else pa.nulls(total, pa.float32()),
     })
-    order = np.argsort(-table["score"].to_numpy(), kind="stable")  # mine writes them sorted; others may not
-    table = table.take(pa.array(order[: config.top] if config.top else order))
+    if scored:
+        order = np.argsort(-table["score"].to_numpy(), kind="stable")  # mine writes them sorted; others may not
+        table = table.take(pa.array(order[: config.top] if config.top else order))
     return table.append_column("pair", pa.array(np.arange(table.num_rows), pa.int64())), total
+
+
+def _pairs_table(config: RerankConfig, where: str) -> tuple[pa.Table, str]:
+    """The pairs as one table, and what it was read from: a .parquet file, a directory's pairs.parquet
+    (mine's), else every Parquet file of the directory (names starting with _ or . left out)."""
+    try:
+        fs, root = get_fs(config.pairs, config.storage_options)
+        root = root.rstrip("/") or root
+        if root.endswith(".parquet"):
+            paths = [root] if fs.exists(root) else []
+        elif fs.exists(posixpath.join(root, PAIRS_FILE)):
+            paths = [posixpath.join(root, PAIRS_FILE)]
+        else:
+            paths = sorted(p for p in fs.glob(posixpath.join(root, "*.parquet"))
+                           if not posixpath.basename(p).startswith(("_", ".")))
+        if not paths:
+            if not fs.exists(root):
+                raise InputError(f"{where}: no such file or directory")
+            raise InputError(f"{where}: holds no Parquet file of pairs ({PAIRS_FILE} from `embedpipe mine`, or any "
+                             "with id_a and id_b columns)")
+        tables = []
+        for path in paths:
+            with fs.open(path, "rb") as f:
+                tables.append(pq.read_table(f))
+        table = pa.concat_tables(tables, promote_options="default") if len(tables) > 1 else tables[0]
+    except InputError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise InputError(f"{where}: not a readable pairs file ({first_line(exc)})") from None
+    return table, posixpath.basename(paths[0]) if len(paths) == 1 else f"{len(paths)} Parquet files"
 
 
 def chunk_cuts(config: RerankConfig, wanted: pa.Array) -> tuple[pa.Table | None, str | None]:
@@ -300,7 +324,7 @@ def _manifest(config, info, layout, total, table, tokens, started, finished, tim
         pairs_input=config.pairs,
         texts=config.texts,
         chunks_from=chunks_from,
-        score="cosine (bi-encoder), as mined",
+        score="cosine (bi-encoder), as mined" if table["score"].null_count == 0 else "none: the pairs had no score",
         rerank_score=f"cross-encoder, {info.activation_fn}",
         top=config.top,
         min_rerank_score=float(pc.min(rerank).as_py()) if table.num_rows else None,

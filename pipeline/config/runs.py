@@ -328,7 +328,8 @@ class RerankConfig(_Recorded):
 
     command: ClassVar[str] = "rerank"  # the subcommand, and the YAML file's section
     pairs: str
-    """Directory written by `embedpipe mine` (pairs.parquet: id_a, id_b, score), or that file."""
+    """Directory written by `embedpipe mine` (pairs.parquet: id_a, id_b, score), or any Parquet file or directory
+    of Parquet files with id_a and id_b (score optional: without it, --top is refused and the output's score is null)."""
     texts: str
     """The documents the pairs came from (embed's --input): file, directory, glob or s3:// URI."""
     model: str
