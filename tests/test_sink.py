@@ -103,3 +103,26 @@ def test_a_whole_chunk_in_one_block_is_written_straight_to_its_name(sink):
     assert summary["kind"].to_pylist() == ["file"] and summary["rows"].to_pylist() == [3]
     assert sorted(os.listdir(sink.output)) == [NAME]  # no piece, no temporary file
     assert pq.read_table(os.path.join(sink.output, NAME))["id"].to_pylist() == [f"{SHARD}:{r}" for r in (0, 1, 2)]
+
+
+def test_a_file_of_chunks_is_joined_only_once_every_chunk_of_every_document_is_there():
+    """Documents' chunks spread over pieces (TokenizeStage hands chunks on in blocks): the file is
+    whole when its pieces hold its documents' first chunks and as many rows as those documents have
+    chunks, whatever the order the pieces come in, a piece that comes twice counted once."""
+    from pipeline.engine.chain import FileTracker
+
+    tracker = FileTracker(None, spread=False)
+    joined = []
+    tracker._join = lambda sink, name, rows, board: joined.append((name, rows))
+    tracker._threads.shutdown()
+
+    def piece(first_row, rows, docs, doc_chunks):  # a file of 2 documents: A has 3 chunks, B 1
+        tracker.add({"kind": "piece", "file": "f.parquet", "chunk_rows": 2, "first_row": first_row, "rows": rows,
+                     "docs": docs, "doc_chunks": doc_chunks})
+
+    piece(0, 2, 1, 3)  # A#0, A#1: A's first chunk counts A and its 3 chunks
+    piece(0, 2, 1, 3)  # the same piece again (a retried block)
+    piece(3, 1, 1, 1)  # B#0: both documents seen, 3 rows of 4
+    assert joined == []  # A#2 is missing
+    piece(2, 1, 0, 0)  # A#2
+    assert joined == [("f.parquet", 2)]
