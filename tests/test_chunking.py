@@ -261,8 +261,9 @@ def test_mine_pairs_chunks_of_different_documents_and_rerank_cuts_their_texts(ra
 
     import pipeline
 
-    hits = pipeline.search(embeddings=emb, query=text(reranked[0]["id_a"]), texts=str(tmp_path / "docs.jsonl"),
-                           top_k=5).results[0]
+    found = pipeline.search(embeddings=emb, query=text(reranked[0]["id_a"]), texts=str(tmp_path / "docs.jsonl"), top_k=5)
+    hits = found.results[0]
+    assert found.summary_line().startswith(f"searched {len(chunks):,} chunks for")
     assert hits[0]["id"] == reranked[0]["id_a"] and [h["text"] for h in hits] == [text(h["id"]) for h in hits]
 
     os.remove(f"{pairs}/_manifest.json")  # pairs of chunk ids with nothing saying where their texts are

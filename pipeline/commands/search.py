@@ -56,6 +56,8 @@ class SearchResult:
     texts: pa.Array | None = None
     output: str | None = None
     manifest: dict[str, Any] | None = field(default=None, repr=False)
+    unit: str = "documents"
+    """What a row of the output is: documents, or chunks (embed --chunk-tokens)."""
 
     @property
     def k(self) -> int:
@@ -102,7 +104,7 @@ class SearchResult:
     def summary_line(self) -> str:
         where = f" -> {self.output}" if self.output else ""
         queries = f"{len(self.query_ids):,} {'query' if len(self.query_ids) == 1 else 'queries'}"
-        return f"searched {self.documents:,} documents for {queries} (top {self.k}) in {self.seconds:.1f}s{where}"
+        return f"searched {self.documents:,} {self.unit} for {queries} (top {self.k}) in {self.seconds:.1f}s{where}"
 
 
 def _shown(text: str | None, width: int) -> str:
@@ -131,7 +133,8 @@ def run_search(config: SearchConfig) -> SearchResult:
     texts = hit_texts(config, manifest, shards, ids) if shards is not None else None
     documents = spans[-1].start + spans[-1].rows
     result = SearchResult(query_ids, queries, rows, scores, ids, documents=documents, seconds=0.0,
-                          prompt=encoder.prompt, texts=texts, output=config.output)
+                          prompt=encoder.prompt, texts=texts, output=config.output,
+                          unit="chunks" if manifest.get("chunking") else "documents")
     timings = {"read_s": round(loaded - started, 3), "encode_s": round(encoded - loaded, 3),
                "score_s": round(scored - encoded, 3)}
     if out is not None:
