@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml
 
 run: setup
 	$(VENV)/bin/embedpipe embed --config configs/local.yaml --overwrite
-	$(VENV)/bin/embedpipe info output/sample --pairs 5
+	$(VENV)/bin/embedpipe info output/sample --pairs 5 --pairs-in 'en.txt:*'  # the default model is English-trained
 
 test: setup
 	$(PY) -m pytest -m "not slow" tests

@@ -96,6 +96,8 @@ def _info_parser(sub) -> None:
     p.add_argument("--rows", type=int, default=3, help="Rows to show. (default: 3)")
     p.add_argument("--pairs", type=int, default=0,
                    help="Also show the N most similar pairs, computed here (small outputs). (default: 0)")
+    p.add_argument("--pairs-in", metavar="GLOB",
+                   help="With --pairs: only among the rows whose id matches GLOB, e.g. 'en.txt:*' (one input file).")
     p.add_argument("--storage-options", metavar="JSON",
                    help="fsspec options for s3:// paths (endpoint, credentials), a JSON object; never logged.")
 
@@ -188,7 +190,8 @@ def _summary(quiet: bool):
 def cmd_info(args: argparse.Namespace) -> int:
     from pipeline.commands.info import show_info
 
-    show_info(args.path, rows=args.rows, pairs=args.pairs, storage_options=_json_object("--storage-options", args.storage_options))
+    show_info(args.path, rows=args.rows, pairs=args.pairs, storage_options=_json_object("--storage-options", args.storage_options),
+              pairs_in=args.pairs_in)
     return 0
 
 

@@ -266,6 +266,13 @@ def test_mine_pairs_chunks_of_different_documents_and_rerank_cuts_their_texts(ra
     assert found.summary_line().startswith(f"searched {len(chunks):,} chunks for")
     assert hits[0]["id"] == reranked[0]["id_a"] and [h["text"] for h in hits] == [text(h["id"]) for h in hits]
 
+    shown = run_main(capsys, "info", emb, "--pairs", "4")  # info's own scan leaves same-document pairs out too
+    lines = [line.split() for line in shown.stdout.splitlines() if "<->" in line]
+    assert shown.returncode == 0 and '"chunking"' in shown.stdout and len(lines) == 4
+    assert all(a.split("#")[0] != b.split("#")[0] for _, a, _, b in lines)
+    one = run_main(capsys, "info", emb, "--pairs", "4", "--pairs-in", "doc-1#*")  # one document: no pair
+    assert one.returncode == 0 and "0 most similar pairs (cosine) among the ids matching doc-1#*:" in one.stdout
+
     os.remove(f"{pairs}/_manifest.json")  # pairs of chunk ids with nothing saying where their texts are
     blind = run_main(capsys, "rerank", "--pairs", pairs, "--texts", str(tmp_path / "docs.jsonl"), "--id-field", "id",
                      "--model", cross_encoder_dir, "--output", str(tmp_path / "r2"))

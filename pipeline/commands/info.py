@@ -18,7 +18,10 @@ from pipeline.storage.filesystems import get_fs
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
 
 
-def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | None = None) -> None:
+def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | None = None,
+              pairs_in: str | None = None) -> None:
+    """Print the output's manifest (in brief) and first rows; with `pairs`, the closest pairs among
+    its rows (those whose id matches the glob `pairs_in`, e.g. 'en.txt:*')."""
     fs, root = get_fs(path, storage_options)
     manifest = read_required(fs, root.rstrip("/"), path)
     if manifest["kind"] in ("pairs", "reranked", "search"):
@@ -33,6 +36,8 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     if manifest.get("kind") == "sparse":
         brief.update(kind="sparse", vocab_size=manifest.get("vocab_size"), sparse_top_k=manifest.get("sparse_top_k"))
     brief["model"] = manifest["model"]["name"]
+    if manifest.get("chunking"):
+        brief["chunking"] = manifest["chunking"]
     brief["files"] = len(manifest["files"])
     if manifest.get("replicas"):  # how many replicas of each stage ran on each node
         brief["replicas_per_node"] = {stage: r["per_node"] for stage, r in manifest["replicas"].items()}
@@ -61,7 +66,7 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     if pairs > 0 and manifest.get("kind") == "sparse":
         raise InputError("--pairs: this output holds sparse vectors; pairs are mined from dense embeddings")
     if pairs > 0:
-        _show_pairs(path, files, pairs, fs, storage_options)
+        _show_pairs(path, files, pairs, fs, storage_options, pairs_in, chunks=bool(manifest.get("chunking")))
 
 
 def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, root: str) -> None:
@@ -90,8 +95,18 @@ def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, roo
             print(f"{row['score']:.4f}{rerank}  {row['id_a']} <-> {row['id_b']}")
 
 
-def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict | None) -> None:
+def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict | None, pattern: str | None = None,
+                chunks: bool = False) -> None:
+    """The k closest pairs, by an exact scan of all pairs (small outputs); of chunks, never two chunks
+    of one document (as `mine` leaves them out)."""
+    import fnmatch
+
     ids, vectors = read_embeddings(path, storage_options, dequantize=True)
+    if pattern:
+        keep = [i for i, doc_id in enumerate(ids) if fnmatch.fnmatchcase(doc_id, pattern)]
+        if not keep:
+            raise InputError(f"--pairs-in {pattern}: no id of {path} matches it (ids look like {ids[0]!r})")
+        ids, vectors = [ids[i] for i in keep], vectors[keep]
     if len(ids) > MAX_PAIRS_ROWS:
         raise InputError(f"--pairs scans all pairs in memory, limited to {MAX_PAIRS_ROWS:,} rows")
     texts = {}
@@ -106,8 +121,11 @@ def _show_pairs(path: str, files: list[str], k: int, fs, storage_options: dict |
     sims = norm @ norm.T
     iu = np.triu_indices(len(ids), k=1)
     scores = sims[iu]
-    top = np.argsort(-scores)[:k]
-    print(f"{k} most similar pairs (cosine):")
+    if chunks:  # a chunk's id is '<doc id>#<n>'
+        docs = np.array([doc_id.rsplit("#", 1)[0] for doc_id in ids], dtype=object)
+        scores = np.where(docs[iu[0]] == docs[iu[1]], -np.inf, scores)
+    top = [t for t in np.argsort(-scores)[:k] if np.isfinite(scores[t])]
+    print(f"{len(top)} most similar pairs (cosine){f' among the ids matching {pattern}' if pattern else ''}:")
     for t in top:
         a, b = iu[0][t], iu[1][t]
         print(f"  {scores[t]:.4f}  {_label(ids[a], texts)}  <->  {_label(ids[b], texts)}")
