@@ -123,7 +123,8 @@ def _merge_pieces(sink: SinkSpec, name: str, chunk_rows: int) -> dict:
     keep = order[first]  # each row once, in row order
     docs, doc_chunks = document_counts(rows.take(pa.array(keep)))
     if docs != chunk_rows or len(keep) != doc_chunks:
-        raise PipelineError(f"{name}: {docs} of {chunk_rows} rows reached the sink; rerun to redo this file")
+        chunks = f" ({len(keep)} of their {doc_chunks} chunks)" if N_CHUNKS in rows.column_names else ""
+        raise PipelineError(f"{name}: {docs} of {chunk_rows} rows{chunks} reached the sink; rerun to redo this file")
     stats = _write_rows(fs, root, name, rows, keep, sink)
     fs.rm(directory, recursive=True)
     return stats
