@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from pipeline.config import DEFAULT_MODEL, EmbedConfig
 from pipeline.errors import InputError, UsageError
 from pipeline.quantization import NEEDS_RANGES, VectorFormat, from_column
+from pipeline.storage.rows import embeddable
 from pipeline.stages.columns import EMBEDDING, ID, N_CHUNKS, N_TOKENS, ROW, TEXT, TRUNCATED, VALID
 
 # EmbedConfig fields that concern files, runs or other commands: refused here
@@ -123,7 +124,7 @@ def prepare_rows(table: pa.Table, text_field: str, id_field: str | None) -> pa.T
                              "rename one of them")
         table = table.rename_columns([TEXT if c == text_field else c for c in table.column_names])
     texts = table[TEXT].combine_chunks().cast(pa.string())
-    valid = pc.fill_null(pc.invert(pc.match_substring_regex(texts, r"^\s*$")), False)
+    valid = embeddable(texts)
     table = table.set_column(table.column_names.index(TEXT), TEXT, pc.fill_null(texts, ""))
     table = table.append_column(VALID, valid)
     if id_field:

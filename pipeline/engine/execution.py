@@ -138,18 +138,12 @@ def _actor_lost(error: BaseException) -> str | None:
     constructor that failed), None otherwise."""
     from ray.exceptions import ActorUnavailableError, NodeDiedError, RayActorError
 
-    seen: set[int] = set()
-    stack, kind = [error], None
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
+    kind = None
+    for e in _causes(error):
         if isinstance(e, (ActorUnavailableError, NodeDiedError)) or _NODE_LOST_TEXT.search(str(e)):
             return "node"
         if isinstance(e, RayActorError) or _ACTOR_LOST_TEXT.search(str(e)):
             kind = "actor"
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     return kind
 
 
@@ -209,18 +203,24 @@ def _hidden(record_class: type) -> type:
     return type("HiddenRecord", (record_class,), {"hide": True})
 
 
-def explain(exc: BaseException) -> EmbedpipeError:
-    """The EmbedpipeError behind a Ray failure, or a PipelineError naming the cause."""
-    seen = set()
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """`exc` and every exception behind it (Ray's `cause`, `__cause__`, `__context__`), each once."""
+    seen: set[int] = set()
     stack = [exc]
     while stack:
         e = stack.pop()
-        if id(e) in seen or e is None:
+        if e is None or id(e) in seen:
             continue
         seen.add(id(e))
+        yield e
+        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
+
+
+def explain(exc: BaseException) -> EmbedpipeError:
+    """The EmbedpipeError behind a Ray failure, or a PipelineError naming the cause."""
+    for e in _causes(exc):
         if isinstance(e, EmbedpipeError) and type(e).__module__ == "pipeline.errors":
             return e  # not Ray's dynamic RayTaskError(InputError) wrapper, whose text is a traceback
-        stack += [getattr(e, "cause", None), e.__cause__, e.__context__]
     text = str(exc).strip().splitlines()
     for line in reversed(text):  # an actor that failed to start carries its cause as text only
         found = _OUR_ERROR_LINE.search(line)

@@ -50,12 +50,17 @@ def _uri(shard: Shard, spec: ReadSpec) -> str:
     return shard.path
 
 
+def embeddable(texts: pa.Array) -> pa.Array:
+    """Per text: neither empty, blank nor null (an invalid row is counted, not embedded)."""
+    return pc.fill_null(pc.invert(pc.match_substring_regex(texts, r"^\s*$")), False)
+
+
 def _normalise(table: pa.Table, shard: Shard, spec: ReadSpec, first_row: int) -> pa.Table:
     n = table.num_rows
     rows = pa.array(range(first_row, first_row + n), pa.int64())
     texts = table[spec.text_field].cast(pa.string()).combine_chunks()
 
-    valid = pc.fill_null(pc.invert(pc.match_substring_regex(texts, r"^\s*$")), False)
+    valid = embeddable(texts)
     if spec.on_invalid == "error" and not pc.all(valid).as_py():
         _refuse_invalid(table, texts, valid, shard, first_row)
     if spec.id_field:
