@@ -54,14 +54,14 @@ _METAVARS = {"list": "NAME,...", "mapping": "JSON"}
 
 def _add_flag(group, option: Option) -> None:
     """A config field as a flag: help = its docstring and default. A boolean is --flag (and --no-flag where
-    None means 'not set'), a list is comma-separated, a mapping a JSON object. Not given: None."""
+    None means 'not set' or the default is true), a list is comma-separated, a mapping a JSON object. Not given: None."""
     text = option.help.replace("%", "%%")
     if option.positional:  # optional here, so that --config may give it; the config says what is required
         group.add_argument(option.name, nargs="?", metavar=option.flag, help=text)
         return
     if option.kind == "boolean":
         group.add_argument(option.flag, dest=option.name, action="store_const", const=True, help=text)
-        if option.default is None:
+        if option.default is None or option.default is True:
             group.add_argument("--no-" + option.flag[2:], dest=option.name, action="store_const", const=False,
                                help=f"The opposite of {option.flag}.")
         return

@@ -46,9 +46,9 @@ RUN_FORMAT_VERSION = 1
 # setting would assume "float32"), so that older outputs still resume.
 IDENTITY_KEYS = (
     "model", "kind", "pooling", "normalize", "max_seq_length", "prompt", "dtype", "precision", "truncate_dim",
-    "dim", "quantization", "sparse_top_k", "chunking", "rows_per_file", "text_field", "id_field",
+    "dim", "quantization", "sparse_top_k", "chunking", "rows_per_file", "text_field", "id_field", "document_per_file",
 )
-ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None, "chunking": None}
+ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None, "chunking": None, "document_per_file": False}
 RENAMED = {"precision": "output_dtype"}  # a setting's name in identities written before it was renamed
 READ_THREADS = 16  # footers read at once: one or two small requests each on S3
 
@@ -75,6 +75,7 @@ def run_identity(config, info, dtype: str | None, vectors=None, source: dict | N
         "rows_per_file": config.rows_per_file,
         "text_field": config.text_field,
         "id_field": config.id_field,
+        "document_per_file": config.document_per_file,
     }
     if dtype is None:
         del settings["dtype"]

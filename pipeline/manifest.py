@@ -48,8 +48,9 @@ COMMON_KEYS = {
             "`queries`, `documents`, `results`",
     "model": "the model: `name`, `path`, `fingerprint` (sha256 over its files), and its settings; "
              "None for pairs; for search results the model that encoded the queries, its `prompt` and `device`",
-    "files": "the Parquet files: `file` and `rows` (for embeddings also `shard`, `embedded`, `invalid`, "
-             "`truncated`, `tokens`, `chunks`, `max_chunks`; `rows` and `embedded` count documents)",
+    "files": "the Parquet files: `file` and `rows` (for embeddings also `shard` and `last_shard`, the first and "
+             "last input shard it holds rows of, `shards` (how many), `last` (the last file of its group), "
+             "`embedded`, `invalid`, `truncated`, `tokens`, `chunks`, `max_chunks`; `rows` and `embedded` count documents)",
     "config": "every option of the run, as in docs/reference.md; storage options (credentials) are never written",
     "timings": "`started`, `finished` (UTC, ISO 8601), `seconds`; embeddings add `stages` (per stage and step "
                "(`read.reading`, `tokenize.tokenizing`, `encode.encoding`, `encode.model`: the time inside the model's "
@@ -82,9 +83,12 @@ KEYS: dict[str, dict[str, str]] = {
                     "`chunk`, `start`, `end`. None: one vector per document",
         "vocab_size": "sparse outputs: the vocabulary size",
         "sparse_top_k": "sparse outputs: the terms kept per document (None: all non-zero ones)",
-        "shards": "per input shard: `shard`, its `files`, `rows`, `embedded`",
-        "shards_read": "input shards this run read; on a resume, a shard whose files were all committed is not "
-                       "opened (a shard cut into several files: when its last file is short of --rows-per-file)",
+        "input": "the input as planned: `files` (shards), `bytes`, `groups` (what one read task reads: a shard, "
+                 "or small shards packed together, docs/usage.md#many-small-files) and `packed_groups`",
+        "shards": "per group of the input: `shard` (its first shard), for a packed group `last_shard` and `count` "
+                  "(its shards are the keys from `shard` to `last_shard` in order), its `files`, `rows`, `embedded`",
+        "shards_read": "input shards this run read; on a resume, a group whose files were all committed is not "
+                       "opened",
         "resources": "the resource plan: device, tokenizer and encoder counts and reservations (encoder_gpus: "
                      "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget)",
         "replicas": "where each stage's actors ran: per stage, `actors` (node, IP, GPUs, device, dtype, backend) "

@@ -40,6 +40,16 @@ def test_embed_and_mine_then_info(tmp_path, thirty_lines):
     assert '"dim": 32' in info.stdout and '"replicas_per_node"' in info.stdout and "a.txt:0" in info.stdout and "most similar pairs" in info.stdout
 
 
+def test_quiet_prints_nothing_at_all_on_a_local_cluster(tmp_path, thirty_lines):
+    """Not even Ray's notices: token authentication, "Progress bars disabled", the core worker's line on
+    actor constructor arguments, Ray Data's advice on concurrency (a real process, a real local cluster)."""
+    model, src = thirty_lines
+    proc = cli("embed", "--input", str(src), "--output", str(tmp_path / "out"), "--model", model, "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert (proc.stdout, proc.stderr) == ("", "")
+    assert (tmp_path / "out" / "_manifest.json").is_file()
+
+
 @pytest.mark.slow  # make test-all; test_bad_input checks the same worker-side errors through main() in make test
 def test_a_worker_side_error_in_a_real_process_is_one_line_and_keeps_the_output(tmp_path, thirty_lines):
     model, src = thirty_lines

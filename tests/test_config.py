@@ -160,8 +160,9 @@ def test_help_lists_every_field_with_its_help_default_and_group(capsys, command)
         assert re.search(re.escape(option.flag) + r"[A-Z_,.]*" + re.escape(help_text), squeezed), option.flag
         assert option.doc and (option.shown_default is None or option.shown_default in option.help)
     if command == "embed":
-        assert "--rows-per-fileROWS_PER_FILELargestnumberofrowsinoneoutputfile;abiggershardiswrittenasseveral" \
-               "files.Withchunk_tokensitcountsdocuments:afileholdsitsdocuments'chunks.(default:50000)" in squeezed
+        assert "--rows-per-fileROWS_PER_FILELargestnumberofrowsinoneoutputfile:abiggershardiswrittenasseveral" \
+               "files,smallshardsarepackedtogether(docs/usage.md#many-small-files).Withchunk_tokensitcounts" \
+               "documents:afileholdsitsdocuments'chunks.(default:50000)" in squeezed
         assert "--inputINPUTFile,directory,globors3://URIofthedocuments.(required)" in squeezed
         assert "--normalizeL2-normalisethevectors;defaultfollowsthemodel(itsNormalizemodule).--no-normalize" in squeezed
 

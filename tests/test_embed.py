@@ -51,15 +51,19 @@ def test_every_format_every_row_exactly_once(ray_cluster, tmp_path, tiny_model):
     assert manifest["rows"]["embedded"] == len(expected)
     assert manifest["rows"]["invalid"] == 6 + 1
     assert manifest["rows"]["documents"] == len(expected) + 7
-    assert {s["shard"] for s in manifest["shards"]} == {
-        "a.txt", "b.jsonl", "c.csv", "nested/d.parquet", "e.json", "hf/data-00000-of-00001.arrow"
-    }
+    # six small shards, packed into one group (storage.packing): one file, named after the first
+    assert manifest["input"] == {"files": 6, "bytes": manifest["input"]["bytes"], "groups": 1, "packed_groups": 1}
+    assert manifest["shards"] == [{"shard": "a.txt", "last_shard": "nested/d.parquet", "count": 6,
+                                   "files": ["a.txt+5.parquet"], "rows": len(expected) + 7, "embedded": len(expected)}]
+    assert [(f["shard"], f["last_shard"], f["shards"], f["last"]) for f in manifest["files"]] == [
+        ("a.txt", "nested/d.parquet", 6, True)]
     for entry in manifest["files"]:
         assert (out / entry["file"]).is_file()
     assert manifest["model"]["fingerprint"].startswith("sha256:")
     assert "storage_options" not in manifest["config"]
     assert result.embedded == len(expected)
-    assert sorted(os.listdir(out)) == sorted([e["file"] for e in manifest["files"]] + ["_manifest.json", "_run.json"])
+    assert sorted(os.listdir(out)) == sorted([e["file"] for e in manifest["files"]] + ["_manifest.json", "_plan.json",
+                                                                                      "_run.json"])
     assert_replicas_recorded(ray_cluster, manifest)
 
 
@@ -92,7 +96,8 @@ def test_rerun_resumes_and_leaves_committed_files_untouched(ray_cluster, tmp_pat
         )
     out = tmp_path / "out"
     config = EmbedConfig(input=str(src), output=str(out), model=tiny_model, id_field="doc", num_encoders=1,
-                         keep_columns=("text", "lang"), precision="float16", quiet=True)  # one encoder loads faster
+                         keep_columns=("text", "lang"), precision="float16", quiet=True,  # one encoder loads faster
+                         pack_files=False)  # --no-pack-files: a file per shard, named after it
     run_embed(config)
     os.remove(out / "s1.jsonl.parquet")  # as if the run had died before this shard
     before = {f: os.stat(out / f).st_mtime_ns for f in ("s0.jsonl.parquet", "s2.jsonl.parquet")}

@@ -49,7 +49,9 @@ def first_output(ray_cluster, tmp_path_factory, models):
     """A finished run of models[0] over three shards: (input, output, ids). Tests work on copies."""
     base = tmp_path_factory.mktemp("first")
     ids = three_shards(base / "in")
-    run_embed(EmbedConfig(input=str(base / "in"), output=str(base / "out"), model=models[0], quiet=True))
+    # one file per shard (no packing), so a test can remove some of them as kill -9 would have left it
+    run_embed(EmbedConfig(input=str(base / "in"), output=str(base / "out"), model=models[0], quiet=True,
+                          pack_files=False))
     return base / "in", base / "out", ids
 
 

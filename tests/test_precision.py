@@ -71,7 +71,7 @@ def test_ubinary_truncated_equals_encode(ray_cluster, tmp_path, st_model, capsys
 
 
 def test_int8_ranges_from_sampled_rows_and_a_resume_reuses_them(ray_cluster, tmp_path, st_model):
-    out, result = embed(tmp_path, files=3, precision="int8", calibration_rows=30)
+    out, result = embed(tmp_path, files=3, precision="int8", calibration_rows=30, pack_files=False)  # a file a shard
     q = result.manifest["quantization"]
     assert q["precision"] == "int8" and q["source"]["from"] == "rows" and q["source"]["rows"] == 30
     assert q["source"]["shards"] == 3
@@ -87,7 +87,7 @@ def test_int8_ranges_from_sampled_rows_and_a_resume_reuses_them(ray_cluster, tmp
     first = sorted(out.glob("*.parquet"))[0]
     before = pq.read_table(first)
     first.unlink()
-    _, resumed = embed(tmp_path, precision="int8", calibration_rows=30)
+    _, resumed = embed(tmp_path, precision="int8", calibration_rows=30, pack_files=False)
     assert resumed.files_written == 1 and resumed.manifest["quantization"]["ranges"] == q["ranges"]
     assert resumed.manifest["quantization"]["source"] == q["source"]
     assert pq.read_table(first).equals(before)

@@ -60,7 +60,8 @@ def test_kill_9_of_the_process_group_then_rerun_gives_every_document_once(
     expected = shards_input(tmp_path / "in", shards, rows)
     out = tmp_path / "out"
     args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow_model,
-            "--trust-remote-code", "--rows-per-file", str(rows_per_file), "--max-batch-tokens", "4096", "--quiet"]
+            "--trust-remote-code", "--rows-per-file", str(rows_per_file), "--max-batch-tokens", "4096", "--quiet",
+            "--no-pack-files"]  # a file per shard: kills between files of shards (test_small_files: packed ones)
 
     killed = kill_cli_when(args, ready=lambda: len(committed(out)) >= 1)
     assert killed, "the run finished before the kill: nothing was tested"
@@ -120,7 +121,7 @@ def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(
     expected = shards_input(tmp_path / "in", 6, 1000)
     out = tmp_path / "out"
     config = EmbedConfig(input=str(tmp_path / "in"), output=str(out), model=slow_model, trust_remote_code=True,
-                         max_batch_tokens=4096, quiet=True)
+                         max_batch_tokens=4096, quiet=True, pack_files=False)  # six files, one after another
     thread, outcome = embed_in_thread(config)
     killed = None
     deadline = time.time() + 240
@@ -207,10 +208,13 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluste
     os.remove(src / "z_bad.jsonl")
     os.remove(src / "s2.txt")  # its old vectors must not survive the overwrite
     result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, num_encoders=1, pooling="cls", overwrite=True, quiet=True))
-    assert sorted(committed(out)) == ["s0.txt.parquet", "s1.txt.parquet"]
+    # the three small shards were one packed group, the two left are another: the old file is gone
+    assert sorted(old_files := [f for f in old if f.endswith(".parquet")]) == ["s0.txt+2.parquet"]
+    assert sorted(committed(out)) == ["s0.txt+1.parquet"]
     assert result.manifest["pooling"] == "cls" and json.loads((out / "_manifest.json").read_text())["pooling"] == "cls"
     assert_exactly_once(out, [f"s{k}.txt:{i}" for k in range(2) for i in range(20)])
-    assert (out / "s0.txt.parquet").read_bytes() != old["s0.txt.parquet"]
+    plan = json.loads((out / "_plan.json").read_text())  # the new output's groups were swapped in with it
+    assert [[key for key, _ in group] for group in plan["groups"]] == [["s0.txt", "s1.txt"]], old_files
 
 
 @pytest.mark.slow  # make test-all; the plain --overwrite test runs in make test
@@ -372,7 +376,7 @@ def test_ctrl_c_and_sigterm_end_with_one_line_and_no_ray_process_and_the_rerun_c
     expected = shards_input(tmp_path / "in", 4, 400)
     out = tmp_path / "out"
     args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow_model,
-            "--trust-remote-code", "--max-batch-tokens", "4096", "--quiet"]
+            "--trust-remote-code", "--max-batch-tokens", "4096", "--quiet", "--no-pack-files"]  # files commit one by one
     returncode, stderr, took, left = signal_mid_run(args, out, signum, group)
     assert returncode == code, stderr[-3000:]
     assert "Traceback" not in stderr and "SIGTERM handler" not in stderr, stderr[-3000:]
@@ -392,7 +396,7 @@ def test_a_second_ctrl_c_while_shutting_down_ends_at_once(tmp_path, slow_model):
     shards_input(tmp_path / "in", 4, 400)
     out = tmp_path / "out"
     args = ["embed", "--input", str(tmp_path / "in"), "--output", str(out), "--model", slow_model,
-            "--trust-remote-code", "--max-batch-tokens", "4096", "--quiet"]
+            "--trust-remote-code", "--max-batch-tokens", "4096", "--quiet", "--no-pack-files"]  # files commit one by one
     returncode, stderr, took, left = signal_mid_run(args, out, signal.SIGINT, True, second=True)
     assert returncode == 130 and "Traceback" not in stderr, stderr[-3000:]
     assert stderr.strip().splitlines()[-1].startswith("embedpipe: interrupted")

@@ -65,7 +65,7 @@ def test_pieces_are_joined_in_row_order(sink):
     assert table["title"].to_pylist() == [f"title {r}" for r in kept]
     np.testing.assert_array_equal(np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
                                   np.array([[r, r + 0.5, -r] for r in kept], np.float32))
-    assert stats == {"file": NAME, "shard": SHARD, "rows": 6, "embedded": 5, "invalid": 1, "truncated": 1,
+    assert stats == {"file": NAME, "shard": SHARD, "last_shard": SHARD, "shards": 1, "last": None, "rows": 6, "embedded": 5, "invalid": 1, "truncated": 1,
                      "tokens": sum(r + 2 for r in kept), "chunks": 5, "max_chunks": 1}
     fs, root = get_fs(sink.output)
     assert read_file_stats(fs, os.path.join(root, NAME)) == stats  # the footer the resume reads

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import InputError
-from pipeline.storage.sources import ReadSpec, chunk_file_name, discover_shards, read_chunks
+from pipeline.storage.sources import Group, ReadSpec, discover_shards, read_chunks
 
 SPEC = ReadSpec("text", None, (), "strict", {})
 
@@ -94,7 +94,8 @@ def test_big_shard_is_cut_into_chunks_with_stable_names(tmp_path):
     tables = list(read_chunks(shard, SPEC, 10, frozenset()))
     assert [t.num_rows for t in tables] == [10, 10, 5]
     assert [t["_file"][0].as_py() for t in tables] == ["big.txt-00000.parquet", "big.txt-00001.parquet", "big.txt-00002.parquet"]
-    assert chunk_file_name(shard, 0, multi=False) == "big.txt.parquet"
+    assert Group((shard,)).file_name(0, multi=False) == "big.txt.parquet"
+    assert [t["_last"][0].as_py() for t in tables] == [False, False, True]
     skipped = list(read_chunks(shard, SPEC, 10, frozenset({"big.txt-00001.parquet"})))
     assert [t["_row"][0].as_py() for t in skipped] == [0, 20]
 
@@ -270,18 +271,25 @@ def test_a_broken_datasets_directory_is_named(tmp_path):
         discover_shards(str(tmp_path / "ds"))
 
 
-def test_a_shard_is_done_without_reading_it_when_its_files_show_its_end():
-    from pipeline.storage.sources import Shard, shard_done
+def test_a_group_is_done_without_reading_it_when_its_files_show_its_end():
+    from pipeline.storage.sources import Shard, group_done
 
     shard = Shard(key="docs/a.txt", path="/x/docs/a.txt", format="txt", size=1)
     one = {"docs__a.txt.parquet": {"rows": 7}}
-    assert shard_done(shard, one, 10)
-    assert not shard_done(shard, {}, 10)
-    parts = {f"docs__a.txt-{k:05d}.parquet": {"rows": r} for k, r in enumerate([10, 10, 4])}
-    assert shard_done(shard, parts, 10)  # the last file is short: nothing follows
-    assert not shard_done(shard, {k: v for k, v in parts.items() if "00001" not in k}, 10)  # a gap
-    assert not shard_done(shard, {k: v for k, v in parts.items() if "00002" not in k}, 10)  # full last file: more may follow
-    assert not shard_done(shard, {**parts, "docs__a.txt-00002.parquet": None}, 10)  # no statistics to tell
+    assert group_done(shard, one, 10)
+    assert not group_done(shard, {}, 10)
+    parts = {f"docs__a.txt-{k:05d}.parquet": {"rows": r, "last": k == 2} for k, r in enumerate([10, 10, 10])}
+    assert group_done(shard, parts, 10)  # file 2 says it is the last
+    assert not group_done(shard, {k: v for k, v in parts.items() if "00001" not in k}, 10)  # a gap
+    assert not group_done(shard, {k: v for k, v in parts.items() if "00002" not in k}, 10)  # file 1 is not the last
+    assert not group_done(shard, {**parts, "docs__a.txt-00002.parquet": None}, 10)  # no statistics to tell
+    # files of versions before `last`: a short file ends a shard; a full one cannot tell
+    old = {f"docs__a.txt-{k:05d}.parquet": {"rows": r} for k, r in enumerate([10, 10, 4])}
+    assert group_done(shard, old, 10)
+    assert not group_done(shard, {k: v for k, v in old.items() if "00002" not in k}, 10)
+    packed = Group((shard, Shard(key="docs/b.txt", path="/x/docs/b.txt", format="txt", size=1)))
+    assert packed.file_name(0, multi=True) == "docs__a.txt+1-00000.parquet"
+    assert not group_done(packed, {"docs__a.txt+1-00000.parquet": {"rows": 4}}, 10)  # a short file is no end here
 
 
 @pytest.mark.slow  # two runs (~30 s); shard_done's rule is checked above in make test

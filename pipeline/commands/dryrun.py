@@ -1,6 +1,7 @@
 """`embedpipe embed --dry-run`: what a run would do, without embedding anything.
 
-Prints the shards found, the documents they hold (counted where that is
+Prints the shards (input files) found, the groups a run reads them in and the output files it
+will write, the documents they hold (counted where that is
 cheap, estimated otherwise, and says which), the actor pools the resource plan would
 build with their resources, and a duration estimated from the throughput
 measured in BENCHMARKS.md. Nothing is written and no model weights are loaded.
@@ -18,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from pipeline.config import DEFAULT_MODEL, EmbedConfig
-from pipeline.storage.sources import Shard, discover_shards, output_stem
+from pipeline.storage.packing import group_done, planned_groups
+from pipeline.storage.sources import Shard, discover_shards
 from pipeline.storage.filesystems import get_fs
 
 EXACT_BYTES = 8 << 20  # uncompressed local text shards up to this size are counted line by line
@@ -51,6 +53,8 @@ class ShardCount:
 
 def count_documents(shard: Shard, storage_options: Mapping[str, Any] | None = None) -> ShardCount:
     """Documents (rows) in one shard: exact where cheap, else estimated from a sample of its first bytes."""
+    if shard.format == "document":  # --document-per-file
+        return ShardCount(shard, 1, "a document per file")
     fs, _ = get_fs(shard.path, storage_options)
     if shard.format == "parquet":
         import pyarrow.parquet as pq
@@ -76,7 +80,7 @@ def count_documents(shard: Shard, storage_options: Mapping[str, Any] | None = No
 def count_all(shards: list[Shard], storage_options: Mapping[str, Any] | None = None) -> list[ShardCount]:
     """count_documents for every shard, or, past MAX_COUNTED_SHARDS, for an evenly spread sample of
     them, the others estimated at the sample's documents per byte."""
-    if len(shards) <= MAX_COUNTED_SHARDS:
+    if len(shards) <= MAX_COUNTED_SHARDS or all(s.format == "document" for s in shards):
         return [count_documents(s, storage_options) for s in shards]
     step = len(shards) / MAX_COUNTED_SHARDS
     picked = {int(i * step) for i in range(MAX_COUNTED_SHARDS)}
@@ -191,10 +195,11 @@ def dry_run(config: EmbedConfig) -> str:
     from pipeline.engine.cluster import ray_session_for
     from pipeline.engine.plan import plan_resources
 
-    shards = discover_shards(config.input, config.storage_options)
+    shards = discover_shards(config.input, config.storage_options, config.document_per_file)
     counts = count_all(shards, config.storage_options)
-    done = _committed_stems(config)
-    todo = [c for c in counts if f"{output_stem(c.shard.key)}.parquet" not in done]
+    groups, todo_groups = _groups(config, shards)
+    todo_keys = {s.key for g in todo_groups for s in g.shards}
+    todo = [c for c in counts if c.shard.key in todo_keys]
     if config.ray_address:
         with ray_session_for(config.ray_address, quiet=True):
             cluster = joined_cluster(config.ray_address)
@@ -204,30 +209,45 @@ def dry_run(config: EmbedConfig) -> str:
     plan = plan_resources(config, cluster.resources, cpu_nodes)
     documents = sum(c.documents for c in todo)
     seconds, basis = estimate_seconds(plan, documents, config)
-    return "\n".join(_report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, basis))
+    files = _output_files(config, todo_groups, {c.shard.key: c.documents for c in counts})
+    return "\n".join(_report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, basis, groups,
+                              todo_groups, files))
 
 
-def _committed_stems(config: EmbedConfig) -> set[str]:
-    """Output files an earlier run committed (a run skips their shards), read without writing anything."""
-    if config.overwrite:
-        return set()
-    from pipeline.storage.output import committed_files
+def _groups(config: EmbedConfig, shards: list[Shard]):
+    """(the groups a run would read, those it has left to do), as the run plans them: from the output's
+    `_plan.json` and committed files, read without writing anything (storage.packing)."""
+    committed: dict = {}
+    fs = root = None
+    if not config.overwrite:
+        from pipeline.identity import read_all_facts
+        from pipeline.storage.output import committed_files
 
-    try:
-        fs, root = get_fs(config.output, config.storage_options)
-        return set(committed_files(fs, root.rstrip("/") or root))
-    except (OSError, ValueError):
-        return set()
+        try:
+            fs, root = get_fs(config.output, config.storage_options)
+            root = root.rstrip("/") or root
+            committed = {name: facts.stats for name, facts in read_all_facts(fs, committed_files(fs, root)).items()}
+        except (OSError, ValueError):
+            committed, fs, root = {}, None, None
+    groups, _ = planned_groups(fs, root, shards, config.rows_per_file, committed, config.pack_files)
+    return groups, [g for g in groups if not group_done(g, committed, config.rows_per_file)]
 
 
-def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, basis) -> list[str]:
+def _output_files(config: EmbedConfig, groups, documents: dict[str, int]) -> int:
+    """About how many files the groups left to do will write: a group's documents / --rows-per-file."""
+    return sum(max(1, math.ceil(sum(documents.get(s.key, 0) for s in g.shards) / config.rows_per_file)) for g in groups)
+
+
+def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, basis, groups, todo_groups,
+            files) -> list[str]:
     from pipeline.engine.plan import COMMIT_CPUS, READ_CPUS
 
     methods = sorted({c.method for c in counts})
     total_bytes = sum(c.shard.size for c in counts)
     lines = [
         "embedpipe embed --dry-run: nothing is read beyond samples, nothing is embedded or written",
-        f"input: {config.input}: {len(counts)} shard(s), {_size(total_bytes)}",
+        f"input: {config.input}: {len(counts)} file(s) (shards), {_size(total_bytes)}"
+        + (", a document per file" if config.document_per_file else ""),
     ]
     for c in counts[:10]:
         lines.append(f"  {c.shard.key} ({c.shard.format}, {_size(c.shard.size)}): {c.documents:,} documents ({c.method})")
@@ -238,9 +258,15 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
         f"mean bytes per line of its first {SAMPLE_BYTES >> 20} MiB; past {MAX_COUNTED_SHARDS} shards, "
         f"{MAX_COUNTED_SHARDS} spread ones are counted and the others scaled by size)"
     )
+    packed = sum(1 for g in groups if g.packed)
     lines.append(
-        f"output: {config.output}: {len(counts) - len(todo)} shard(s) already committed (skipped), "
-        f"{len(todo)} to embed, about {documents:,} documents"
+        f"files: {len(groups)} group(s) of shards, {packed} of them small files packed together (each group is "
+        f"read by one task; its rows go to files of at most {config.rows_per_file:,} rows)"
+    )
+    lines.append(
+        f"output: {config.output}: {len(groups) - len(todo_groups)} group(s) already committed (skipped), "
+        f"{len(todo_groups)} to embed ({len(todo)} shard(s)), about {documents:,} documents in about "
+        f"{files:,} output file(s)"
     )
     lines.append(f"model: {config.model}; device {plan.device}")
     lines.append(_stored(config))
@@ -261,7 +287,8 @@ def _report(config, counts, todo, cluster, cpu_nodes, plan, documents, seconds, 
             f"  encode:   {plan.num_encoders} actor(s) x {plan.encoder_cpus:g} CPU, "
             f"{plan.encoder_threads} thread(s) each ({per_node})"
         )
-    lines.append(f"  read and commit: Ray tasks of {READ_CPUS:g} / {COMMIT_CPUS:g} CPU, one read task per shard")
+    lines.append(f"  read and commit: Ray tasks of {READ_CPUS:g} / {COMMIT_CPUS:g} CPU, one read task per group "
+                 f"({len(todo_groups)})")
     lines.append(f"estimated duration: {_duration(seconds)} (an estimate: {basis})")
     return lines
 

@@ -1,7 +1,8 @@
-"""`embedpipe embed`: documents in, one Parquet file per shard chunk out, exactly once, `_manifest.json` last.
+"""`embedpipe embed`: documents in, Parquet files of at most --rows-per-file rows out, exactly once, `_manifest.json` last.
 
-    discover shards -> describe the model -> check a resume (pipeline.identity) -> plan (pipeline.engine.plan)
-      -> run the chain (pipeline.engine.chain) -> manifest (pipeline.manifest), or swap in an --overwrite
+    discover shards -> describe the model -> check a resume (pipeline.identity) -> group the shards
+      (pipeline.storage.packing) -> plan (pipeline.engine.plan) -> run the chain (pipeline.engine.chain)
+      -> manifest (pipeline.manifest), or swap in an --overwrite
 """
 
 from __future__ import annotations
@@ -32,8 +33,9 @@ from pipeline.storage.output import (
     clear_leftovers, clear_staging, committed_files, finish_swap, staging_uri, swap_in,
 )
 from pipeline.storage.lock import output_lock
+from pipeline.storage.packing import Group, describe as describe_groups, group_done, planned_groups, write_plan
 from pipeline.storage.sink import SinkSpec, read_file_stats
-from pipeline.storage.sources import discover_shards, shard_done
+from pipeline.storage.sources import discover_shards
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,7 @@ class RunResult:
 def run_embed(config: EmbedConfig) -> RunResult:
     """Embed `config.input` into `config.output`; resume unless `config.overwrite`."""
     started = time.time()
-    shards = discover_shards(config.input, config.storage_options)
+    shards = discover_shards(config.input, config.storage_options, config.document_per_file)
     check_model(config)  # a wrong model, or an option its kind refuses, is refused before anything starts
     # The model is described by a child process while Ray starts (see pipeline.models.describe).
     # Until the model is known and a resume is found compatible, the output is only read.
@@ -89,9 +91,11 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
     if finish_swap(fs, root):
         log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
     earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
-    # shards with every file committed are not read at all (pipeline.storage.sources.shard_done)
+    # the output's plan of groups is kept once a file is committed (pipeline.storage.packing);
+    # groups with every file committed are not read at all
     done = {name: facts.stats for name, facts in earlier.facts.items()}
-    todo = [s for s in shards if not shard_done(s, done, config.rows_per_file)]
+    groups, new_plan = planned_groups(fs, root, shards, config.rows_per_file, done, config.pack_files)
+    todo = [g for g in groups if not group_done(g, done, config.rows_per_file)]
     fmt = None
     if earlier.facts:  # a resume with other settings is refused before a cluster starts
         info, vectors = describing.result()[:2]
@@ -104,6 +108,8 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
         fmt, source = _vector_format(config, info, vectors, earlier, shards, plan, fmt)
         identity = run_identity(config, info, planned_dtype(config, plan), fmt, source)
         target, target_uri = _target(config, fs, root, info, identity, earlier, bool(todo))
+        if todo and new_plan:  # before the first commit
+            write_plan(fs, target, groups, config.rows_per_file)
         sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
                         config.storage_options, file_metadata(identity))
         written, stage_times, replicas = {}, {}, []
@@ -115,11 +121,11 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
             stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
         clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
-    stats = _file_stats(config, fs, root, shards, written, earlier.facts)
+    stats = _file_stats(config, fs, root, groups, written, earlier.facts)
     finished = time.time()
     manifest = _manifest(
-        config, info, plan, shards, stats, started, finished, fs, target, stage_times, replicas, vectors, identity,
-        fmt, source, len(todo),
+        config, info, plan, groups, stats, started, finished, fs, target, stage_times, replicas, vectors, identity,
+        fmt, source, sum(len(g.shards) for g in todo),
     )
     if config.overwrite:
         swap_in(fs, root, manifest, committed_files(fs, root), run_document(identity))
@@ -179,13 +185,13 @@ def _target(config: EmbedConfig, fs, root: str, info, identity: dict, earlier: E
     return target, target_uri
 
 
-def _file_stats(config: EmbedConfig, fs, root: str, shards, written: dict, facts: dict[str, FileFacts]) -> dict:
+def _file_stats(config: EmbedConfig, fs, root: str, groups, written: dict, facts: dict[str, FileFacts]) -> dict:
     """The statistics of every file of the output for the manifest: this run's, and on a resume
-    those of earlier files of this input's shards (read from their footers at the start)."""
+    those of earlier files of the planned shards (read from their footers at the start)."""
     stats = dict(written)
     if config.overwrite:
         return stats
-    shard_keys = {s.key for s in shards}
+    shard_keys = {s.key for g in groups for s in g.shards}
     for name, path in committed_files(fs, root).items():
         file_stats = None if name in stats else (facts[name].stats if name in facts else read_file_stats(fs, path))
         if file_stats is not None and file_stats.get("shard") in shard_keys:
@@ -244,7 +250,7 @@ def _output_removed_on_error(output: str) -> Iterator[None]:
 
 
 def _manifest(
-    config, info, plan, shards, stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
+    config, info, plan, groups: list[Group], stats, started, finished, fs, root, stage_times=None, replicas=(), vectors=None,
     identity=None, fmt: VectorFormat | None = None, source: dict | None = None, shards_read: int = 0,
 ) -> dict[str, Any]:
     """The output's `_manifest.json` (pipeline.manifest). `vectors`: kind ('dense' or 'sparse'), and for
@@ -252,13 +258,7 @@ def _manifest(
     from pipeline import manifest
 
     files = sorted(stats.values(), key=lambda s: s["file"])
-    per_shard: dict[str, dict] = {s.key: {"shard": s.key, "files": [], "rows": 0, "embedded": 0} for s in shards}
-    for s in files:
-        entry = per_shard.get(s["shard"])
-        if entry is not None:
-            entry["files"].append(s["file"])
-            entry["rows"] += s["rows"]
-            entry["embedded"] += s["embedded"]
+    per_group = _per_group(groups, files)
     totals = {k: sum(s[k] for s in files) for k in ("embedded", "invalid", "truncated", "tokens")}
     totals["documents"] = sum(s["rows"] for s in files)
     if config.chunk_tokens:
@@ -284,11 +284,31 @@ def _manifest(
         max_seq_length=info.max_seq_length,
         dtype=_compute_dtype(config, plan, replicas),
         backend=_backend(replicas),
-        shards=list(per_shard.values()),
+        input=describe_groups(groups),
+        shards=per_group,
         shards_read=shards_read,
         resources=plan.as_dict() if plan else None,
         replicas=_replicas(replicas),
     )
+
+
+def _per_group(groups: list[Group], files: list[dict]) -> list[dict]:
+    """The manifest's `shards`: per group (one shard, or a range of small shards packed together), its
+    files and rows; a file belongs to the group of its first shard. Compact for 100,000 small shards."""
+    entries, where = [], {}
+    for group in groups:
+        entry = {"shard": group.key, "files": [], "rows": 0, "embedded": 0}
+        if group.packed:
+            entry.update(last_shard=group.last_key, count=len(group.shards))
+        entries.append(entry)
+        where.update((s.key, entry) for s in group.shards)
+    for s in files:
+        entry = where.get(s["shard"])
+        if entry is not None:
+            entry["files"].append(s["file"])
+            entry["rows"] += s["rows"]
+            entry["embedded"] += s["embedded"]
+    return entries
 
 
 def _stored_vectors(config: EmbedConfig, kind: str, fmt: VectorFormat | None, source: dict | None) -> dict[str, Any]:

@@ -53,7 +53,7 @@ def rerank_after_mine(mine) -> RerankConfig:
     texts = mine.texts or embedded.get("input")
     if not texts:
         raise UsageError(f"--rerank-model needs --texts: {mine.embeddings} has no manifest naming the embedded input")
-    read = {k: embedded[k] for k in ("text_field", "id_field", "encoding_errors") if k in embedded}
+    read = {k: embedded[k] for k in ("text_field", "id_field", "encoding_errors", "document_per_file") if k in embedded}
     return mine.rerank_config(texts, **read)
 
 
@@ -148,6 +148,14 @@ def chunk_cuts(config: RerankConfig, wanted: pa.Array) -> tuple[pa.Table | None,
     return chunk_offsets(embeddings, config.storage_options, wanted, where), embeddings
 
 
+def _documents(config: RerankConfig) -> bool:
+    """Whether --texts holds a document per file: --document-per-file, or the embeddings were made so."""
+    if config.document_per_file:
+        return True
+    embeddings = config.embeddings or _pairs_manifest(config).get("embeddings")
+    return bool(embeddings and _embed_config(embeddings, config.storage_options).get("document_per_file"))
+
+
 def _pairs_manifest(config: RerankConfig) -> dict[str, Any]:
     """The pairs' _manifest.json ({} without one)."""
     try:
@@ -188,7 +196,7 @@ def run_rerank(config: RerankConfig) -> RerankResult:
     pairs, total = read_pairs(config)
     info = check_cross_encoder(config.model, config.trust_remote_code)
     try:
-        shards = discover_shards(config.texts, config.storage_options)
+        shards = discover_shards(config.texts, config.storage_options, _documents(config))
     except InputError as exc:
         raise InputError(str(exc).replace(f"--input {config.texts}", f"--texts {config.texts}", 1)) from None
     cuts, chunks_from = chunk_cuts(config, wanted_ids(pairs)) if pairs.num_rows else (None, None)

@@ -121,7 +121,7 @@ def run_search(config: SearchConfig) -> SearchResult:
     query_ids, queries = (["0"], [config.query]) if config.query is not None else read_queries(
         config.queries, config.storage_options)
     out = results_dir(config) if config.output else None
-    shards = texts_shards(config) if config.texts else None
+    shards = texts_shards(config, manifest) if config.texts else None
     loaded = time.time()
     encoder = QueryEncoder(config, manifest)
     vectors = encoder.encode(queries)
@@ -180,12 +180,14 @@ def top_k(config: SearchConfig, spans: list[FileSpan], queries: np.ndarray) -> t
     return rows, scores
 
 
-def texts_shards(config: SearchConfig) -> list:
-    """The shards of --texts, found before any work (a wrong path is refused at once)."""
+def texts_shards(config: SearchConfig, manifest: dict) -> list:
+    """The shards of --texts, found before any work (a wrong path is refused at once), read as embed
+    read its input (a document per file where the manifest says so)."""
     from pipeline.storage.sources import discover_shards
 
+    documents = bool((manifest.get("config") or {}).get("document_per_file"))
     try:
-        return discover_shards(config.texts, config.storage_options)
+        return discover_shards(config.texts, config.storage_options, documents)
     except InputError as exc:
         raise InputError(str(exc).replace(f"--input {config.texts}", f"--texts {config.texts}", 1)) from None
 

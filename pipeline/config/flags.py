@@ -24,11 +24,11 @@ GROUPS = ("input", "model", "output", "resources", "reliability", "mining", "rer
 
 FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
     EmbedConfig: {
-        "input": ("input", "text_field", "id_field", "encoding_errors", "storage_options"),
+        "input": ("input", "text_field", "id_field", "document_per_file", "encoding_errors", "storage_options"),
         "model": ("model", "pooling", "normalize", "max_seq_length", "prompt_name", "prompt", "role", "dtype", "backend",
                   "trust_remote_code"),
         "output": ("output", "keep_columns", "precision", "truncate_dim", "calibration_rows", "calibration",
-                   "output_dtype", "sparse_top_k", "chunk_tokens", "chunk_overlap", "rows_per_file", "quiet"),
+                   "output_dtype", "sparse_top_k", "chunk_tokens", "chunk_overlap", "rows_per_file", "pack_files", "quiet"),
         "resources": ("device", "max_batch_tokens", "num_encoders", "encoders_per_gpu", "encoders_per_node", "num_tokenizers",
                       "encoder_threads", "ray_address"),
         "reliability": ("on_invalid", "stall_timeout", "overwrite"),
@@ -43,7 +43,8 @@ FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
         "rerank": ("rerank_model", "texts", "rerank_top", "rerank_output"),
     },
     RerankConfig: {
-        "input": ("pairs", "texts", "embeddings", "text_field", "id_field", "encoding_errors", "storage_options"),
+        "input": ("pairs", "texts", "embeddings", "text_field", "id_field", "document_per_file", "encoding_errors",
+                  "storage_options"),
         "model": ("model", "dtype", "trust_remote_code"),
         "output": ("output", "quiet"),
         "resources": ("device", "max_batch_tokens", "num_encoders", "encoder_threads", "block_pairs", "join_parts",

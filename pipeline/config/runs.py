@@ -36,7 +36,7 @@ class EmbedConfig(_Recorded):
     input: str
     """File, directory, glob or s3:// URI of the documents."""
     output: str
-    """Directory (local or s3://) that receives one Parquet file per input shard."""
+    """Directory (local or s3://) that receives the Parquet files, of at most rows_per_file rows each."""
     model: str = DEFAULT_MODEL
     """sentence-transformers directory, plain Hugging Face directory, hub id, or the default."""
     text_field: str = "text"
@@ -45,6 +45,9 @@ class EmbedConfig(_Recorded):
     """Column holding a document id; default is '<relative shard path>:<row>'."""
     keep_columns: tuple[str, ...] = ()
     """Input columns copied next to the vectors."""
+    document_per_file: bool = False
+    """Each text file (.txt, .md, .rst, .html, or no suffix, e.g. METADATA) is one document, read whole;
+    its id is its path under --input. Other files are skipped; an empty file is counted, not embedded."""
     pooling: str | None = None
     """Override the model's pooling: cls, mean, max, mean_sqrt_len_tokens, weightedmean or lasttoken, or
     several joined by '+' (e.g. cls+mean); default the model's own."""
@@ -112,8 +115,13 @@ class EmbedConfig(_Recorded):
     """With chunk_tokens: tokens consecutive chunks share (up to 8 fewer where a cut moves to the start
     of a word)."""
     rows_per_file: int = 50_000
-    """Largest number of rows in one output file; a bigger shard is written as several files. With
-    chunk_tokens it counts documents: a file holds its documents' chunks."""
+    """Largest number of rows in one output file: a bigger shard is written as several files, small
+    shards are packed together (docs/usage.md#many-small-files). With chunk_tokens it counts
+    documents: a file holds its documents' chunks."""
+    pack_files: bool = True
+    """Pack small input files together: each output file then holds about rows_per_file rows whatever
+    the input's split (the groups are planned from names and sizes and kept in the output's
+    `_plan.json`). --no-pack-files: every input file gets output files of its own, named after it."""
     ray_address: str | None = None
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     overwrite: bool = False
@@ -191,6 +199,10 @@ class EmbedConfig(_Recorded):
             raise UsageError(f"--backend onnx runs float32 or int8, not --dtype {self.dtype}")
         if self.backend == "torch" and self.dtype == "int8":
             raise UsageError("--dtype int8 runs on ONNX Runtime; drop --backend torch")
+        if self.document_per_file and (self.id_field or set(self.keep_columns) - {self.text_field}):
+            flag = "--id-field" if self.id_field else "--keep-columns"
+            raise UsageError(f"{flag}: with --document-per-file a document is a whole file, with no fields: its id "
+                             "is its path (--keep-columns may name the text only)")
         reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
@@ -252,7 +264,7 @@ class EmbedConfig(_Recorded):
             return None
         return self.mine_config().rerank_config(
             text_field=self.text_field, id_field=self.id_field, encoding_errors=self.encoding_errors,
-            device=self.device, num_encoders=self.num_encoders, trust_remote_code=self.trust_remote_code,
+            document_per_file=self.document_per_file, device=self.device, num_encoders=self.num_encoders, trust_remote_code=self.trust_remote_code,
         )
 
 
@@ -345,6 +357,9 @@ class RerankConfig(_Recorded):
     """As in embed: column / JSON key holding the text (ignored for .txt)."""
     id_field: str | None = None
     """As in embed: column holding the document id; default '<relative shard path>:<row>'."""
+    document_per_file: bool = False
+    """As in embed: each text file of --texts is one document, its id its path; also taken from the
+    embeddings' manifest when they were embedded that way."""
     encoding_errors: str = "strict"
     """As in embed: undecodable UTF-8 is an error (strict) or replaced (replace)."""
     max_batch_tokens: int | None = None

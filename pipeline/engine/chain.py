@@ -1,6 +1,6 @@
 """The embed chain on Ray Data, run and consumed by the driver:
 
-    read shards (tasks) -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors, which also commit Parquet)
+    read groups of shards (tasks) -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors, which also commit Parquet)
 
 The driver only sees one small summary row per file written (FileTracker); it joins the pieces of
 files that Ray split across blocks. Resources come from the plan (pipeline.engine.plan).
@@ -17,7 +17,7 @@ from pipeline.engine.execution import explain, ray_data_settings, watched
 from pipeline.engine.plan import COMMIT_CPUS, READ_CPUS, Plan, alive_nodes
 from pipeline.engine.watchdog import ProgressBoard
 from pipeline.storage.sink import SinkSpec, merge_pieces
-from pipeline.storage.sources import ReadSpec, Shard, ShardDatasource
+from pipeline.storage.sources import Group, ReadSpec, ShardDatasource
 
 OBJECT_STORE_BUDGET = 256 << 20  # bytes of blocks Ray Data may hold in the object store at once
 ENCODER_CALLS_ON_GPU = 2  # one block encoding, one writing (see _encoder_pool)
@@ -30,7 +30,7 @@ MIN_BLOCK_BYTES = 64 << 10
 
 
 def run_chain(
-    config: EmbedConfig, plan: Plan, shards: list[Shard], committed: frozenset, sink: SinkSpec, graph=None,
+    config: EmbedConfig, plan: Plan, groups: list[Group], committed: frozenset, sink: SinkSpec, graph=None,
     tokenizer_spec=None,
 ) -> tuple[dict[str, dict], dict[str, dict], list[dict]]:
     """Run the chain; returns the files written, where the time went stage by stage, and where each actor ran."""
@@ -53,10 +53,10 @@ def run_chain(
         wait_for_min_actors_s=(int(config.stall_timeout) or -1) if multi_node else None,
     )
     with settings:
-        return _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node)
+        return _stream(config, plan, groups, committed, sink, graph, tokenizer_spec, multi_node)
 
 
-def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_node):
+def _stream(config, plan, groups, committed, sink, graph, tokenizer_spec, multi_node):
     """read -> TokenizeStage -> EncodeStage (which commits the files), consumed by the driver."""
     import ray
     from ray.data import TaskPoolStrategy
@@ -67,9 +67,9 @@ def _stream(config, plan, shards, committed, sink, graph, tokenizer_spec, multi_
         config.on_invalid,
     )
     ds = ray.data.read_datasource(
-        ShardDatasource(shards, spec, config.rows_per_file, committed, board),
+        ShardDatasource(groups, spec, config.rows_per_file, committed, board),
         num_cpus=READ_CPUS,
-        override_num_blocks=len(shards),  # one read task per shard; no splitting of its chunks
+        override_num_blocks=len(groups),  # one read task per group of shards; no splitting of its chunks
         # One shard read in flight per tokenizer keeps each fed; more only adds worker processes
         # (~95 MiB each) that outlive their reads: the peak memory of a long run (BENCHMARKS.md).
         compute=TaskPoolStrategy(size=plan.num_tokenizers),
@@ -185,4 +185,5 @@ class FileTracker:
 
 
 def _stats(row: dict) -> dict:
-    return {k: row[k] for k in ("file", "shard", "rows", "embedded", "invalid", "truncated", "tokens", "chunks", "max_chunks")}
+    return {k: row[k] for k in ("file", "shard", "last_shard", "shards", "last", "rows", "embedded", "invalid", "truncated",
+                                "tokens", "chunks", "max_chunks")}

@@ -40,8 +40,8 @@ def ray_init_kwargs(address: str | None, quiet: bool) -> dict[str, Any]:
         # "local", not None: with None, ray.init joins whatever cluster `ray start` last left
         # running on this machine (/tmp/ray/ray_current_cluster) instead of starting our own.
         kwargs.update(address="local", include_dashboard=False, dashboard_host="127.0.0.1")
-    if quiet:
-        kwargs["logging_level"] = logging.WARNING
+    if quiet:  # errors only: not even Ray's notices (token authentication, ...)
+        kwargs["logging_level"] = logging.ERROR
     return kwargs
 
 
@@ -110,11 +110,51 @@ def ray_session_for(address: str | None, quiet: bool) -> Iterator[None]:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise PipelineError(f"cannot start or join Ray ({str(exc).splitlines()[0]})") from None
     try:
-        yield
+        with _ray_lines_dropped() if quiet and os.environ.get("EMBEDPIPE_DEBUG") != "1" else contextlib.nullcontext():
+            yield
     finally:
         if not address:
             _kill_local_monitor()
         ray.shutdown()
+
+
+# Lines Ray's C++ core worker writes to the driver's stderr that --quiet leaves out: they are not about
+# the user's run (Ray Data hands every actor its arguments through the object store, and Ray warns
+# about that for every actor pool).
+QUIET_DROPPED = ("has constructor arguments in the object store and max_restarts > 0",)
+
+
+@contextlib.contextmanager
+def _ray_lines_dropped() -> Iterator[None]:
+    """With --quiet: the driver's stderr (file descriptor 2, where Ray's C++ code writes) goes through
+    a pipe whose reader drops QUIET_DROPPED's lines and passes every other line on, until the block ends.
+    Processes Ray starts have their own stderr; nothing is held back when the block ends."""
+    import sys
+    import threading
+
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    saved = os.dup(2)
+    os.dup2(write_end, 2)
+    os.close(write_end)
+
+    def forward() -> None:
+        with os.fdopen(read_end, "rb") as lines, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
+            for line in lines:
+                if not any(p.encode() in line for p in QUIET_DROPPED):
+                    out.write(line)
+
+    thread = threading.Thread(target=forward, name="embedpipe-quiet-stderr", daemon=True)
+    thread.start()
+    interrupts.STDERR["fd"] = saved  # a signal's stop line goes straight to the terminal
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        interrupts.STDERR["fd"] = 2
+        os.dup2(saved, 2)  # the pipe's last writer here is gone: the reader ends at its end
+        os.close(saved)
+        thread.join(timeout=2)
 
 
 def _kill_local_monitor() -> None:

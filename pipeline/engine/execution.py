@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import re
+import warnings
 from typing import Any, Iterator
 
 from pipeline.errors import EmbedpipeError, InputError, PipelineError, UsageError
@@ -31,13 +32,16 @@ def ray_data_settings(quiet: bool, object_store_memory: int | None = None, **set
     saved_limits = ctx.execution_options.resource_limits
     data_logger = logging.getLogger("ray.data")
     saved_level, saved_factory = data_logger.level, logging.getLogRecordFactory()
+    saved_filters = warnings.filters[:]
     try:
         for name, value in wanted.items():
             setattr(ctx, name, value)
         if object_store_memory is not None:
             ctx.execution_options.resource_limits = saved_limits.copy(object_store_memory=object_store_memory)
-        if quiet:
-            data_logger.setLevel(logging.WARNING)
+        if quiet:  # errors only: not even "Progress bars disabled"
+            data_logger.setLevel(logging.ERROR)
+        # advice to whoever wrote the chain (override_num_blocks): a small input read by one task
+        warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
         if os.environ.get("EMBEDPIPE_DEBUG") != "1":
             _keep_tracebacks_off_the_console()
         yield
@@ -47,6 +51,7 @@ def ray_data_settings(quiet: bool, object_store_memory: int | None = None, **set
         ctx.execution_options.resource_limits = saved_limits
         data_logger.setLevel(saved_level)
         logging.setLogRecordFactory(saved_factory)
+        warnings.filters[:] = saved_filters
 
 
 def watched(batches: Iterator, board, stall_timeout: float) -> Iterator:

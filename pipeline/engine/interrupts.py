@@ -38,6 +38,11 @@ def install() -> None:
         signal.signal(signum, on_signal)
 
 
+# Where the stop line goes: the terminal's stderr, also while --quiet passes fd 2 through a filter thread
+# (pipeline.engine.cluster), which an exit from a signal handler would not wait for.
+STDERR = {"fd": 2}
+
+
 def reinstall() -> None:
     """After `ray.init`, which sets a SIGTERM handler of its own: ours again, if the CLI installed them."""
     if _state["installed"]:
@@ -64,7 +69,7 @@ def on_signal(signum: int, frame) -> None:
             line = stop_line(signum)
         kill_descendants()  # first: nothing of this run may write once the lock is gone
         lock.release_held()
-        os.write(2, (line + "\n").encode())
+        os.write(STDERR["fd"], (line + "\n").encode())
     except BaseException:  # noqa: BLE001
         pass
     os._exit(code)

@@ -15,13 +15,14 @@ from dataclasses import dataclass
 ID = "id"  # string: --id-field's value, else "<shard key>:<row>"
 TEXT = "text"  # string: --text-field's value, under this name whatever the field is called (the sink restores it)
 VALID = "_valid"  # bool: the text is neither empty, blank nor null; an invalid row is counted, not embedded
-ROW = "_row"  # int64: the row's 0-based place in its shard; orders a file's rows and names a piece
+ROW = "_row"  # int64: the row's 0-based place in its group of shards (storage.packing); orders a file's rows and names a piece
 LINE = "_line"  # int64: 1-based line, from the line-based readers (storage.formats), for messages; never leaves the read
 
 # Which output file a row goes to, added by the read tasks to every chunk.
-SHARD = "_shard"  # string: the shard's key (its path under --input)
+SHARD = "_shard"  # string: the row's shard's key (its path under --input)
 FILE = "_file"  # string: the output file of the row's chunk, e.g. "sub__d.csv-00001.parquet"
 CHUNK_ROWS = "_chunk_rows"  # int64: the rows of that chunk, so the sink knows when its file is complete
+LAST = "_last"  # bool: that file is the last of its group of shards (storage.packing), so a resume can tell it is done
 
 # Chunks of long documents, added by TokenizeStage with --chunk-tokens (pipeline.stages.chunking):
 # a row is then one chunk; ID becomes "<doc id>#<chunk>", TEXT the chunk's text, ROW numbers chunks.

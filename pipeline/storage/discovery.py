@@ -23,6 +23,9 @@ log = logging.getLogger(__name__)
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".json": "json", ".parquet": "parquet", ".csv": "csv", ".arrow": "arrow"}
 COMPRESSIONS = (".gz", ".bz2", ".zst", ".xz")
+# --document-per-file: these files (and files without a suffix: METADATA, copyright) are one document each
+DOCUMENT_SUFFIXES = (".txt", ".text", ".md", ".markdown", ".rst", ".html", ".htm", "")
+DATASET_FILES = ("state.json", "dataset_dict.json")  # a `datasets` directory written by save_to_disk
 
 
 @dataclass(frozen=True)
@@ -46,13 +49,28 @@ def shard_format(path: str) -> str | None:
     return FORMATS.get(posixpath.splitext(name)[1])
 
 
+def document_format(path: str) -> str | None:
+    """'document' for a text file read whole as one document (--document-per-file), else None."""
+    name = posixpath.basename(path).lower()
+    for ext in COMPRESSIONS:
+        if name.endswith(ext):
+            name = name[: -len(ext)]
+    return "document" if posixpath.splitext(name)[1] in DOCUMENT_SUFFIXES else None
+
+
 def output_stem(key: str) -> str:
     """Flat, deterministic output file stem for a shard key."""
     return key.replace("/", "__")
 
 
-def discover_shards(input_path: str, storage_options: Mapping[str, Any] | None = None) -> list[Shard]:
-    """Every shard under `input_path`, sorted by key. Raises InputError if none."""
+def discover_shards(
+    input_path: str, storage_options: Mapping[str, Any] | None = None, documents: bool = False,
+) -> list[Shard]:
+    """Every shard under `input_path`, sorted by key. Raises InputError if none.
+
+    The input is listed once (fsspec `find`/`glob` with sizes: paginated listings on S3, no request
+    per file). `documents` (--document-per-file): every text file (`DOCUMENT_SUFFIXES`, or no suffix)
+    is one document, and may be empty."""
     try:
         fs, path = get_fs(input_path, storage_options)
     except (ImportError, ValueError) as exc:
@@ -60,54 +78,60 @@ def discover_shards(input_path: str, storage_options: Mapping[str, Any] | None =
     path = path.rstrip("/") or path
     check_bucket(fs, path, f"--input {input_path}")
     try:
-        if any(ch in path for ch in "*?["):
-            root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
-            files = [p for p in fs.glob(path) if fs.isfile(p)]
-            if not files:
-                raise InputError(f"--input {input_path}: the glob matches no files")
-            explicit = True
-        elif fs.isdir(path):
-            root = path
-            files = _hf_dataset_files(fs, path)
-            explicit = files is not None
-            if files is None:
-                files = _walk(fs, path)
-        elif fs.isfile(path):
-            root = posixpath.dirname(path)
-            files = [path]
-            explicit = True
-        else:
-            raise InputError(f"--input {input_path}: no such file or directory")
+        root, sizes, explicit = _listing(fs, path, input_path)
     except (PermissionError, FileNotFoundError, OSError) as exc:
         if isinstance(exc, InputError):
             raise
         raise InputError(f"--input {input_path}: {describe_os_error(exc)}") from None
 
+    kind = document_format if documents else shard_format
     shards, skipped = [], []
-    for p in sorted(files):
-        fmt = shard_format(p)
+    for p in sorted(sizes):
+        fmt = kind(p)
         if fmt is None:
-            if explicit and fs.isfile(p) and len(files) == 1:
-                raise InputError(
-                    f"--input {p}: unsupported file type (expected {', '.join(sorted(FORMATS))})"
-                )
+            if explicit and len(sizes) == 1:
+                expected = "text files (.txt, .md, .rst, .html, or no suffix)" if documents else ", ".join(sorted(FORMATS))
+                raise InputError(f"--input {p}: unsupported file type (expected {expected})")
             skipped.append(p)
             continue
         key = posixpath.relpath(p, root) if root else p
-        shards.append(_checked_shard(fs, p, key, fmt))
+        shards.append(_checked_shard(fs, p, key, fmt, sizes[p]))
     if skipped:
         log.warning("skipping %d file(s) of unsupported type, e.g. %s", len(skipped), skipped[0])
     if not shards:
         raise InputError(
             f"--input {input_path}: no files of a supported type ({', '.join(sorted(FORMATS))})"
+            if not documents else f"--input {input_path}: no text files (.txt, .md, .rst, .html, or no suffix)"
         )
     return shards
 
 
-def _checked_shard(fs, path: str, key: str, fmt: str) -> Shard:
+def _listing(fs, path: str, input_path: str) -> tuple[str, dict[str, int], bool]:
+    """(the root keys are relative to, {file: bytes}, whether the files were named explicitly)."""
+    if any(ch in path for ch in "*?["):
+        root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
+        found = fs.glob(path, detail=True)
+        sizes = {p: _size(info) for p, info in found.items() if info.get("type") == "file"}
+        if not sizes:
+            raise InputError(f"--input {input_path}: the glob matches no files")
+        return root, sizes, True
+    if fs.isdir(path):
+        files = _hf_dataset_files(fs, path)
+        if files is not None:
+            return path, _sizes_of(fs, path, files), True
+        return path, _walk(fs, path), False
+    if fs.isfile(path):
+        return posixpath.dirname(path), {path: _size(fs.info(path))}, True
+    raise InputError(f"--input {input_path}: no such file or directory")
+
+
+def _size(info: Mapping[str, Any]) -> int:
+    return int(info.get("size") or 0)
+
+
+def _checked_shard(fs, path: str, key: str, fmt: str, size: int) -> Shard:
     """The shard at `path`, refused now if it cannot hold a row or cannot be decompressed here."""
-    size = int(fs.info(path).get("size") or 0)
-    if size == 0:
+    if size == 0 and fmt != "document":  # an empty document is counted, not embedded
         raise InputError(f"{key}: the file is empty (0 bytes)")
     codec = compression_of(path)
     if codec is not None and infer_compression(path) is None:  # fsspec knows .zst only with zstandard
@@ -116,21 +140,33 @@ def _checked_shard(fs, path: str, key: str, fmt: str) -> Shard:
     return Shard(path=uri, key=key, format=fmt, size=size)
 
 
-def _walk(fs, root: str) -> list[str]:
-    """Files under `root`, skipping hidden ones; a `datasets` directory contributes its Arrow files."""
-    out: list[str] = []
-    for directory, dirs, files in fs.walk(root):
-        rel = posixpath.relpath(directory, root)
-        if rel != "." and _hidden(rel):
-            dirs.clear()
-            continue
-        hf = _hf_dataset_files(fs, directory) if directory != root else None
-        if hf is not None:
-            out += hf
-            dirs.clear()
-            continue
-        out += [posixpath.join(directory, f) for f in files if not f.startswith((".", "_"))]
-    return out
+def _walk(fs, root: str) -> dict[str, int]:
+    """{file: bytes} under `root` from one recursive listing, skipping hidden files and folders
+    (names starting with `.` or `_`); a `datasets` directory contributes its Arrow files."""
+    listing = fs.find(root, detail=True, withdirs=False)
+    sizes = {p: _size(info) for p, info in listing.items()
+             if info.get("type", "file") == "file" and not _hidden(posixpath.relpath(p, root))}
+    datasets: list[str] = []
+    for p in sorted(sizes):
+        directory = posixpath.dirname(p)
+        if posixpath.basename(p) in DATASET_FILES and not any(_under(directory, d) for d in datasets):
+            datasets.append(directory)
+    for directory in datasets:
+        files = _hf_dataset_files(fs, directory) or []
+        sizes = {p: size for p, size in sizes.items() if not _under(p, directory)}
+        sizes.update(_sizes_of(fs, directory, files, listing))
+    return sizes
+
+
+def _under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def _sizes_of(fs, directory: str, files: list[str], listing: Mapping[str, Any] | None = None) -> dict[str, int]:
+    """Sizes of a `datasets` directory's Arrow files: from `listing`, else one listing of the directory."""
+    if listing is None:
+        listing = fs.find(directory, detail=True, withdirs=False)
+    return {p: _size(listing[p]) if p in listing else _size(fs.info(p)) for p in files}
 
 
 def _hidden(relpath: str) -> bool:

@@ -20,6 +20,7 @@ import posixpath
 
 from pipeline.identity import RUN_FILE
 from pipeline.manifest import write as write_manifest
+from pipeline.storage.packing import PLAN_FILE
 from pipeline.storage.sink import MANIFEST, PIECES_DIR, read_file_stats
 from pipeline.storage.filesystems import is_local, write_bytes_atomic
 
@@ -65,7 +66,8 @@ def swap_in(fs, root: str, manifest: dict, committed: dict[str, str], run: dict 
     """
     new = {entry["file"] for entry in manifest["files"]}
     stale = sorted(name for name, path in committed.items() if name not in new and read_file_stats(fs, path) is not None)
-    plan = {"manifest": manifest, "stale": stale, "run": run}
+    has_plan = fs.exists(posixpath.join(root, STAGING_DIR, PLAN_FILE))
+    plan = {"manifest": manifest, "stale": stale, "run": run, "input_plan": has_plan}
     write_bytes_atomic(fs, posixpath.join(root, STAGING_DIR, SWAP_PLAN), json.dumps(plan).encode())
     finish_swap(fs, root)
 
@@ -83,6 +85,11 @@ def finish_swap(fs, root: str) -> bool:
         fs.rm(manifest_path)
     if plan.get("run"):  # the new settings, before the first new file is in place (plans of older versions have none)
         write_bytes_atomic(fs, posixpath.join(root, RUN_FILE), json.dumps(plan["run"], indent=2).encode())
+    staged_plan = posixpath.join(staging, PLAN_FILE)
+    if fs.exists(staged_plan):  # the new output's groups (pipeline.storage.packing)
+        fs.mv(staged_plan, posixpath.join(root, PLAN_FILE))
+    elif not plan.get("input_plan", True) and fs.exists(posixpath.join(root, PLAN_FILE)):
+        fs.rm(posixpath.join(root, PLAN_FILE))  # the old output's, which binds nothing now
     for name in plan["stale"]:
         path = posixpath.join(root, name)
         if fs.exists(path):

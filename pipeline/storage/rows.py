@@ -1,42 +1,58 @@
-"""A shard's rows, normalised: `id`, `text`, `_valid`, `_row` and the kept columns.
+"""A shard's rows, normalised: `id`, `text`, `_valid`, `_row`, `_shard` and the kept columns.
 
-Without `--id-field` the id is "<shard key>:<row>", so a rerun gives the same
-ids; `_row` counts from 0 across the whole shard. A row whose text is empty,
-blank or null is marked `_valid = False` (skipped and counted), or refused
-with `--on-invalid error`.
+Without `--id-field` the id is "<shard key>:<row>" (with --document-per-file the
+shard key alone), so a rerun gives the same ids; `_row` counts from 0 across the
+shard's group (storage.packing). A row whose text is empty, blank or null is
+marked `_valid = False` (skipped and counted), or refused with `--on-invalid error`.
 """
 
 from __future__ import annotations
 
 import lzma
 import zlib
-from typing import Iterator
+from typing import Iterator, NamedTuple
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.stages.columns import ID, ROW, TEXT, VALID
+from pipeline.stages.columns import ID, ROW, SHARD, TEXT, VALID
 from pipeline.errors import InputError
 from pipeline.storage.discovery import Shard, compression_of, describe_os_error
 from pipeline.storage.filesystems import get_fs
 from pipeline.storage.formats import LINE, ReadSpec, read_format
 
 
-def read_shard(shard: Shard, spec: ReadSpec) -> Iterator[pa.Table]:
-    """Normalised tables of a shard, in row order: id, text, _valid, _row, kept columns."""
-    fs, _ = get_fs(_uri(shard, spec), spec.storage_options)
+def read_shard(shard: Shard, spec: ReadSpec, fs=None) -> Iterator[pa.Table]:
+    """Normalised tables of a shard, in row order: id, text, _valid, _row, _shard, kept columns. `fs`:
+    the filesystem to open it with (storage.sources reads small shards from bytes fetched together)."""
     row = 0
+    for table in read_raw(shard, spec, fs):
+        yield normalise([Part(shard, table, row, row)], spec)
+        row += table.num_rows
+
+
+def read_raw(shard: Shard, spec: ReadSpec, fs=None) -> Iterator[pa.Table]:
+    """A shard's tables as its format reads them (storage.formats), before `normalise`; no empty table."""
+    if fs is None:
+        fs, _ = get_fs(_uri(shard, spec), spec.storage_options)
     try:
         for table in read_format(fs, shard, spec):
-            n = table.num_rows
-            if n == 0:
-                continue
-            yield _normalise(table, shard, spec, row)
-            row += n
+            if table.num_rows:
+                yield table
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:
         if not _is_bad_file(exc, shard):
             raise
         raise InputError(f"{shard.key}: cannot read ({describe_os_error(exc)})") from None
+
+
+class Part(NamedTuple):
+    """Rows of one shard as read (`read_raw`): from its row `first_row`, `_row` = `group_row` onwards."""
+
+    shard: Shard
+    table: pa.Table
+    first_row: int
+    group_row: int
 
 
 def _is_bad_file(exc: BaseException, shard: Shard) -> bool:
@@ -55,27 +71,49 @@ def embeddable(texts: pa.Array) -> pa.Array:
     return pc.fill_null(pc.invert(pc.match_substring_regex(texts, r"^\s*$")), False)
 
 
-def _normalise(table: pa.Table, shard: Shard, spec: ReadSpec, first_row: int) -> pa.Table:
-    n = table.num_rows
-    rows = pa.array(range(first_row, first_row + n), pa.int64())
+def normalise(parts: list[Part], spec: ReadSpec) -> pa.Table:
+    """The rows of one or more shards' parts as the chain takes them: id, text, _valid, _row, _shard and
+    the kept columns, in one table. Many small shards are normalised together: a few Arrow calls for
+    all of them, not a few per shard."""
+    tables = [p.table for p in parts]
+    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    counts = [t.num_rows for t in tables]
     texts = table[spec.text_field].cast(pa.string()).combine_chunks()
-
     valid = embeddable(texts)
     if spec.on_invalid == "error" and not pc.all(valid).as_py():
-        _refuse_invalid(table, texts, valid, shard, first_row)
+        part, _ = _locate(parts, counts, pc.index(valid, False).as_py())
+        own = part.table[spec.text_field].cast(pa.string()).combine_chunks()
+        _refuse_invalid(part.table, own, embeddable(own), part.shard, part.first_row)
     if spec.id_field:
         ids = table[spec.id_field].combine_chunks()
         if ids.null_count:
-            row = first_row + pc.index(pc.is_null(ids), True).as_py()
-            raise InputError(f"{shard.key}: row {row} has no value in --id-field {spec.id_field!r}")
+            part, i = _locate(parts, counts, pc.index(pc.is_null(ids), True).as_py())
+            raise InputError(f"{part.shard.key}: row {part.first_row + i} has no value in --id-field {spec.id_field!r}")
         ids = ids.cast(pa.string())
     else:
-        ids = pa.array([f"{shard.key}:{r}" for r in range(first_row, first_row + n)], pa.string())
-    columns = {ID: ids, TEXT: pc.fill_null(texts, ""), VALID: valid, ROW: rows}
+        ids = pa.array([_id(p.shard, r) for p, n in zip(parts, counts) for r in range(p.first_row, p.first_row + n)],
+                       pa.string())
+    rows = np.concatenate([np.arange(p.group_row, p.group_row + n, dtype=np.int64) for p, n in zip(parts, counts)])
+    shards = pa.array([p.shard.key for p, n in zip(parts, counts) for _ in range(n)], pa.string())
+    columns = {ID: ids, TEXT: pc.fill_null(texts, ""), VALID: valid, ROW: pa.array(rows), SHARD: shards}
     for col in spec.keep_columns:
         if col != spec.text_field:  # the text travels as "text"; the sink restores its name
             columns[col] = table[col]
     return pa.table(columns)
+
+
+def _id(shard: Shard, row: int) -> str:
+    """A row's id without --id-field: "<shard key>:<row>"; with --document-per-file the key alone."""
+    return shard.key if shard.format == "document" else f"{shard.key}:{row}"
+
+
+def _locate(parts: list[Part], counts: list[int], index: int) -> tuple[Part, int]:
+    """The part holding row `index` of the parts' rows together, and the row's place in it."""
+    for part, n in zip(parts, counts):
+        if index < n:
+            return part, index
+        index -= n
+    raise IndexError(index)
 
 
 def _refuse_invalid(table: pa.Table, texts: pa.Array, valid: pa.Array, shard: Shard, first_row: int) -> None:

@@ -1,4 +1,4 @@
-"""Parquet sink: one file per chunk of a shard, committed atomically.
+"""Parquet sink: one file per chunk of a group of shards (storage.packing), committed atomically.
 
 A block reaching the sink holds rows of one or more chunks. A chunk wholly
 inside the block is written straight to its final name. A chunk that Ray
@@ -29,7 +29,7 @@ from pipeline.quantization import VectorFormat, from_column
 from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 from pipeline.engine.watchdog import Progress
 from pipeline.stages.columns import (
-    CHUNK, CHUNK_COLUMNS, CHUNK_ROWS, FILE, N_CHUNKS, N_TOKENS, ROW, SHARD, TRUNCATED, VALID,
+    CHUNK, CHUNK_COLUMNS, CHUNK_ROWS, FILE, LAST, N_CHUNKS, N_TOKENS, ROW, SHARD, TRUNCATED, VALID,
 )
 
 PIECES_DIR = "_pieces"
@@ -40,7 +40,10 @@ SETTINGS_KEY = b"embedpipe.settings"  # the settings of the run that made it (pi
 SUMMARY_SCHEMA = pa.schema(
     [
         ("file", pa.string()),
-        ("shard", pa.string()),
+        ("shard", pa.string()),  # the first shard of the file's rows
+        ("last_shard", pa.string()),  # and the last: a file holds a part of one shard or whole shards of a group
+        ("shards", pa.int64()),  # how many shards it holds rows of
+        ("last", pa.bool_()),  # the last file of its group of shards (storage.packing)
         ("kind", pa.string()),  # "file": committed; "piece": part of a chunk
         ("rows", pa.int64()),
         ("chunk_rows", pa.int64()),
@@ -143,11 +146,15 @@ def chunk_stats(rows: pa.Table, name: str) -> dict:
     """A file's statistics: `rows`, `embedded` and `invalid` count documents; `chunks` the rows embedded."""
     valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
     chunked = N_CHUNKS in rows.column_names
+    last = bool(rows[LAST][0].as_py()) if LAST in rows.column_names and rows.num_rows else None
     first = np.asarray(rows[CHUNK].to_numpy(zero_copy_only=False)) == 0 if chunked else np.ones(len(valid), bool)
     n_chunks = np.asarray(rows[N_CHUNKS].to_numpy(zero_copy_only=False)) if chunked else np.ones(len(valid), np.int32)
     return {
         "file": name,
         "shard": rows[SHARD][0].as_py() if rows.num_rows else "",
+        "last_shard": rows[SHARD][-1].as_py() if rows.num_rows else "",
+        "shards": pc.count_distinct(rows[SHARD]).as_py() if rows.num_rows else 0,
+        "last": last,
         "rows": int(first.sum()),
         "embedded": int((valid & first).sum()),
         "invalid": int((~valid & first).sum()),
@@ -167,7 +174,7 @@ def write_chunk(fs, root: str, name: str, rows: pa.Table, sink: SinkSpec) -> dic
 def _write_rows(fs, root: str, name: str, rows: pa.Table, keep: np.ndarray, sink: SinkSpec) -> dict:
     """Write rows `keep` of `rows` (the whole chunk, in row order) to `root/name`, its valid rows
     only, taken once; return the chunk's stats."""
-    bookkeeping = rows.select([c for c in (VALID, SHARD, TRUNCATED, N_TOKENS, CHUNK, N_CHUNKS) if c in rows.column_names])
+    bookkeeping = rows.select([c for c in (VALID, SHARD, LAST, TRUNCATED, N_TOKENS, CHUNK, N_CHUNKS) if c in rows.column_names])
     stats = chunk_stats(bookkeeping.take(pa.array(keep)), name)
     valid = np.asarray(rows[VALID].to_numpy(zero_copy_only=False), bool)
     rows = rows.take(pa.array(keep[valid[keep]]))
@@ -203,7 +210,7 @@ def _stored(embedding: pa.ChunkedArray, vectors: VectorFormat) -> pa.Array:
 
 def _piece_columns(rows: pa.Table, sink: SinkSpec) -> list[str]:
     """What a piece keeps of a block: what write_chunk and chunk_stats read."""
-    wanted = {"id", "embedding", "indices", "values", "text", ROW, VALID, SHARD, N_TOKENS, TRUNCATED, N_CHUNKS,
+    wanted = {"id", "embedding", "indices", "values", "text", ROW, VALID, SHARD, LAST, N_TOKENS, TRUNCATED, N_CHUNKS,
               *CHUNK_COLUMNS, *sink.keep_columns}
     return [c for c in rows.column_names if c in wanted]
 
