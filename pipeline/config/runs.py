@@ -23,6 +23,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 RERANK_DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+OUTPUT_FORMATS = ("parquet", "lance")
 ROLES = ("query", "document")
 DEFAULT_CALIBRATION_ROWS = 2000
 ENCODING_ERRORS = ("strict", "replace")
@@ -37,6 +38,10 @@ class EmbedConfig(_Recorded):
     """File, directory, glob or s3:// URI of the documents."""
     output: str
     """Directory (local or s3://) that receives one Parquet file per input shard."""
+    format: str = "parquet"
+    """parquet (one file per chunk of rows_per_file rows) or lance: the output directory becomes a Lance
+    dataset (needs pylance), each such chunk one fragment committed exactly once, readable by Lance and
+    LanceDB (name it '<name>.lance'); mine, search and rerank read Parquet outputs only."""
     model: str = DEFAULT_MODEL
     """sentence-transformers directory, plain Hugging Face directory, hub id, or the default."""
     text_field: str = "text"
@@ -179,6 +184,7 @@ class EmbedConfig(_Recorded):
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--backend", self.backend, BACKENDS)
         self._check_precision()
+        self._check_format()
         _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
         _choice("--on-invalid", self.on_invalid, ("skip", "error"))
         _seconds("--stall-timeout", self.stall_timeout)
@@ -194,6 +200,17 @@ class EmbedConfig(_Recorded):
         reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
+
+    def _check_format(self) -> None:
+        _choice("--format", self.format, OUTPUT_FORMATS)
+        if self.format != "lance":
+            return
+        if self.mine:
+            raise UsageError("--mine reads Parquet outputs; --format lance writes a Lance dataset: drop one of them")
+        import importlib.util
+
+        if importlib.util.find_spec("lance") is None:
+            raise UsageError("--format lance needs the pylance package (pip install pylance)")
 
     def _check_chunking(self) -> None:
         _positive("--chunk-tokens", self.chunk_tokens)
