@@ -22,6 +22,10 @@ from pipeline.storage.lance_sink import is_lance
 from pipeline.storage.sink import SETTINGS_KEY
 
 
+class NotParquet(InputError):
+    """An embeddings output that is a Lance dataset (embed --format lance), where Parquet files are read."""
+
+
 def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Committed Parquet files of an output directory (or the file itself), sorted."""
     fs, root = get_fs(path, storage_options)
@@ -31,7 +35,7 @@ def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None)
     if not fs.isdir(root):
         raise InputError(f"{path}: no such file or directory")
     if is_lance(fs, root):
-        raise InputError(f"{path}: a Lance dataset (embed --format lance); mine, search and rerank read Parquet "
+        raise NotParquet(f"{path}: a Lance dataset (embed --format lance); mine, search and rerank read Parquet "
                          "outputs: read it with pipeline.read_embeddings or lance.dataset(), or embed with --format parquet")
     files = [
         p
