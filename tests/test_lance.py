@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+import pipeline
 from pipeline import EmbedConfig, read_embeddings
 from pipeline.commands.embed import run_embed
 from pipeline.storage import lance_sink
@@ -148,8 +149,8 @@ def test_a_parquet_output_is_not_resumed_as_lance_but_overwritten(ray_cluster, t
                         "--format", "lance")
     assert to_lance.returncode == 2 and "Traceback" not in to_lance.stderr
     assert "holds a parquet output (--format parquet), this run writes --format lance" in to_lance.stderr
-    run_embed(EmbedConfig(input=str(tmp_path / "in"), output=str(out), model=tiny_model, quiet=True, format="lance",
-                          precision="float16", overwrite=True))
+    pipeline.embed(input=str(tmp_path / "in"), output=str(out), model=tiny_model, quiet=True, format="lance",
+                   precision="float16", overwrite=True)  # the public API
     assert not [p for p in os.listdir(out) if p.endswith(".parquet") or p == "_overwrite"]
     assert lance.dataset(str(out)).schema.field("embedding").type.value_type == pa.float16()
     ids, vectors = read_embeddings(str(out))

@@ -156,11 +156,15 @@ class LanceCommitter:
         from lance.fragment import FragmentMetadata
 
         fragments = [FragmentMetadata.from_json(json.dumps(f)) for f in marker["fragments"]]
+        schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(marker["schema"])))
         if self._dataset is None:
             self._dataset = open_dataset(self.fs, self.root, self.options)
+        if self._dataset is not None and schema.names != self._dataset.schema.names:
+            raise PipelineError(f"{name}: its columns {schema.names} are not the Lance dataset's "
+                                f"{self._dataset.schema.names}: a Lance output has one schema; resume with the "
+                                "first run's --keep-columns, or use --overwrite")
         try:
             if self._dataset is None:  # the first unit creates the dataset, with the unit's schema
-                schema = pa.ipc.read_schema(pa.py_buffer(base64.b64decode(marker["schema"])))
                 operation, version = lance.LanceOperation.Overwrite(schema, fragments), None
             else:
                 operation, version = lance.LanceOperation.Append(fragments), self._dataset.version
