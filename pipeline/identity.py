@@ -47,8 +47,10 @@ RUN_FORMAT_VERSION = 1
 IDENTITY_KEYS = (
     "model", "kind", "pooling", "normalize", "max_seq_length", "prompt", "dtype", "precision", "truncate_dim",
     "dim", "quantization", "sparse_top_k", "chunking", "rows_per_file", "text_field", "id_field", "document_per_file",
+    "format",
 )
-ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None, "chunking": None, "document_per_file": False}
+ASSUMED: dict[str, Any] = {"truncate_dim": None, "quantization": None, "chunking": None, "document_per_file": False,
+                           "format": "parquet"}
 RENAMED = {"precision": "output_dtype"}  # a setting's name in identities written before it was renamed
 READ_THREADS = 16  # footers read at once: one or two small requests each on S3
 
@@ -76,6 +78,7 @@ def run_identity(config, info, dtype: str | None, vectors=None, source: dict | N
         "text_field": config.text_field,
         "id_field": config.id_field,
         "document_per_file": config.document_per_file,
+        "format": config.format,
     }
     if dtype is None:
         del settings["dtype"]
@@ -178,6 +181,8 @@ def describe_difference(key: str, old: Any, new: Any, old_model: str | None, new
                 "vectors are not mixed in one output")
     if key == "chunking":
         return f"vectors of {_chunking(old)}, this run embeds {_chunking(new)}"
+    if key == "format":
+        return f"a {old} output (--format {old}), this run writes --format {new}; one output holds one format"
     return f"vectors made with {key}={old!r}, this run has {new!r}"
 
 
@@ -327,6 +332,9 @@ def check_compatible(previous: dict | None, info: ModelInfo, config: EmbedConfig
     of different models or settings in it. Newer outputs are checked against their `_run.json`."""
     if not previous:
         return
+    if config.format != "parquet":  # such an output is Parquet: embedpipe wrote nothing else then
+        raise UsageError(f"--output {config.output} holds {describe_difference('format', 'parquet', config.format, None, None)}; "
+                         "use another output or --overwrite")
     old = previous.get("model", {})
     for key in COMPAT_KEYS:
         if key in old and old[key] != getattr(info, key):

@@ -64,6 +64,8 @@ KEYS: dict[str, dict[str, str]] = {
     "embeddings": {
         "identity": "the settings that made the vectors and their `hash`, as in `_run.json` and in every file's "
                     "`embedpipe.settings` metadata (docs/usage.md, the run's identity)",
+        "table_format": "`parquet` (one file per `files` entry) or `lance` (--format lance: the directory is a Lance "
+                        "dataset; each `files` entry is a unit committed as a Lance fragment, named as its Parquet file would be)",
         "dim": "the vectors' logical dimension, after --truncate-dim (a binary vector of 384 dimensions is 48 "
                "bytes and has dim 384; a sparse model's: its vocabulary size)",
         "pooling": "the pooling the model ran, e.g. `mean`, `cls`, `mean+max`",

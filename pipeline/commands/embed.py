@@ -32,6 +32,7 @@ from pipeline.quantization import NEEDS_RANGES, VectorFormat, dim_of_width
 from pipeline.storage.output import (
     clear_leftovers, clear_staging, committed_files, finish_swap, staging_uri, swap_in,
 )
+from pipeline.storage.lance_sink import open_dataset, unit_facts
 from pipeline.storage.lock import output_lock
 from pipeline.storage.packing import Group, describe as describe_groups, group_done, planned_groups, write_plan
 from pipeline.storage.sink import SinkSpec, read_file_stats
@@ -90,7 +91,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
 def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFacts, fs, root: str) -> RunResult:
     if finish_swap(fs, root):
         log.warning("finished replacing %s, which an --overwrite run had left half-swapped", config.output)
-    earlier = Earlier() if config.overwrite else _earlier_output(fs, root)
+    earlier = Earlier() if config.overwrite else _earlier_output(fs, root, config.storage_options)
     # the output's plan of groups is kept once a file is committed (pipeline.storage.packing);
     # groups with every file committed are not read at all
     done = {name: facts.stats for name, facts in earlier.facts.items()}
@@ -111,7 +112,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
         if todo and new_plan:  # before the first commit
             write_plan(fs, target, groups, config.rows_per_file)
         sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
-                        config.storage_options, file_metadata(identity))
+                        config.storage_options, file_metadata(identity), config.format)
         written, stage_times, replicas = {}, {}, []
         if todo:
             graph = _onnx_graph(config, plan, info)
@@ -120,7 +121,7 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
                                                        tokenizer_spec)
             stage_times = {"chain_started_s": round(chain_started - started, 3), **stage_times}
     if todo:
-        clear_leftovers(fs, target)  # every chunk has been joined; only empty folders remain
+        clear_leftovers(fs, target, config.storage_options)  # every chunk has been joined; only empty folders remain
     stats = _file_stats(config, fs, root, groups, written, earlier.facts)
     finished = time.time()
     manifest = _manifest(
@@ -165,8 +166,10 @@ def _vector_format(config: EmbedConfig, info, vectors: dict, earlier: Earlier, s
     return fmt, source
 
 
-def _earlier_output(fs, root: str) -> Earlier:
-    return Earlier(read_run(fs, root), read_manifest(fs, root), read_all_facts(fs, committed_files(fs, root)))
+def _earlier_output(fs, root: str, storage_options=None) -> Earlier:
+    """`facts`: the committed Parquet files' footers and a Lance output's committed units' markers."""
+    facts = {**read_all_facts(fs, committed_files(fs, root)), **unit_facts(fs, root, storage_options)}
+    return Earlier(read_run(fs, root), read_manifest(fs, root), facts)
 
 
 def _target(config: EmbedConfig, fs, root: str, info, identity: dict, earlier: Earlier, work: bool) -> tuple[str, str]:
@@ -179,7 +182,7 @@ def _target(config: EmbedConfig, fs, root: str, info, identity: dict, earlier: E
         check_resume(config, info, identity, *earlier)
         clear_staging(fs, root)
         target, target_uri = root, config.output
-    clear_leftovers(fs, target)
+    clear_leftovers(fs, target, config.storage_options)
     if work and (earlier.run is None or not earlier.facts):
         write_run(fs, target, identity)
     return target, target_uri
@@ -192,7 +195,7 @@ def _file_stats(config: EmbedConfig, fs, root: str, groups, written: dict, facts
     if config.overwrite:
         return stats
     shard_keys = {s.key for g in groups for s in g.shards}
-    for name, path in committed_files(fs, root).items():
+    for name, path in {**committed_files(fs, root), **dict.fromkeys(facts)}.items():  # Lance units: no path
         file_stats = None if name in stats else (facts[name].stats if name in facts else read_file_stats(fs, path))
         if file_stats is not None and file_stats.get("shard") in shard_keys:
             stats[name] = file_stats
@@ -275,7 +278,8 @@ def _manifest(
         # the Ray chain started, itself chain_started_s after the run started)
         timings={"stages": stage_times or {}},
         identity={"hash": identity["hash"], "settings": identity["settings"]} if identity else None,
-        dim=vectors["vocab_size"] if kind == "sparse" else (fmt and fmt.dim) or _dimension(fs, root, files, config.precision),
+        dim=vectors["vocab_size"] if kind == "sparse" else (fmt and fmt.dim) or _dimension(fs, root, files, config),
+        table_format=config.format,
         **{k: v for k, v in vectors.items() if k in ("vocab_size", "sparse_top_k")},
         **_stored_vectors(config, kind, fmt, source),
         chunking={"tokens": config.chunk_tokens, "overlap": config.chunk_overlap} if config.chunk_tokens else None,
@@ -351,10 +355,14 @@ def _replicas(replicas) -> dict[str, Any]:
     return out
 
 
-def _dimension(fs, root: str, files: list[dict], precision: str = "float32") -> int | None:
+def _dimension(fs, root: str, files: list[dict], config: EmbedConfig) -> int | None:
     """The vectors' dimension from the first file's schema (where the model declared none)."""
     import pyarrow.parquet as pq
 
+    precision = config.precision
+    if config.format == "lance":
+        dataset = open_dataset(fs, root)
+        return dim_of_width(precision, dataset.schema.field("embedding").type.list_size) if dataset else None
     for s in files:
         with fs.open(posixpath.join(root, s["file"]), "rb") as f:
             return dim_of_width(precision, pq.read_schema(f).field("embedding").type.list_size)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
@@ -13,6 +14,7 @@ from pipeline.identity import consistency_problems, names_to_paths
 from pipeline.storage.readers import embedding_files, read_embeddings
 from pipeline.manifest import read_required
 from pipeline.quantization import VectorFormat
+from pipeline.storage import lance_sink
 from pipeline.storage.filesystems import get_fs
 
 MAX_PAIRS_ROWS = 10_000  # the exact all-pairs scan here is for small outputs; `mine` is for big ones
@@ -41,10 +43,14 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     brief["files"] = len(manifest["files"])
     if manifest.get("replicas"):  # how many replicas of each stage ran on each node
         brief["replicas_per_node"] = {stage: r["per_node"] for stage, r in manifest["replicas"].items()}
-    files = embedding_files(path, storage_options)
+    lance = manifest.get("table_format") == "lance"  # a Lance dataset (pipeline.storage.lance_sink)
+    if lance:
+        brief["table_format"] = "lance"
+    files = [] if lance else embedding_files(path, storage_options)
     # Every file must have been made with the output's settings (pipeline.identity): one that was
     # not (copied in by hand, left by another run) is listed here, and the command exits 2.
-    problems = consistency_problems(fs, root.rstrip("/"), names_to_paths(files))
+    problems = (lance_sink.problems(fs, root, storage_options) if lance
+                else consistency_problems(fs, root.rstrip("/"), names_to_paths(files)))
     brief["settings"] = (manifest.get("identity") or {}).get("hash", "not recorded (written before embedpipe recorded them)")
     if problems:
         brief["files_not_belonging"] = problems
@@ -52,9 +58,8 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
     if problems:
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         raise InputError(f"{path}: {problems[0]}{more}; its vectors must not be read together with the others")
-    if files and rows > 0:
-        with fs.open(files[0], "rb") as f:
-            table = pq.read_table(f).slice(0, rows)
+    if rows > 0 and (files or lance):
+        table = _first_rows(fs, files, rows, path if lance else None, storage_options)
         for row in table.to_pylist():
             if "embedding" in row:
                 vec = ", ".join(f"{x:.4f}" if isinstance(x, float) else str(x) for x in row["embedding"][:4])
@@ -67,6 +72,14 @@ def show_info(path: str, rows: int = 3, pairs: int = 0, storage_options: dict | 
         raise InputError("--pairs: this output holds sparse vectors; pairs are mined from dense embeddings")
     if pairs > 0:
         _show_pairs(path, files, pairs, fs, storage_options, pairs_in, chunks=bool(manifest.get("chunking")))
+
+
+def _first_rows(fs, files: list[str], rows: int, lance_path: str | None, storage_options) -> pa.Table:
+    """The output's first rows: its first file's, or a Lance output's first unit's."""
+    if lance_path is not None:
+        return lance_sink.read_table(lance_path, storage_options, limit=rows) or pa.table({})
+    with fs.open(files[0], "rb") as f:
+        return pq.read_table(f).slice(0, rows)
 
 
 def _show_pairs_output(path: str, manifest: dict, rows: int, pairs: int, fs, root: str) -> None:

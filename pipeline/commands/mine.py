@@ -31,7 +31,7 @@ from pipeline.identity import check_consistent, names_to_paths
 from pipeline.manifest import build as build_manifest, write as write_manifest
 from pipeline.stages.columns import DOC_ID
 from pipeline.quantization import NEEDS_RANGES, QUANTIZED, VectorFormat, from_column
-from pipeline.storage.readers import embedding_files, file_format
+from pipeline.storage.readers import NotParquet, embedding_files, file_format
 from pipeline.storage.sink import parquet_bytes
 from pipeline.storage.filesystems import get_fs, write_bytes_atomic
 
@@ -54,6 +54,8 @@ def plan_files(config: MineConfig) -> list[FileSpan]:
     """Where each file's rows fall in the global row order; refuses anything that is not embeddings."""
     try:
         files = embedding_files(config.embeddings, config.storage_options)
+    except NotParquet as exc:
+        raise InputError(f"--embeddings {exc}") from None
     except InputError:
         raise InputError(f"--embeddings {config.embeddings}: no such directory") from None
     if not files:

@@ -27,7 +27,7 @@ FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
         "input": ("input", "text_field", "id_field", "document_per_file", "encoding_errors", "storage_options"),
         "model": ("model", "pooling", "normalize", "max_seq_length", "prompt_name", "prompt", "role", "dtype", "backend",
                   "trust_remote_code"),
-        "output": ("output", "keep_columns", "precision", "truncate_dim", "calibration_rows", "calibration",
+        "output": ("output", "format", "keep_columns", "precision", "truncate_dim", "calibration_rows", "calibration",
                    "output_dtype", "sparse_top_k", "chunk_tokens", "chunk_overlap", "rows_per_file", "pack_files", "quiet"),
         "resources": ("device", "max_batch_tokens", "num_encoders", "encoders_per_gpu", "encoders_per_node", "num_tokenizers",
                       "encoder_threads", "ray_address"),

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 from pipeline.config.search import SearchConfig
 from pipeline.config.validators import (
     _Recorded, _check_rerank_options, _choice, _cosine, _dtype_on_device, _flag, _positive, _required, _seconds,
+    _whole_files,
 )
 from pipeline.errors import UsageError
 
@@ -23,6 +24,7 @@ DTYPES = ("auto", "float32", "float16", "bfloat16", "int8")
 RERANK_DTYPES = ("auto", "float32", "float16", "bfloat16")
 BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
+OUTPUT_FORMATS = ("parquet", "lance")
 ROLES = ("query", "document")
 DEFAULT_CALIBRATION_ROWS = 2000
 ENCODING_ERRORS = ("strict", "replace")
@@ -37,6 +39,9 @@ class EmbedConfig(_Recorded):
     """File, directory, glob or s3:// URI of the documents."""
     output: str
     """Directory (local or s3://) that receives the Parquet files, of at most rows_per_file rows each."""
+    format: str = "parquet"
+    """parquet or lance: the output becomes a Lance dataset (name it '<name>.lance'), each output file's rows
+    one fragment committed exactly once, read by Lance and LanceDB; mine, search and rerank read Parquet only."""
     model: str = DEFAULT_MODEL
     """sentence-transformers directory, plain Hugging Face directory, hub id, or the default."""
     text_field: str = "text"
@@ -119,9 +124,8 @@ class EmbedConfig(_Recorded):
     shards are packed together (docs/usage.md#many-small-files). With chunk_tokens it counts
     documents: a file holds its documents' chunks."""
     pack_files: bool = True
-    """Pack small input files together: each output file then holds about rows_per_file rows whatever
-    the input's split (the groups are planned from names and sizes and kept in the output's
-    `_plan.json`). --no-pack-files: every input file gets output files of its own, named after it."""
+    """Pack small input files together into output files of about rows_per_file rows, planned from names and
+    sizes (kept in `_plan.json`); --no-pack-files: every input file gets output files named after it."""
     ray_address: str | None = None
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     overwrite: bool = False
@@ -187,6 +191,7 @@ class EmbedConfig(_Recorded):
         _choice("--dtype", self.dtype, DTYPES)
         _choice("--backend", self.backend, BACKENDS)
         self._check_precision()
+        self._check_format()
         _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
         _choice("--on-invalid", self.on_invalid, ("skip", "error"))
         _seconds("--stall-timeout", self.stall_timeout)
@@ -199,13 +204,21 @@ class EmbedConfig(_Recorded):
             raise UsageError(f"--backend onnx runs float32 or int8, not --dtype {self.dtype}")
         if self.backend == "torch" and self.dtype == "int8":
             raise UsageError("--dtype int8 runs on ONNX Runtime; drop --backend torch")
-        if self.document_per_file and (self.id_field or set(self.keep_columns) - {self.text_field}):
-            flag = "--id-field" if self.id_field else "--keep-columns"
-            raise UsageError(f"{flag}: with --document-per-file a document is a whole file, with no fields: its id "
-                             "is its path (--keep-columns may name the text only)")
+        _whole_files(self.document_per_file, self.id_field, self.keep_columns, self.text_field)
         reserved = {"id", "embedding", "indices", "values"} & set(self.keep_columns)
         if reserved:
             raise UsageError(f"--keep-columns cannot include {sorted(reserved)}: embedpipe writes those")
+
+    def _check_format(self) -> None:
+        _choice("--format", self.format, OUTPUT_FORMATS)
+        if self.format != "lance":
+            return
+        if self.mine:
+            raise UsageError("--mine reads Parquet outputs; --format lance writes a Lance dataset: drop one of them")
+        import importlib.util
+
+        if importlib.util.find_spec("lance") is None:
+            raise UsageError("--format lance needs the pylance package (pip install pylance)")
 
     def _check_chunking(self) -> None:
         _positive("--chunk-tokens", self.chunk_tokens)
@@ -358,8 +371,7 @@ class RerankConfig(_Recorded):
     id_field: str | None = None
     """As in embed: column holding the document id; default '<relative shard path>:<row>'."""
     document_per_file: bool = False
-    """As in embed: each text file of --texts is one document, its id its path; also taken from the
-    embeddings' manifest when they were embedded that way."""
+    """As in embed: a text file of --texts is one document, its id its path (default: as the embeddings' manifest says)."""
     encoding_errors: str = "strict"
     """As in embed: undecodable UTF-8 is an error (strict) or replaced (replace)."""
     max_batch_tokens: int | None = None

@@ -62,3 +62,11 @@ def _check_rerank_options(model: str | None, top: int | None, **others: Any) -> 
     given = [name for name, value in {"rerank_top": top, **others}.items() if value is not None]
     if given and not model:
         raise UsageError(f"{_flag(given[0])} is only used with --rerank-model")
+
+
+def _whole_files(document_per_file: bool, id_field: str | None, keep_columns, text_field: str) -> None:
+    """--document-per-file: a document is a whole file, with no fields to take an id or columns from."""
+    if document_per_file and (id_field or set(keep_columns) - {text_field}):
+        flag = "--id-field" if id_field else "--keep-columns"
+        raise UsageError(f"{flag}: with --document-per-file a document is a whole file, with no fields: its id "
+                         "is its path (--keep-columns may name the text only)")

@@ -16,6 +16,7 @@ from pipeline.config import EmbedConfig
 from pipeline.engine.execution import explain, ray_data_settings, watched
 from pipeline.engine.plan import COMMIT_CPUS, READ_CPUS, Plan, alive_nodes
 from pipeline.engine.watchdog import ProgressBoard
+from pipeline.storage.lance_sink import committer_for
 from pipeline.storage.sink import SinkSpec, merge_pieces
 from pipeline.storage.sources import Group, ReadSpec, ShardDatasource
 
@@ -158,11 +159,13 @@ class FileTracker:
         self.pieces: dict[str, dict[int, int]] = {}
         self.chunk_rows: dict[str, int] = {}
         self.merges: dict[str, Any] = {}
+        self._commit = committer_for(sink)  # --format lance: the driver commits each unit written (else None)
 
     def add(self, row: dict) -> None:
         name = row["file"]
         if row["kind"] == "file":
             self.written[name] = _stats(row)
+            self._committed(name)
             return
         self.chunk_rows[name] = row["chunk_rows"]
         self.pieces.setdefault(name, {})[row["first_row"]] = (row["rows"], row["docs"], row["doc_chunks"])
@@ -176,7 +179,12 @@ class FileTracker:
                 self.merges[name] = self._join(self.sink, name, self.chunk_rows[name], self.board)
         for name, pending in self.merges.items():
             self.written[name] = self._result(pending)
+            self._committed(name)
         return self.written
+
+    def _committed(self, name: str) -> None:
+        if self._commit is not None:
+            self._commit(name)
 
     def close(self) -> None:
         """After a failure, joins not yet started are dropped: those files are not committed, and a rerun redoes them."""

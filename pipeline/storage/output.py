@@ -21,6 +21,7 @@ import posixpath
 from pipeline.identity import RUN_FILE
 from pipeline.manifest import write as write_manifest
 from pipeline.storage.packing import PLAN_FILE
+from pipeline.storage import lance_sink
 from pipeline.storage.sink import MANIFEST, PIECES_DIR, read_file_stats
 from pipeline.storage.filesystems import is_local, write_bytes_atomic
 
@@ -35,8 +36,10 @@ def staging_uri(output: str) -> str:
     return output.rstrip("/") + "/" + STAGING_DIR
 
 
-def clear_leftovers(fs, directory: str) -> None:
-    """Remove the half-done parts a killed run left in `directory`."""
+def clear_leftovers(fs, directory: str, storage_options=None) -> None:
+    """Remove the half-done parts a killed run left in `directory` (and finish or drop its pending
+    Lance units: pipeline.storage.lance_sink)."""
+    lance_sink.clear_leftovers(fs, directory, storage_options)
     pieces = posixpath.join(directory, PIECES_DIR)
     if fs.exists(pieces):
         fs.rm(pieces, recursive=True)
@@ -64,10 +67,12 @@ def swap_in(fs, root: str, manifest: dict, committed: dict[str, str], run: dict 
     `committed` are the final files now in `root`; those written by embedpipe
     and not part of the new output are removed. `run` is the new output's `_run.json`.
     """
-    new = {entry["file"] for entry in manifest["files"]}
+    # a Lance output's units are named as Parquet files would be: none of the old files stays beside it
+    new = {entry["file"] for entry in manifest["files"]} if manifest.get("table_format") != "lance" else set()
     stale = sorted(name for name, path in committed.items() if name not in new and read_file_stats(fs, path) is not None)
     has_plan = fs.exists(posixpath.join(root, STAGING_DIR, PLAN_FILE))
-    plan = {"manifest": manifest, "stale": stale, "run": run, "input_plan": has_plan}
+    plan = {"manifest": manifest, "stale": stale, "run": run, "input_plan": has_plan,
+            "lance": lance_sink.swap_plan(fs, root, posixpath.join(root, STAGING_DIR))}
     write_bytes_atomic(fs, posixpath.join(root, STAGING_DIR, SWAP_PLAN), json.dumps(plan).encode())
     finish_swap(fs, root)
 
@@ -94,6 +99,7 @@ def finish_swap(fs, root: str) -> bool:
         path = posixpath.join(root, name)
         if fs.exists(path):
             fs.rm(path)
+    lance_sink.finish_swap(fs, root, staging, plan.get("lance"))
     for entry in plan["manifest"]["files"]:
         source = posixpath.join(staging, entry["file"])
         if fs.exists(source):

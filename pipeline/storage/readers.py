@@ -16,8 +16,14 @@ import pyarrow.parquet as pq
 from pipeline.errors import InputError
 from pipeline.identity import check_consistent, names_to_paths, read_run
 from pipeline.quantization import VectorFormat, from_column, normalized
+from pipeline.storage import lance_sink
 from pipeline.storage.filesystems import get_fs
+from pipeline.storage.lance_sink import is_lance
 from pipeline.storage.sink import SETTINGS_KEY
+
+
+class NotParquet(InputError):
+    """An embeddings output that is a Lance dataset (embed --format lance), where Parquet files are read."""
 
 
 def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None) -> list[str]:
@@ -28,6 +34,9 @@ def embedding_files(path: str, storage_options: Mapping[str, Any] | None = None)
         return [root]
     if not fs.isdir(root):
         raise InputError(f"{path}: no such file or directory")
+    if is_lance(fs, root):
+        raise NotParquet(f"{path}: a Lance dataset (embed --format lance); mine, search and rerank read Parquet "
+                         "outputs: read it with pipeline.read_embeddings or lance.dataset(), or embed with --format parquet")
     files = [
         p
         for p in fs.ls(root, detail=False)
@@ -59,7 +68,9 @@ def read_embeddings(
 
     An output whose files disagree on the model or settings that made them is refused (InputError
     naming the file) unless `allow_mixed`."""
-    fs, _ = get_fs(path, storage_options)
+    fs, root = get_fs(path, storage_options)
+    if fs.isdir(root) and is_lance(fs, root):  # --format lance (pipeline.storage.lance_sink)
+        return lance_sink.read_embeddings(path, storage_options, allow_mixed, dequantize)
     ids: list[str] = []
     blocks: list[np.ndarray] = []
     for file in checked_files(path, storage_options, allow_mixed):

@@ -70,6 +70,8 @@ class SinkSpec:
     storage_options: Mapping[str, Any] = field(default_factory=dict, repr=False)
     identity: bytes | None = None
     """The run's settings (pipeline.identity.file_metadata), stored in every file it commits."""
+    format: str = "parquet"
+    """parquet: one file per chunk; lance: one fragment of a Lance dataset per chunk (pipeline.storage.lance_sink)."""
 
 
 def commit_block(batch: pa.Table, sink: SinkSpec, board=None) -> pa.Table:
@@ -195,6 +197,10 @@ def _write_rows(fs, root: str, name: str, rows: pa.Table, keep: np.ndarray, sink
     if sink.identity is not None:
         metadata[SETTINGS_KEY] = sink.identity
     table = table.replace_schema_metadata(metadata)
+    if sink.format == "lance":  # the same unit, as a Lance fragment committed by the driver
+        from pipeline.storage.lance_sink import write_unit
+
+        return write_unit(fs, root, name, table, stats, sink.identity, sink.storage_options)
     write_bytes_atomic(fs, posixpath.join(root, name), parquet_bytes(table))
     return stats
 
