@@ -196,7 +196,8 @@ def hit_texts(config: SearchConfig, manifest: dict, shards: list, ids: pa.Array)
     """The text of every hit, read from --texts as embed read its input (its text_field, id_field and
     encoding_errors, from the manifest), shard by shard, keeping only the hits' ids. Hits that are
     chunks (embed --chunk-tokens) get their own text, text[start:end] of their document."""
-    from pipeline.storage.pair_texts import chunk_offsets, pick_texts
+    from pipeline.storage.packing import pack_shards
+    from pipeline.storage.pair_texts import PICK_ROWS, chunk_offsets, pick_texts
     from pipeline.storage.sources import ReadSpec
 
     embedded = manifest.get("config") or {}
@@ -207,8 +208,8 @@ def hit_texts(config: SearchConfig, manifest: dict, shards: list, ids: pa.Array)
     cuts = chunk_offsets(config.embeddings, config.storage_options, wanted, f"--embeddings {config.embeddings}") \
         if manifest.get("chunking") else None
     tables, found = [], []
-    for shard in shards:
-        picked, positions = pick_texts(shard, spec, wanted, 1, cuts)
+    for group in pack_shards(shards, PICK_ROWS):  # small files read together, as embed reads them
+        picked, positions = pick_texts(group, spec, wanted, 1, cuts)
         tables.append(picked)
         found.append(positions)
     counts = np.bincount(np.concatenate(found), minlength=len(wanted))

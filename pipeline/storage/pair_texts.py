@@ -1,7 +1,8 @@
 """Pairs of ids joined back to their texts on Ray tasks, without the corpus on the driver.
 
-    pick_texts (a task per input shard): reads the shard as `embed` does, so the ids are
-        the ones embed assigned; keeps the rows whose id a pair names; splits them into P parts
+    pick_texts (a task per group of shards: a large shard, or small ones packed as embed packs
+        them): reads them as `embed` does, so the ids are the ones embed assigned; keeps the rows
+        whose id a pair names; splits them into P parts
     join_first (a task per part p): the pairs whose id_a lies in part p get text_a, and are
         split again by the part of their id_b
     join_second (a task per part q): the pairs whose id_b lies in part q get text_b, cut
@@ -25,9 +26,11 @@ import pyarrow.compute as pc
 
 from pipeline.stages.columns import VALID
 from pipeline.errors import InputError
-from pipeline.storage.sources import ReadSpec, Shard, read_shard
+from pipeline.storage.packing import Group, as_group, pack_shards
+from pipeline.storage.sources import ReadSpec, Shard, read_chunks
 
 TASK_CPUS = 0.25  # reading and joining are I/O and memory bound
+PICK_ROWS = 8192  # rows a pick task reads at a time; small shards are packed into groups as embed packs them
 TEXTS_PER_PART = 65_536  # wanted texts per join part (default P): a part's texts stay in the tens of MB
 TEXT_PART = pa.schema([("pos", pa.int64()), ("text", pa.string())])
 
@@ -36,7 +39,7 @@ def default_parts(wanted: int) -> int:
     return max(1, math.ceil(wanted / TEXTS_PER_PART))
 
 
-def pick_texts(shard: Shard, spec: ReadSpec, wanted: pa.Array, parts: int, cuts: pa.Table | None = None) -> list:
+def pick_texts(shard: Shard | Group, spec: ReadSpec, wanted: pa.Array, parts: int, cuts: pa.Table | None = None) -> list:
     """The shard's texts whose id is wanted, as `parts` tables (pos, text), then the positions found.
 
     With `cuts` (pairs of chunks: `doc_id`, `start`, `end` of each wanted id, in wanted's order), a
@@ -52,7 +55,7 @@ def pick_texts(shard: Shard, spec: ReadSpec, wanted: pa.Array, parts: int, cuts:
         starts, ends = cuts["start"].to_pylist(), cuts["end"].to_pylist()
     picked: list[list[pa.Table]] = [[] for _ in range(parts)]
     found = []
-    for table in read_shard(shard, spec):
+    for table in read_chunks(as_group(shard), spec, PICK_ROWS, frozenset()):
         valid = table[VALID].to_pylist()
         rows = [(i, ks) for i, ks in enumerate(lookup.get(d) for d in table["id"].to_pylist()) if ks and valid[i]]
         if not rows:
@@ -150,7 +153,8 @@ def join_texts(
     pick = ray.remote(num_cpus=TASK_CPUS, num_returns=parts + 1)(pick_texts)
     wanted_ref = ray.put(wanted)
     cuts_ref = ray.put(cuts)
-    picked = [pick.remote(shard, spec, wanted_ref, parts, cuts_ref) for shard in shards]
+    groups = pack_shards(shards, PICK_ROWS)  # no task per small file
+    picked = [pick.remote(group, spec, wanted_ref, parts, cuts_ref) for group in groups]
     found = np.concatenate(ray.get([refs[-1] for refs in picked]) or [np.zeros(0, np.int64)])
     _check_found(found, wanted, where, cuts_unknown=cuts is None)
 
