@@ -88,7 +88,7 @@ KEYS: dict[str, dict[str, str]] = {
         "input": "the input as planned: `files` (shards), `bytes`, `groups` (what one read task reads: a shard, "
                  "or small shards packed together, docs/usage.md#many-small-files) and `packed_groups`",
         "shards": "per group of the input: `shard` (its first shard), for a packed group `last_shard` and `count` "
-                  "(its shards are the keys from `shard` to `last_shard` in order), its `files`, `rows`, `embedded`",
+                  "(its shards, in key order: `_plan.json` lists them), its `files`, `rows`, `embedded`",
         "shards_read": "input shards this run read; on a resume, a group whose files were all committed is not "
                        "opened",
         "resources": "the resource plan: device, tokenizer and encoder counts and reservations (encoder_gpus: "

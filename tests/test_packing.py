@@ -110,7 +110,7 @@ def test_a_stored_plan_is_kept_and_new_shards_become_new_groups(tmp_path):
     groups, write = planned(tmp_path, shards, committed)
     assert [[s.key for s in g.shards] for g in groups] == [["b", "d"], ["a", "c", "e"]]  # the old group as it was
     assert write
-    assert read_plan(fs, root)["groups"] == [[["b", 10], ["d", 10]]]  # only the run writes it
+    assert read_plan(fs, root)["groups"] == [[["b", 10, ""], ["d", 10, ""]]]  # only the run writes it
     assert planned(tmp_path, old, committed) == ([Group(tuple(old))], False)  # nothing new: nothing to write
 
 
@@ -119,11 +119,32 @@ def test_a_changed_shard_of_an_unfinished_group_is_refused(tmp_path):
     write_plan(fs, root, [Group((shard("a", 10), shard("b", 10))), Group((shard("c", 999),))], 10)
     committed = {"a+1-00000.parquet": {"rows": 10, "last": False}, "c.parquet": {"rows": 3}}
     with pytest.raises(InputError, match=r"^b has changed size \(10 -> 11 bytes\) since this output planned its "
-                                         r"files, and its group's files \(a\+1-00000.parquet, ...\) are not all "
+                                         r"files, and its group's files \(a\+1…, 2 shard\(s\)\) are only partly "
                                          r"committed: .*restore it, or use --overwrite"):
         planned(tmp_path, [shard("a", 10), shard("b", 11), shard("c", 999)], committed)
     with pytest.raises(InputError, match=r"^b is gone since"):
         planned(tmp_path, [shard("a", 10), shard("c", 999)], committed)
+
+
+def test_a_shard_edited_to_the_same_size_is_seen_by_its_version(tmp_path):
+    """One changed shard of a packed group moves every later cut: a same-size edit must be caught too
+    (S3's ETag, a local file's mtime), or files would be skipped that now hold other rows."""
+    fs, root = get_fs(str(tmp_path))
+    old = [Shard(path="/in/a", key="a", format="txt", size=6, version="v1"), shard("b", 6), shard("c", 6)]
+    write_plan(fs, root, [Group(tuple(old))], 10)
+    committed = {"a+2-00000.parquet": {"rows": 3, "last": False}}
+    edited = [Shard(path="/in/a", key="a", format="txt", size=6, version="v2"), shard("b", 6), shard("c", 6)]
+    with pytest.raises(InputError, match=r"^a has changed \(its listing's ETag or modification time\) since"):
+        planned(tmp_path, edited, committed)
+    assert planned(tmp_path, old, committed)[0] == [Group(tuple(old))]  # the same version: kept
+
+
+def test_a_changed_group_with_nothing_committed_is_planned_again(tmp_path):
+    fs, root = get_fs(str(tmp_path))
+    write_plan(fs, root, [Group((shard("a", 10), shard("b", 10))), Group((shard("c", 999),))], 10)
+    committed = {"c.parquet": {"rows": 3}}  # the output is bound, but nothing of a+1 is committed
+    groups, write = planned(tmp_path, [shard("a", 12), shard("c", 999), shard("d", 5)], committed)
+    assert [g.stem for g in groups] == ["c", "a+1"] and write  # a (changed) and d (new) packed anew; b gone
 
 
 def test_a_finished_group_whose_shards_changed_is_kept_with_a_warning(tmp_path, caplog):
@@ -164,6 +185,25 @@ def test_a_directory_is_listed_once_with_its_sizes(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- a file as one document
 
 
+def test_packed_shards_with_ids_of_other_types_are_read_and_kept_columns_that_clash_are_refused(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "a", "id": 1, "k": 1}\n')
+    (tmp_path / "b.jsonl").write_text('{"text": "b", "id": "k1", "k": "x"}\n')
+    group = Group(tuple(discover_shards(str(tmp_path))))
+    rows = pa.concat_tables(read_chunks(group, ReadSpec("text", "id", (), "strict", {}), 10, frozenset()))
+    assert sorted(rows["id"].to_pylist()) == ["1", "k1"]  # as each shard alone gives them
+    with pytest.raises(InputError, match=r"^the shards a.jsonl .. b.jsonl: a kept column has types that do not go "
+                                         r"together in one file \(.*\); give it one type, or use --no-pack-files"):
+        list(read_chunks(group, ReadSpec("text", "id", ("k",), "strict", {}), 10, frozenset()))
+
+
+def test_folder_markers_of_a_listing_are_not_files():
+    from pipeline.storage.discovery import _files
+
+    listing = {"b/in/sub/": {"type": "file", "size": 0}, "b/in/sub": {"type": "file", "size": 0},
+               "b/in/sub/a.txt": {"type": "file", "size": 3, "ETag": '"e1"'}, "b/in/d": {"type": "directory", "size": 0}}
+    assert _files(listing) == {"b/in/sub/a.txt": (3, "e1")}
+
+
 def test_a_file_is_one_document_with_its_path_as_id(tmp_path):
     d = tmp_path / "docs"
     (d / "pkg").mkdir(parents=True)
@@ -172,12 +212,16 @@ def test_a_file_is_one_document_with_its_path_as_id(tmp_path):
     (d / "page.html").write_text("<p>html as text</p>")
     (d / "notes.rst").write_text("")  # empty: counted, not embedded
     (d / "data.jsonl").write_text('{"text": "skipped"}\n')  # not a text file: skipped
+    (d / "app").mkdir()
+    (d / "app" / "state.json").write_text("[]")  # not a `datasets` folder here: an app's state, skipped
+    (d / "app" / "notes.txt").write_text("app notes")
     shards = discover_shards(str(d), documents=True)
     assert [(s.key, s.format) for s in shards] == [
-        ("README.md", "document"), ("notes.rst", "document"), ("page.html", "document"), ("pkg/METADATA", "document")]
+        ("README.md", "document"), ("app/notes.txt", "document"), ("notes.rst", "document"), ("page.html", "document"),
+        ("pkg/METADATA", "document")]
     rows = pa.concat_tables(read_chunks(Group(tuple(shards)), SPEC, 10, frozenset())).sort_by("_row").to_pylist()
     assert [(r["id"], r["text"], r["_valid"]) for r in rows] == [
-        ("README.md", "# Title\n\nSome *markdown*.\n", True), ("notes.rst", "", False),
+        ("README.md", "# Title\n\nSome *markdown*.\n", True), ("app/notes.txt", "app notes", True), ("notes.rst", "", False),
         ("page.html", "<p>html as text</p>", True), ("pkg/METADATA", "Metadata-Version: 2.1\nName: pkg\n\nA package.\n", True)]
 
 

@@ -94,7 +94,7 @@ def test_a_shard_of_an_unfinished_group_changed_is_refused_in_one_line(many, tmp
     run = run_main(capsys, "embed", "--input", str(tmp_path / "in"), "--output", str(tmp_path / "out"),
                    "--model", tiny_model, "--rows-per-file", "1000")
     assert_one_line_error(run, 2, "part4/doc04990.txt has changed size (")
-    assert "its group's files (part0__doc00000.txt+4999-00000.parquet, ...) are not all committed" in run.stderr
+    assert "its group's files (part0__doc00000.txt+4999…, 5000 shard(s)) are only partly committed" in run.stderr
     assert snapshot(tmp_path / "out") == before
 
 

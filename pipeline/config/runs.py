@@ -124,8 +124,8 @@ class EmbedConfig(_Recorded):
     shards are packed together (docs/usage.md#many-small-files). With chunk_tokens it counts
     documents: a file holds its documents' chunks."""
     pack_files: bool = True
-    """Pack small input files together into output files of about rows_per_file rows, planned from names and
-    sizes (kept in `_plan.json`); --no-pack-files: every input file gets output files named after it."""
+    """Pack small input files together (about rows_per_file x 256 bytes a group) into output files of at most
+    rows_per_file rows, planned from the listing (`_plan.json`); false: files named after each input file."""
     ray_address: str | None = None
     """Empty: start a local Ray cluster; 'auto' or an address: join that cluster."""
     overwrite: bool = False

@@ -134,15 +134,23 @@ def _ray_lines_dropped() -> Iterator[None]:
 
     sys.stderr.flush()
     read_end, write_end = os.pipe()
+    with contextlib.suppress(OSError, ImportError, AttributeError):  # room for Ray's bursts (Linux)
+        import fcntl
+
+        fcntl.fcntl(write_end, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
     saved = os.dup(2)
     os.dup2(write_end, 2)
     os.close(write_end)
 
     def forward() -> None:
-        with os.fdopen(read_end, "rb") as lines, os.fdopen(os.dup(saved), "wb", buffering=0) as out:
-            for line in lines:
-                if not any(p.encode() in line for p in QUIET_DROPPED):
-                    out.write(line)
+        target = os.dup(saved)
+        try:
+            with os.fdopen(read_end, "rb") as lines:
+                for line in lines:
+                    while line and not any(p.encode() in line for p in QUIET_DROPPED):
+                        line = line[os.write(target, line):]
+        finally:
+            os.close(target)
 
     thread = threading.Thread(target=forward, name="embedpipe-quiet-stderr", daemon=True)
     thread.start()

@@ -34,6 +34,7 @@ class Shard:
     key: str  # path relative to the input root; used in ids and output names
     format: str
     size: int
+    version: str = ""  # what the listing says of its content: S3's ETag, a local file's mtime ('' unknown)
 
 
 def compression_of(path: str) -> str | None:
@@ -78,7 +79,7 @@ def discover_shards(
     path = path.rstrip("/") or path
     check_bucket(fs, path, f"--input {input_path}")
     try:
-        root, sizes, explicit = _listing(fs, path, input_path)
+        root, sizes, explicit = _listing(fs, path, input_path, documents)
     except (PermissionError, FileNotFoundError, OSError) as exc:
         if isinstance(exc, InputError):
             raise
@@ -95,7 +96,7 @@ def discover_shards(
             skipped.append(p)
             continue
         key = posixpath.relpath(p, root) if root else p
-        shards.append(_checked_shard(fs, p, key, fmt, sizes[p]))
+        shards.append(_checked_shard(fs, p, key, fmt, *sizes[p]))
     if skipped:
         log.warning("skipping %d file(s) of unsupported type, e.g. %s", len(skipped), skipped[0])
     if not shards:
@@ -106,30 +107,42 @@ def discover_shards(
     return shards
 
 
-def _listing(fs, path: str, input_path: str) -> tuple[str, dict[str, int], bool]:
-    """(the root keys are relative to, {file: bytes}, whether the files were named explicitly)."""
+def _listing(fs, path: str, input_path: str, documents: bool) -> tuple[str, dict[str, tuple[int, str]], bool]:
+    """(the root keys are relative to, {file: (bytes, version)}, whether the files were named explicitly).
+    With --document-per-file a folder is documents, never a `datasets` directory."""
     if any(ch in path for ch in "*?["):
         root = path[: min(path.index(ch) for ch in "*?[" if ch in path)].rsplit("/", 1)[0]
         found = fs.glob(path, detail=True)
-        sizes = {p: _size(info) for p, info in found.items() if info.get("type") == "file"}
+        sizes = _files(found)
         if not sizes:
             raise InputError(f"--input {input_path}: the glob matches no files")
         return root, sizes, True
     if fs.isdir(path):
-        files = _hf_dataset_files(fs, path)
+        files = None if documents else _hf_dataset_files(fs, path)
         if files is not None:
             return path, _sizes_of(fs, path, files), True
-        return path, _walk(fs, path), False
+        return path, _walk(fs, path, documents), False
     if fs.isfile(path):
-        return posixpath.dirname(path), {path: _size(fs.info(path))}, True
+        return posixpath.dirname(path), {path: _facts(fs.info(path))}, True
     raise InputError(f"--input {input_path}: no such file or directory")
 
 
-def _size(info: Mapping[str, Any]) -> int:
-    return int(info.get("size") or 0)
+def _facts(info: Mapping[str, Any]) -> tuple[int, str]:
+    """(bytes, version) of a listed file: the version changes when its content does (ETag, mtime)."""
+    version = info.get("ETag") or info.get("mtime") or info.get("LastModified") or ""
+    return int(info.get("size") or 0), str(version).strip('"')
 
 
-def _checked_shard(fs, path: str, key: str, fmt: str, size: int) -> Shard:
+def _files(listing: Mapping[str, Mapping[str, Any]]) -> dict[str, tuple[int, str]]:
+    """The files of a listing: not folders, nor S3's folder markers (`name/`, or an empty object
+    whose name is a folder of other listed keys)."""
+    folders = {posixpath.dirname(p) for p in listing}
+    return {p: _facts(info) for p, info in listing.items()
+            if info.get("type", "file") == "file" and not p.endswith("/")
+            and not (p in folders and not int(info.get("size") or 0))}
+
+
+def _checked_shard(fs, path: str, key: str, fmt: str, size: int, version: str = "") -> Shard:
     """The shard at `path`, refused now if it cannot hold a row or cannot be decompressed here."""
     if size == 0 and fmt != "document":  # an empty document is counted, not embedded
         raise InputError(f"{key}: the file is empty (0 bytes)")
@@ -137,23 +150,22 @@ def _checked_shard(fs, path: str, key: str, fmt: str, size: int) -> Shard:
     if codec is not None and infer_compression(path) is None:  # fsspec knows .zst only with zstandard
         raise InputError(f"{key}: no {codec} codec installed (for .zst: pip install zstandard)")
     uri = path if is_local(fs) else fs.unstrip_protocol(path)  # read tasks rebuild the filesystem from it
-    return Shard(path=uri, key=key, format=fmt, size=size)
+    return Shard(path=uri, key=key, format=fmt, size=size, version=version)
 
 
-def _walk(fs, root: str) -> dict[str, int]:
+def _walk(fs, root: str, documents: bool = False) -> dict[str, tuple[int, str]]:
     """{file: bytes} under `root` from one recursive listing, skipping hidden files and folders
     (names starting with `.` or `_`); a `datasets` directory contributes its Arrow files."""
     listing = fs.find(root, detail=True, withdirs=False)
-    sizes = {p: _size(info) for p, info in listing.items()
-             if info.get("type", "file") == "file" and not _hidden(posixpath.relpath(p, root))}
+    sizes = {p: facts for p, facts in _files(listing).items() if not _hidden(posixpath.relpath(p, root))}
     datasets: list[str] = []
-    for p in sorted(sizes):
+    for p in sorted(sizes) if not documents else ():
         directory = posixpath.dirname(p)
         if posixpath.basename(p) in DATASET_FILES and not any(_under(directory, d) for d in datasets):
             datasets.append(directory)
     for directory in datasets:
         files = _hf_dataset_files(fs, directory) or []
-        sizes = {p: size for p, size in sizes.items() if not _under(p, directory)}
+        sizes = {p: facts for p, facts in sizes.items() if not _under(p, directory)}
         sizes.update(_sizes_of(fs, directory, files, listing))
     return sizes
 
@@ -162,11 +174,12 @@ def _under(path: str, directory: str) -> bool:
     return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
-def _sizes_of(fs, directory: str, files: list[str], listing: Mapping[str, Any] | None = None) -> dict[str, int]:
+def _sizes_of(fs, directory: str, files: list[str],
+              listing: Mapping[str, Any] | None = None) -> dict[str, tuple[int, str]]:
     """Sizes of a `datasets` directory's Arrow files: from `listing`, else one listing of the directory."""
     if listing is None:
         listing = fs.find(directory, detail=True, withdirs=False)
-    return {p: _size(listing[p]) if p in listing else _size(fs.info(p)) for p in files}
+    return {p: _facts(listing[p]) if p in listing else _facts(fs.info(p)) for p in files}
 
 
 def _hidden(relpath: str) -> bool:

@@ -149,20 +149,25 @@ def _alone(shards: Iterable[Shard], rows_per_file: int) -> list[Group]:
 
 def _reconciled(stored: dict, shards: list[Shard], committed: Mapping[str, Any],
                 rows_per_file: int) -> tuple[list[Group], list[Shard]]:
-    """The stored plan's groups with this listing's shards, and the shards the plan does not know.
+    """The stored plan's groups with this listing's shards, and the shards to plan anew.
 
+    A shard has changed when its size or its version (S3's ETag, a local mtime) differs from the plan's.
     A group whose files are all committed is kept as it is, even if some of its shards are gone or
-    have changed since (warned: its files hold their old rows). A group not yet complete must find
-    every one of its shards unchanged: otherwise its files could not be cut as before, and the run
-    is refused."""
+    have changed since (warned: its files hold their old rows). A group with no file committed yet
+    binds nothing: its shards still there are planned again with the new ones. A group partly
+    committed must find every one of its shards unchanged: otherwise the files left could not be cut
+    as before (one changed shard moves every later cut), and the run is refused."""
     by_key = {s.key: s for s in shards}
     groups, stale = [], []
     for entry in stored["groups"]:
-        members = [(key, size, by_key.pop(key, None)) for key, size in entry]
-        changed = [(key, size, s) for key, size, s in members if s is None or s.size != size]
-        group = Group(tuple(s if s is not None and s.size == size else _placeholder(key, size) for key, size, s in members))
+        members = [(key, size, version, by_key.pop(key, None)) for key, size, *version in entry]
+        changed = [(key, size, s) for key, size, version, s in members if _changed(size, version, s)]
+        group = Group(tuple(s if s is not None else _placeholder(key, size) for key, size, _, s in members))
         if changed and not group_done(group, committed, rows_per_file):
-            raise InputError(_changed_line(group, *changed[0]))
+            if any(_of_group(group, name) for name in committed):
+                raise InputError(_changed_line(group, *changed[0]))
+            by_key.update((s.key, s) for _, _, _, s in members if s is not None)  # nothing of it committed
+            continue
         stale += changed
         groups.append(group)
     if stale:
@@ -173,16 +178,31 @@ def _reconciled(stored: dict, shards: list[Shard], committed: Mapping[str, Any],
     return groups, sorted(by_key.values(), key=lambda s: s.key)
 
 
+def _changed(size: int, version: list, shard: Shard | None) -> bool:
+    """Whether a planned shard (its size, and its version where the plan has one) is gone or differs."""
+    if shard is None or shard.size != size:
+        return True
+    return bool(version and version[0] and shard.version and shard.version != version[0])
+
+
+def _of_group(group: Group, name: str) -> bool:
+    """Whether output file `name` is one of `group`'s (`STEM.parquet` or `STEM-NNNNN.parquet`)."""
+    stem = group.stem
+    return name == f"{stem}.parquet" or (name.startswith(f"{stem}-") and name[len(stem) + 1:-8].isdigit()
+                                         and name.endswith(".parquet"))
+
+
 def _placeholder(key: str, size: int) -> Shard:
-    """A planned shard that is gone or has changed: named in the group, never read."""
+    """A planned shard that is gone: named in the group, never read."""
     return Shard(path=key, key=key, format="", size=size)
 
 
 def _changed_line(group: Group, key: str, size: int, now: Shard | None) -> str:
-    what = "is gone" if now is None else f"has changed size ({size:,} -> {now.size:,} bytes)"
-    return (f"{key} {what} since this output planned its files, and its group's files ({group.file_name(0, True)}, "
-            f"...) are not all committed: they cannot be completed from the new input; restore it, or use "
-            f"--overwrite to embed everything again")
+    what = "is gone" if now is None else (f"has changed size ({size:,} -> {now.size:,} bytes)" if now.size != size
+                                           else "has changed (its listing's ETag or modification time)")
+    return (f"{key} {what} since this output planned its files, and its group's files ({group.stem}…, "
+            f"{len(group.shards)} shard(s)) are only partly committed: they cannot be completed from the new "
+            f"input; restore it, or use --overwrite to embed everything again")
 
 
 def read_plan(fs, root: str) -> dict | None:
@@ -201,11 +221,11 @@ def read_plan(fs, root: str) -> dict | None:
 
 
 def write_plan(fs, root: str, groups: list[Group], rows_per_file: int) -> None:
-    """`_plan.json`: every group's shards (key, bytes), in order. Written before the first commit."""
+    """`_plan.json`: every group's shards (key, bytes, version), in order. Written before the first commit."""
     data = {
         "format": PLAN_FORMAT, "version": PLAN_VERSION, "rows_per_file": rows_per_file,
         "group_bytes": group_bytes(rows_per_file),
-        "groups": [[[s.key, s.size] for s in g.shards] for g in groups],
+        "groups": [[[s.key, s.size, s.version] for s in g.shards] for g in groups],
     }
     write_bytes_atomic(fs, posixpath.join(root, PLAN_FILE), json.dumps(data, separators=(",", ":")).encode())
 

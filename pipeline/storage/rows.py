@@ -75,21 +75,20 @@ def normalise(parts: list[Part], spec: ReadSpec) -> pa.Table:
     """The rows of one or more shards' parts as the chain takes them: id, text, _valid, _row, _shard and
     the kept columns, in one table. Many small shards are normalised together: a few Arrow calls for
     all of them, not a few per shard."""
-    tables = [p.table for p in parts]
-    table = tables[0] if len(tables) == 1 else pa.concat_tables(tables, promote_options="permissive")
+    tables = [_strings(p.table, spec, p.shard) for p in parts]  # id and text as strings, per part
+    table = tables[0] if len(tables) == 1 else _joined(tables, parts)
     counts = [t.num_rows for t in tables]
-    texts = table[spec.text_field].cast(pa.string()).combine_chunks()
+    texts = table[spec.text_field].combine_chunks()
     valid = embeddable(texts)
     if spec.on_invalid == "error" and not pc.all(valid).as_py():
         part, _ = _locate(parts, counts, pc.index(valid, False).as_py())
         own = part.table[spec.text_field].cast(pa.string()).combine_chunks()
         _refuse_invalid(part.table, own, embeddable(own), part.shard, part.first_row)
     if spec.id_field:
-        ids = table[spec.id_field].combine_chunks()
+        ids = table[_IDS].combine_chunks()
         if ids.null_count:
             part, i = _locate(parts, counts, pc.index(pc.is_null(ids), True).as_py())
             raise InputError(f"{part.shard.key}: row {part.first_row + i} has no value in --id-field {spec.id_field!r}")
-        ids = ids.cast(pa.string())
     else:
         ids = pa.array([_id(p.shard, r) for p, n in zip(parts, counts) for r in range(p.first_row, p.first_row + n)],
                        pa.string())
@@ -100,6 +99,37 @@ def normalise(parts: list[Part], spec: ReadSpec) -> pa.Table:
         if col != spec.text_field:  # the text travels as "text"; the sink restores its name
             columns[col] = table[col]
     return pa.table(columns)
+
+
+def _strings(table: pa.Table, spec: ReadSpec, shard: Shard) -> pa.Table:
+    """The text as strings, and the --id-field's values as strings in a column of their own (ids of
+    numbers become their digits; the field itself stays as it is when it is also kept)."""
+    text = spec.text_field
+    if text in table.column_names and table.schema.field(text).type != pa.string():
+        table = table.set_column(table.schema.get_field_index(text), text, table[text].cast(pa.string()))
+    if spec.id_field and spec.id_field in table.column_names:
+        table = table.append_column(_IDS, table[spec.id_field].cast(pa.string()))
+        if spec.id_field not in spec.keep_columns:
+            table = table.drop_columns([spec.id_field])
+    return table
+
+
+_IDS = "_ids"  # the --id-field's values as strings, while parts are joined
+
+
+def _joined(tables: list[pa.Table], parts: list[Part]) -> pa.Table:
+    """Several parts' rows in one table; kept columns of types that do not go together are refused."""
+    try:
+        return pa.concat_tables(tables, promote_options="permissive")
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise InputError(mixed_types(parts[0].shard.key, parts[-1].shard.key, exc)) from None
+
+
+def mixed_types(first: str, last: str, exc: BaseException) -> str:
+    """The line for shards whose kept columns cannot share one file."""
+    where = first if first == last else f"the shards {first} .. {last}"
+    return (f"{where}: a kept column has types that do not go together in one file ({str(exc).splitlines()[0]}); "
+            "give it one type, or use --no-pack-files to keep every input file in files of its own")
 
 
 def _id(shard: Shard, row: int) -> str:

@@ -17,14 +17,14 @@ import pyarrow.compute as pc
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from pipeline.stages.columns import CHUNK_ROWS, FILE, LAST, SHARD
+from pipeline.stages.columns import CHUNK_ROWS, FILE, LAST
 from pipeline.engine.watchdog import Progress
 from pipeline.errors import InputError
 from pipeline.storage.discovery import Shard, discover_shards, output_stem
 from pipeline.storage.filesystems import get_fs, is_local
 from pipeline.storage.formats import ReadSpec
 from pipeline.storage.packing import Group, as_group, group_done
-from pipeline.storage.rows import Part, normalise, read_raw, read_shard
+from pipeline.storage.rows import Part, mixed_types, normalise, read_raw, read_shard
 
 PREFETCH_SHARDS = 64  # small shards of a packed group fetched at once from a remote store (one request each, concurrent)
 
@@ -143,7 +143,10 @@ def _packed(group: Group, spec: ReadSpec, rows_per_file: int) -> Iterator[tuple[
         if buffered and buffered + n > rows_per_file:  # a cut between two shards
             yield rows(), False
             parts, done, buffered = [], [], 0
-        parts.append(Part(shard, raw[0] if len(raw) == 1 else pa.concat_tables(raw), 0, offset))
+        first = 0
+        for table in raw:  # each table as read: a shard's batches may infer other types (JSON)
+            parts.append(Part(shard, table, first, offset + first))
+            first += table.num_rows
         offset, buffered = offset + n, buffered + n
         while buffered > rows_per_file:  # a small shard of many rows: cut inside it
             whole = rows()
@@ -153,13 +156,12 @@ def _packed(group: Group, spec: ReadSpec, rows_per_file: int) -> Iterator[tuple[
 
 
 def _concat(tables: list[pa.Table], group: Group) -> pa.Table:
-    """One table of rows of one or more shards; kept columns of other types in another shard are refused."""
+    """One table of rows of one or more shards, as normalised (id and text are strings); kept columns
+    of other types in another shard are promoted where Arrow can, else refused naming the shards."""
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        keys = sorted({k for t in tables for k in t[SHARD].unique().to_pylist()})
-        raise InputError(f"{keys[0]} .. {keys[-1]}: these shards' columns do not go together in one file "
-                         f"({str(exc).splitlines()[0]}); give the columns one type, or use --rows-per-file 1") from None
+        raise InputError(mixed_types(group.key, group.last_key, exc)) from None
 
 
 def _shard_tables(group: Group, spec: ReadSpec) -> Iterator[tuple[Shard, list[pa.Table]]]:
