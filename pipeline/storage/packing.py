@@ -162,11 +162,13 @@ def _reconciled(stored: dict, shards: list[Shard], committed: Mapping[str, Any],
     for entry in stored["groups"]:
         members = [(key, size, version, by_key.pop(key, None)) for key, size, *version in entry]
         changed = [(key, size, s) for key, size, version, s in members if _changed(size, version, s)]
-        group = Group(tuple(s if s is not None else _placeholder(key, size) for key, size, _, s in members))
+        # a shard gone or changed stays in the plan as planned (its files hold it as it was)
+        group = Group(tuple(_placeholder(key, size, version) if _changed(size, version, s) else s
+                            for key, size, version, s in members))
         if changed and not group_done(group, committed, rows_per_file):
             if any(_of_group(group, name) for name in committed):
                 raise InputError(_changed_line(group, *changed[0]))
-            by_key.update((s.key, s) for _, _, _, s in members if s is not None)  # nothing of it committed
+            by_key.update((s.key, s) for *_, s in members if s is not None)  # nothing of it committed
             continue
         stale += changed
         groups.append(group)
@@ -174,7 +176,8 @@ def _reconciled(stored: dict, shards: list[Shard], committed: Mapping[str, Any],
         key, size, now = stale[0]
         log.warning("%d input shard(s) have changed or are gone since their files were committed, e.g. %s (%s); "
                     "those files keep the old rows (--overwrite embeds everything again)",
-                    len(stale), key, "gone" if now is None else f"{size:,} -> {now.size:,} bytes")
+                    len(stale), key, "gone" if now is None else f"{size:,} -> {now.size:,} bytes" if now.size != size
+                    else "a new version")
     return groups, sorted(by_key.values(), key=lambda s: s.key)
 
 
@@ -192,9 +195,9 @@ def _of_group(group: Group, name: str) -> bool:
                                          and name.endswith(".parquet"))
 
 
-def _placeholder(key: str, size: int) -> Shard:
-    """A planned shard that is gone: named in the group, never read."""
-    return Shard(path=key, key=key, format="", size=size)
+def _placeholder(key: str, size: int, version: list) -> Shard:
+    """A planned shard that is gone or has changed, as the plan holds it: named in its group, never read."""
+    return Shard(path=key, key=key, format="", size=size, version=version[0] if version else "")
 
 
 def _changed_line(group: Group, key: str, size: int, now: Shard | None) -> str:
