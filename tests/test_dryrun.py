@@ -75,8 +75,10 @@ def test_dry_run_cli_prints_the_plan_and_writes_nothing(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     text = proc.stdout
     assert "stored: int8 vectors, truncated to 128 dimensions; ranges from 2,000 sampled documents" in text
-    assert "3 shard(s)" in text and "en.txt (txt, 110.9 KiB): 1,000 documents (counted)" in text
-    assert "documents: 1,500 in all" in text and "3 to embed, about 1,500 documents" in text
+    assert "3 file(s) (shards)" in text and "en.txt (txt, 110.9 KiB): 1,000 documents (counted)" in text
+    assert "files: 1 group(s) of shards, 1 of them small files packed together" in text  # the sample: ~150 KiB
+    assert "documents: 1,500 in all" in text
+    assert "1 to embed (3 shard(s)), about 1,500 documents in about 1 output file(s)" in text
     assert "tokenize: 1 actor(s) x 0.5 CPU" in text
     assert "encode:   2 actor(s) x 0.5 CPU, 1 thread(s) each (2 per node on 1 node(s))" in text
     assert "estimated duration: about" in text and "an estimate" in text
@@ -93,7 +95,8 @@ def test_dry_run_counts_only_shards_left_to_embed(tmp_path):
     (out / "a.txt.parquet").write_bytes(b"committed by an earlier run")
     proc = cli("embed", "--input", str(src), "--output", str(out), "--dry-run")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "1 shard(s) already committed (skipped), 1 to embed, about 1 documents" in proc.stdout
+    # an output of a version without plans: a file per shard, so a.txt's group is done
+    assert "1 group(s) already committed (skipped), 1 to embed (1 shard(s)), about 1 documents" in proc.stdout
     assert sorted(p.name for p in out.iterdir()) == ["a.txt.parquet"]
 
 

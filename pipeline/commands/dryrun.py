@@ -12,6 +12,7 @@ address, the cluster is joined only to read its resources.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -221,14 +222,19 @@ def _groups(config: EmbedConfig, shards: list[Shard]):
     fs = root = None
     if not config.overwrite:
         from pipeline.identity import read_all_facts
+        from pipeline.storage.lance_sink import unit_facts
         from pipeline.storage.output import committed_files
 
         try:
             fs, root = get_fs(config.output, config.storage_options)
             root = root.rstrip("/") or root
-            committed = {name: facts.stats for name, facts in read_all_facts(fs, committed_files(fs, root)).items()}
+            files = committed_files(fs, root)
         except (OSError, ValueError):
-            committed, fs, root = {}, None, None
+            files, fs, root = {}, None, None
+        committed = dict.fromkeys(files)  # a file that cannot be read still counts as committed
+        with contextlib.suppress(Exception):  # footers and Lance markers: statistics where they can be read
+            facts = {**read_all_facts(fs, files), **unit_facts(fs, root, config.storage_options)} if fs else {}
+            committed.update((name, f.stats) for name, f in facts.items())
     groups, _ = planned_groups(fs, root, shards, config.rows_per_file, committed, config.pack_files)
     return groups, [g for g in groups if not group_done(g, committed, config.rows_per_file)]
 
