@@ -294,7 +294,7 @@ def test_kill_9_after_the_first_commit_then_other_settings_are_refused_and_the_s
         expected += [f"s{k}.txt:{i}" for i in range(600)]
     out = tmp_path / "out"
     args = ["embed", "--input", str(src), "--output", str(out), "--trust-remote-code", "--max-batch-tokens", "4096",
-            "--quiet"]
+            "--quiet", "--no-pack-files"]  # a file per shard, committed one by one: the kill falls between them
     killed = kill_cli_when([*args, "--model", slow], ready=lambda: len(committed(out)) >= 1)
     assert killed, "the run finished before the kill: nothing was tested"
     assert not (out / "_manifest.json").exists() and (out / RUN_FILE).exists()

@@ -115,7 +115,9 @@ def test_the_same_job_started_twice_one_runs_the_other_is_refused(tmp_path):
     _, stderr = first.communicate(timeout=600)
     assert first.returncode == 0, stderr[-3000:]
     assert second.returncode == 2 and f"(pid {first.pid} on " in second.stderr
-    assert locked(out) is None and len([f for f in os.listdir(out) if f.endswith(".parquet")]) == 3
+    # the three sample files are one packed group: the first run wrote its one file, every document in it
+    assert locked(out) is None and sorted(f for f in os.listdir(out) if f.endswith(".parquet")) == ["de.jsonl+2.parquet"]
+    assert json.loads((out / "_manifest.json").read_text())["rows"]["embedded"] == 1500
 
 
 def test_a_stale_takeover_never_removes_a_lock_that_replaced_the_stale_one(tmp_path):

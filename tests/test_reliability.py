@@ -214,7 +214,7 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_is_complete(ray_cluste
     assert result.manifest["pooling"] == "cls" and json.loads((out / "_manifest.json").read_text())["pooling"] == "cls"
     assert_exactly_once(out, [f"s{k}.txt:{i}" for k in range(2) for i in range(20)])
     plan = json.loads((out / "_plan.json").read_text())  # the new output's groups were swapped in with it
-    assert [[key for key, _ in group] for group in plan["groups"]] == [["s0.txt", "s1.txt"]], old_files
+    assert [[entry[0] for entry in group] for group in plan["groups"]] == [["s0.txt", "s1.txt"]], old_files
 
 
 @pytest.mark.slow  # make test-all; the plain --overwrite test runs in make test
@@ -224,7 +224,8 @@ def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_clus
     src = tmp_path / "in"
     expected = shards_input(src, 3, 20)
     out = tmp_path / "out"
-    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True))
+    # a file per shard (no packing): three files to swap in, so that the "crash" falls between two of them
+    run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True, pack_files=False))
 
     moves = []
     real_finish = output.finish_swap
@@ -233,9 +234,10 @@ def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_clus
         real_mv = fs.mv
 
         def mv(a, b, **kw):
-            if moves:
-                raise KeyboardInterrupt  # the process dies here, one file swapped in
-            moves.append(a)
+            if a.endswith(".parquet"):  # the new _plan.json is moved in first, then the files
+                if moves:
+                    raise KeyboardInterrupt  # the process dies here, one file swapped in
+                moves.append(a)
             return real_mv(a, b, **kw)
 
         monkeypatch.setattr(fs, "mv", mv)
@@ -246,7 +248,8 @@ def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_clus
 
     monkeypatch.setattr(output, "finish_swap", die_after_one_move)
     with pytest.raises(KeyboardInterrupt):
-        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True))
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", overwrite=True, quiet=True,
+                              pack_files=False))
     monkeypatch.setattr(output, "finish_swap", real_finish)
     assert not (out / "_manifest.json").exists() and (out / "_overwrite" / "_swap.json").exists()
     moved = os.path.basename(moves[0])
@@ -256,8 +259,10 @@ def test_an_overwrite_killed_while_swapping_is_finished_by_the_next_run(ray_clus
             new_vectors.update(zip(*read_embeddings(str(out / "_overwrite" / name))))
     assert sorted(new_vectors) == sorted(expected)
 
-    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", quiet=True))
+    result = run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, pooling="cls", quiet=True,
+                                   pack_files=False))
     assert result.files_written == 0 and result.manifest["pooling"] == "cls"
+    assert sorted(committed(out)) == [f"s{k}.txt.parquet" for k in range(3)]
     assert_exactly_once(out, expected)
     ids, vectors = read_embeddings(str(out))
     assert all((vectors[i] == new_vectors[id_]).all() for i, id_ in enumerate(ids))  # every file is the new run's
@@ -311,7 +316,9 @@ def test_a_full_disk_is_one_line_naming_it_and_the_rerun_completes(tmp_path, tin
     for k in range(4):
         write_lines(src / f"p{k}.txt", texts[k::4])
     out = where / "out"
-    args = ("embed", "--input", str(src), "--output", str(out), "--model", tiny_model, "--keep-columns", "text")
+    # --no-pack-files: a file per shard (~0.5 MiB each), so some commit before the disk is full (packed: one file)
+    args = ("embed", "--input", str(src), "--output", str(out), "--model", tiny_model, "--keep-columns", "text",
+            "--no-pack-files")
     began = time.time()
     full = cli(*args)
     assert_one_line_error(full, 1, f"no space left on device writing {out}/")

@@ -292,24 +292,42 @@ def test_a_group_is_done_without_reading_it_when_its_files_show_its_end():
     assert not group_done(packed, {"docs__a.txt+1-00000.parquet": {"rows": 4}}, 10)  # a short file is no end here
 
 
-@pytest.mark.slow  # two runs (~30 s); shard_done's rule is checked above in make test
+@pytest.mark.slow  # three runs (~40 s); group_done's rule is checked above in make test
 def test_a_resume_reads_only_the_shards_it_still_needs(ray_cluster, tmp_path, tiny_model):
     from pipeline import EmbedConfig, read_embeddings
     from pipeline.commands.embed import run_embed
-    from tests.conftest import write_lines
+    from pipeline.storage.packing import pack_shards
+    from tests.conftest import committed, write_lines
 
     src = tmp_path / "in"
     src.mkdir()
-    sizes = {"a.txt": 8, "b.txt": 8, "c.txt": 8, "d.txt": 25, "e.txt": 20}  # d: 3 files, the last short; e: 2 full
+    # twelve small shards of 4 lines (~600 bytes): packed four to a group (rows_per_file 10 x 256 bytes), each
+    # group cut into two files of two shards; t.txt (20 lines, ~3 KB) is a group of its own, two full files
+    sizes = {**{f"s{k:02d}.txt": 4 for k in range(12)}, "t.txt": 20}
     for name, n in sizes.items():
-        write_lines(src / name, [f"{name} line {i}" for i in range(n)])
-    config = EmbedConfig(input=str(src), output=str(tmp_path / "out"), model=tiny_model, rows_per_file=10,
-                         num_encoders=1, quiet=True)
-    assert run_embed(config).manifest["shards_read"] == 5
-    (tmp_path / "out" / "b.txt.parquet").unlink()
-    (tmp_path / "out" / "d.txt-00001.parquet").unlink()
+        write_lines(src / name, [f"{name} line {i} " + "word " * 27 for i in range(n)])
+    groups = pack_shards(discover_shards(str(src)), 10)
+    assert len(groups) >= 3 and sum(g.packed for g in groups) >= 2 and [s.key for s in groups[-1].shards] == ["t.txt"]
+    out = tmp_path / "out"
+    config = EmbedConfig(input=str(src), output=str(out), model=tiny_model, rows_per_file=10, num_encoders=1,
+                         quiet=True)
+    first = run_embed(config)
+    assert first.manifest["shards_read"] == len(sizes)
+    plan = json.loads((out / "_plan.json").read_text())
+    assert [[entry[0] for entry in group] for group in plan["groups"]] == [[s.key for s in g.shards] for g in groups]
+    target = groups[1]  # a packed group in the middle: delete the first of its files
+    files = sorted(f for f in committed(out) if f.startswith(f"{target.stem}-"))
+    assert len(files) >= 2 and files[0] == target.file_name(0, multi=True), files
+    (out / files[0]).unlink()
+    before = committed(out)
     resumed = run_embed(config)
-    # b and d, whose files are missing, and e, whose full last file cannot tell whether more rows follow
-    assert resumed.manifest["shards_read"] == 3 and resumed.files_written == 2
-    ids, _ = read_embeddings(str(tmp_path / "out"))
+    # only that group is read again (its other files are skipped, not rewritten); every other group is done,
+    # t.txt too, whose full last file says it is the last
+    assert resumed.manifest["shards_read"] == len(target.shards) and resumed.files_written == 1
+    after = committed(out)
+    assert set(after) == set(before) | {files[0]} and {f: after[f] for f in before} == before
+    (out / "t.txt-00000.parquet").unlink()  # a shard cut into several files, one of them missing
+    again = run_embed(config)
+    assert again.manifest["shards_read"] == 1 and again.files_written == 1
+    ids, _ = read_embeddings(str(out))
     assert len(ids) == len(set(ids)) == sum(sizes.values())
