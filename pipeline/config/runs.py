@@ -131,7 +131,7 @@ class EmbedConfig(_Recorded):
     overwrite: bool = False
     """Embed every shard again instead of resuming."""
     quiet: bool = False
-    """No progress bars or summary line."""
+    """Print nothing but errors: no progress bars, summary line or Ray notices."""
     trust_remote_code: bool = False
     """Allow model code shipped with the model directory to run."""
     encoding_errors: str = "strict"
