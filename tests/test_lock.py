@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -143,13 +144,18 @@ def test_a_run_whose_lock_was_taken_over_stops(tmp_path, monkeypatch):
     from pipeline.storage import lock
 
     monkeypatch.setattr(lock, "HEARTBEAT_S", 0.05)
+    # Python's own SIGINT handler, as a process starts with it: interrupt_main does nothing where an
+    # earlier test of this session left SIGINT ignored or at SIG_DFL (seen in full runs from a fresh clone)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     fs, root = get_fs(str(tmp_path))
     try:
         with pytest.raises(KeyboardInterrupt):  # the heartbeat interrupts the main thread
             with output_lock(fs, root, "out/", "embed"):
                 write_lock(tmp_path, token="after-a-suspend", host="other")  # another run took it meanwhile
-                time.sleep(60)  # interrupted as soon as the heartbeat sees it (a loaded machine may take seconds)
+                for _ in range(600):  # short sleeps: interrupt_main sends no real signal, so it cannot cut a sleep
+                    time.sleep(0.1)  # short; up to 60 s for a loaded machine's heartbeat
         assert "another run took over the output's lock" in lock.LOST[0]
         assert locked(tmp_path)["token"] == "after-a-suspend"  # the new owner's lock is left alone
     finally:
         lock.LOST.clear()
+        signal.signal(signal.SIGINT, previous)
