@@ -42,21 +42,22 @@ def compression_of(path: str) -> str | None:
     return next((ext for ext in COMPRESSIONS if name.endswith(ext)), None)
 
 
-def shard_format(path: str) -> str | None:
-    name = path.lower()
-    for ext in COMPRESSIONS:
-        if name.endswith(ext):
-            name = name[: -len(ext)]
-    return FORMATS.get(posixpath.splitext(name)[1])
-
-
-def document_format(path: str) -> str | None:
-    """'document' for a text file read whole as one document (--document-per-file), else None."""
+def _suffix(path: str) -> str:
+    """A file name's suffix under its compression (`a.JSONL.gz` -> `.jsonl`), '' for none."""
     name = posixpath.basename(path).lower()
     for ext in COMPRESSIONS:
         if name.endswith(ext):
             name = name[: -len(ext)]
-    return "document" if posixpath.splitext(name)[1] in DOCUMENT_SUFFIXES else None
+    return posixpath.splitext(name)[1]
+
+
+def shard_format(path: str) -> str | None:
+    return FORMATS.get(_suffix(path))
+
+
+def document_format(path: str) -> str | None:
+    """'document' for a text file read whole as one document (--document-per-file), else None."""
+    return "document" if _suffix(path) in DOCUMENT_SUFFIXES else None
 
 
 def output_stem(key: str) -> str:
