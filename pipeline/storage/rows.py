@@ -76,7 +76,7 @@ def normalise(parts: list[Part], spec: ReadSpec) -> pa.Table:
     the kept columns, in one table. Many small shards are normalised together: a few Arrow calls for
     all of them, not a few per shard."""
     tables = [_strings(p.table, spec, p.shard) for p in parts]  # id and text as strings, per part
-    table = tables[0] if len(tables) == 1 else _joined(tables, parts)
+    table = tables[0] if len(tables) == 1 else joined(tables, parts[0].shard.key, parts[-1].shard.key)
     counts = [t.num_rows for t in tables]
     texts = table[spec.text_field].combine_chunks()
     valid = embeddable(texts)
@@ -117,19 +117,16 @@ def _strings(table: pa.Table, spec: ReadSpec, shard: Shard) -> pa.Table:
 _IDS = "_ids"  # the --id-field's values as strings, while parts are joined
 
 
-def _joined(tables: list[pa.Table], parts: list[Part]) -> pa.Table:
-    """Several parts' rows in one table; kept columns of types that do not go together are refused."""
+def joined(tables: list[pa.Table], first: str, last: str) -> pa.Table:
+    """Rows of the shards `first` .. `last` in one table; kept columns of types that do not go together
+    (Arrow promotes what it can) are refused naming the shards."""
     try:
         return pa.concat_tables(tables, promote_options="permissive")
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(mixed_types(parts[0].shard.key, parts[-1].shard.key, exc)) from None
-
-
-def mixed_types(first: str, last: str, exc: BaseException) -> str:
-    """The line for shards whose kept columns cannot share one file."""
-    where = first if first == last else f"the shards {first} .. {last}"
-    return (f"{where}: a kept column has types that do not go together in one file ({str(exc).splitlines()[0]}); "
-            "give it one type, or use --no-pack-files to keep every input file in files of its own")
+        where = first if first == last else f"the shards {first} .. {last}"
+        raise InputError(f"{where}: a kept column has types that do not go together in one file "
+                         f"({str(exc).splitlines()[0]}); give it one type, or use --no-pack-files to keep every "
+                         "input file in files of its own") from None
 
 
 def _id(shard: Shard, row: int) -> str:

@@ -24,7 +24,7 @@ from pipeline.storage.discovery import Shard, discover_shards, output_stem
 from pipeline.storage.filesystems import get_fs, is_local
 from pipeline.storage.formats import ReadSpec
 from pipeline.storage.packing import Group, as_group, group_done
-from pipeline.storage.rows import Part, mixed_types, normalise, read_raw, read_shard
+from pipeline.storage.rows import Part, joined, normalise, read_raw, read_shard
 
 PREFETCH_SHARDS = 64  # small shards of a packed group fetched at once from a remote store (one request each, concurrent)
 
@@ -117,12 +117,12 @@ def _streamed(group: Group, spec: ReadSpec, rows_per_file: int) -> Iterator[tupl
         buffer.append(table)
         buffered += table.num_rows
         while buffered > rows_per_file:  # more rows follow this chunk
-            whole = _concat(buffer, group)
+            whole = joined(buffer, group.key, group.last_key)
             yield whole.slice(0, rows_per_file), False
             buffer, buffered = [whole.slice(rows_per_file)], buffered - rows_per_file
     if not buffered:
         raise InputError(f"{shard.key}: the file is empty (no rows)")
-    yield _concat(buffer, group), True
+    yield joined(buffer, group.key, group.last_key), True
 
 
 def _packed(group: Group, spec: ReadSpec, rows_per_file: int) -> Iterator[tuple[pa.Table, bool]]:
@@ -134,7 +134,7 @@ def _packed(group: Group, spec: ReadSpec, rows_per_file: int) -> Iterator[tuple[
     buffered = offset = 0
 
     def rows() -> pa.Table:
-        return _concat(done + ([normalise(parts, spec)] if parts else []), group)
+        return joined(done + ([normalise(parts, spec)] if parts else []), group.key, group.last_key)
 
     for shard, raw in _shard_tables(group, spec):
         n = sum(t.num_rows for t in raw)
@@ -153,15 +153,6 @@ def _packed(group: Group, spec: ReadSpec, rows_per_file: int) -> Iterator[tuple[
             yield whole.slice(0, rows_per_file), False
             parts, done, buffered = [], [whole.slice(rows_per_file)], buffered - rows_per_file
     yield rows(), True
-
-
-def _concat(tables: list[pa.Table], group: Group) -> pa.Table:
-    """One table of rows of one or more shards, as normalised (id and text are strings); kept columns
-    of other types in another shard are promoted where Arrow can, else refused naming the shards."""
-    try:
-        return pa.concat_tables(tables, promote_options="permissive")
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise InputError(mixed_types(group.key, group.last_key, exc)) from None
 
 
 def _shard_tables(group: Group, spec: ReadSpec) -> Iterator[tuple[Shard, list[pa.Table]]]:
