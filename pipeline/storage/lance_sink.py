@@ -316,13 +316,11 @@ def problems(fs, root: str, storage_options: Mapping[str, Any] | None = None) ->
     return out
 
 
-def read_embeddings(path: str, storage_options: Mapping[str, Any] | None = None, allow_mixed: bool = False,
-                    dequantize: bool = False):
-    """pipeline.read_embeddings of a Lance output: (ids, vectors), unit after unit."""
-    import numpy as np
-
-    from pipeline.storage.readers import output_format, vectors_of
-
+def read_vectors(path: str, storage_options: Mapping[str, Any] | None = None,
+                 allow_mixed: bool = False) -> pa.Table | None:
+    """`id` and `embedding` of a Lance output, unit after unit, for pipeline.read_embeddings (which
+    decodes them as it decodes Parquet files'); None where it holds no dataset yet. Units of other
+    settings are refused unless `allow_mixed`, sparse vectors always."""
     fs, root = get_fs(path, storage_options)
     found = [] if allow_mixed else problems(fs, root, storage_options)
     if found:
@@ -331,11 +329,7 @@ def read_embeddings(path: str, storage_options: Mapping[str, Any] | None = None,
     dataset = open_dataset(fs, root, lance_options(storage_options))
     if dataset is not None and "embedding" not in dataset.schema.names:
         raise InputError(f"{path}: holds sparse vectors (indices, values); read them with lance.dataset({path!r})")
-    table = read_table(path, storage_options, ["id", "embedding"])
-    if table is None or not table.num_rows:
-        return [], np.zeros((0, 0), np.float32)
-    fmt = output_format(path, storage_options)
-    return table["id"].to_pylist(), fmt.decode(vectors_of(table["embedding"]), dequantize)
+    return read_table(path, storage_options, ["id", "embedding"])
 
 
 # --------------------------------------------------------------------------- --overwrite

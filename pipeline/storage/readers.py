@@ -70,7 +70,11 @@ def read_embeddings(
     naming the file) unless `allow_mixed`."""
     fs, root = get_fs(path, storage_options)
     if fs.isdir(root) and is_lance(fs, root):  # --format lance (pipeline.storage.lance_sink)
-        return lance_sink.read_embeddings(path, storage_options, allow_mixed, dequantize)
+        table = lance_sink.read_vectors(path, storage_options, allow_mixed)
+        if table is None or not table.num_rows:
+            return [], np.zeros((0, 0), np.float32)
+        return table["id"].to_pylist(), output_format(path, storage_options).decode(vectors_of(table["embedding"]),
+                                                                                    dequantize)
     ids: list[str] = []
     blocks: list[np.ndarray] = []
     for file in checked_files(path, storage_options, allow_mixed):
