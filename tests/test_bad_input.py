@@ -355,3 +355,20 @@ def test_debug_shows_the_traceback_then_the_same_line(capsys, monkeypatch, out, 
     assert last == f"embedpipe: error: --input {tmp_path / 'missing'}: no such file or directory"
     assert snapshot(out) == before  # refused before any plan
     assert "EMBEDPIPE_DEBUG" not in os.environ  # main restores it: later runs in this process stay quiet
+
+
+@pytest.mark.parametrize("flag", [["--id-field", "n"], ["--keep-columns", "n"]], ids=["id-field", "keep-columns"])
+def test_fields_asked_of_a_plain_text_file(embed_into, out, bad_file, flag):
+    path = bad_file("lines.txt", b"alpha\nbeta\n")
+    before = snapshot(out)
+    assert_refused(embed_into("--input", path, *flag), f"lines.txt: a plain text file has no fields, only its "
+                   f"lines, so {' '.join(flag)} cannot be read from it", out, before)
+
+
+def test_two_inputs_that_would_write_the_same_output_file(embed_into, out, tmp_path):
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "a" / "b.txt").write_text("one\n")
+    (tmp_path / "in" / "a__b.txt").write_text("two\n")
+    before = snapshot(out)
+    assert_refused(embed_into("--input", str(tmp_path / "in"), "--no-pack-files"),
+                   "input files a/b.txt and a__b.txt would both write the output file a__b.txt.parquet", out, before)

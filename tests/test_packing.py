@@ -244,3 +244,19 @@ def test_document_mode_refuses_fields(tmp_path):
     with pytest.raises(UsageError, match="^--keep-columns: with --document-per-file"):
         EmbedConfig(input="x", output="y", document_per_file=True, keep_columns=("title",))
     EmbedConfig(input="x", output="y", document_per_file=True, keep_columns=("text",))
+
+
+def test_output_names_never_clash_nor_hide():
+    from pipeline.storage.discovery import output_stem
+    from pipeline.storage.packing import check_names
+    assert output_stem("_a.txt") == "+_a.txt" and output_stem(".a.txt") == "+.a.txt"  # readers skip _ and . names
+    assert output_stem("d/_a.txt") == "d___a.txt"
+    ok = [Group((shard("a/b.txt", 1),)), Group((shard("a_b.txt", 1),))]
+    assert check_names(ok) == ok
+    with pytest.raises(InputError, match=r"input files a/b.txt and a__b.txt would both write the output file a__b.txt"):
+        check_names([Group((shard("a/b.txt", 1),)), Group((shard("a__b.txt", 1),))])
+    with pytest.raises(InputError, match=r"input files notes and notes-00001 would both write .*notes-00001.parquet"):
+        check_names([Group((shard("notes", 1),)), Group((shard("notes-00001", 1),))])
+    packed = [Group((shard("k", 1), shard("l", 1))), Group((shard("k+1", 1),))]  # a file named like a packed group
+    with pytest.raises(InputError, match=r"k and k\+1 would both write the output file k\+1.parquet"):
+        check_names(packed)

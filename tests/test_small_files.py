@@ -227,3 +227,20 @@ def _keys(s3, bucket: str, prefix: str) -> list[str]:
     from tests.conftest import objects
 
     return list(objects(s3, bucket, prefix))
+
+
+def test_a_file_named_like_a_hidden_one_gets_an_output_every_reader_sees(ray_cluster, tmp_path, tiny_model):
+    """`_notes.txt` named alone would have given `_notes.txt.parquet`, which Arrow and Parquet readers
+    skip as hidden (and a resume did not count): its output file starts with `+` instead."""
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "_notes.txt").write_text("first line\nsecond line\n")
+    run_embed(EmbedConfig(input=str(tmp_path / "in" / "_notes.txt"), output=str(tmp_path / "out"), model=tiny_model,
+                          quiet=True))
+    assert list(committed(tmp_path / "out")) == ["+_notes.txt.parquet"]
+    import pyarrow.dataset as ds
+    assert sorted(ds.dataset(str(tmp_path / "out"), format="parquet").to_table()["id"].to_pylist()) == [
+        "_notes.txt:0", "_notes.txt:1"]
+    assert sorted(read_embeddings(str(tmp_path / "out"))[0]) == ["_notes.txt:0", "_notes.txt:1"]
+    again = run_embed(EmbedConfig(input=str(tmp_path / "in" / "_notes.txt"), output=str(tmp_path / "out"),
+                                  model=tiny_model, quiet=True))
+    assert again.files_written == 0  # the resume counts it as committed

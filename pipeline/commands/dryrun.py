@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from pipeline.config import DEFAULT_MODEL, EmbedConfig
 from pipeline.storage.packing import group_done, planned_groups
-from pipeline.storage.sources import Shard, discover_shards
+from pipeline.storage.sources import Shard, check_fields, discover_shards
 from pipeline.storage.filesystems import get_fs
 
 EXACT_BYTES = 8 << 20  # uncompressed local text shards up to this size are counted line by line
@@ -197,6 +197,7 @@ def dry_run(config: EmbedConfig) -> str:
     from pipeline.engine.plan import plan_resources
 
     shards = discover_shards(config.input, config.storage_options, config.document_per_file)
+    check_fields(shards, config.id_field, config.keep_columns, config.text_field)
     counts = count_all(shards, config.storage_options)
     groups, todo_groups = _groups(config, shards)
     todo_keys = {s.key for g in todo_groups for s in g.shards}

@@ -36,7 +36,7 @@ from pipeline.storage.lance_sink import open_dataset, unit_facts
 from pipeline.storage.lock import output_lock
 from pipeline.storage.packing import Group, describe as describe_groups, group_done, planned_groups, write_plan
 from pipeline.storage.sink import SinkSpec, read_file_stats
-from pipeline.storage.sources import discover_shards
+from pipeline.storage.sources import check_fields, discover_shards
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +78,7 @@ def run_embed(config: EmbedConfig) -> RunResult:
     """Embed `config.input` into `config.output`; resume unless `config.overwrite`."""
     started = time.time()
     shards = discover_shards(config.input, config.storage_options, config.document_per_file)
+    check_fields(shards, config.id_field, config.keep_columns, config.text_field)
     check_model(config)  # a wrong model, or an option its kind refuses, is refused before anything starts
     # The model is described by a child process while Ray starts (see pipeline.models.describe).
     # Until the model is known and a resume is found compatible, the output is only read.

@@ -61,8 +61,10 @@ def document_format(path: str) -> str | None:
 
 
 def output_stem(key: str) -> str:
-    """Flat, deterministic output file stem for a shard key."""
-    return key.replace("/", "__")
+    """Flat, deterministic output file stem for a shard key: `/` becomes `__`, and a name that would
+    start with `_` or `.` (which Parquet and Arrow readers skip as hidden) starts with `+` instead."""
+    stem = key.replace("/", "__")
+    return "+" + stem if stem.startswith(("_", ".")) else stem
 
 
 def discover_shards(
@@ -106,6 +108,16 @@ def discover_shards(
             if not documents else f"--input {input_path}: no text files (.txt, .md, .rst, .html, or no suffix)"
         )
     return shards
+
+
+def check_fields(shards: list[Shard], id_field: str | None, keep_columns, text_field: str) -> None:
+    """InputError if a plain text shard (one row a line, a single column) is asked for other fields."""
+    wanted = ([f"--id-field {id_field}"] if id_field else []) + [
+        f"--keep-columns {col}" for col in keep_columns if col != text_field]
+    plain = next((s for s in shards if s.format == "txt"), None)
+    if wanted and plain is not None:
+        raise InputError(f"{plain.key}: a plain text file has no fields, only its lines, so {wanted[0]} cannot be "
+                         f"read from it (use JSONL, CSV or Parquet for ids and other columns)")
 
 
 def _listing(fs, path: str, input_path: str, documents: bool) -> tuple[str, dict[str, tuple[int, str]], bool]:

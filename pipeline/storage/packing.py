@@ -135,12 +135,34 @@ def planned_groups(fs, root: str | None, shards: list[Shard], rows_per_file: int
     new = pack_shards if pack else _alone
     stored = read_plan(fs, root) if root is not None and committed else None
     if stored is None:
-        if committed:  # committed by a version without plans: every shard was its own group
-            return _alone(shards, rows_per_file), True
-        return new(shards, rows_per_file), True
+        # committed by a version without plans: every shard was its own group
+        groups = _alone(shards, rows_per_file) if committed else new(shards, rows_per_file)
+        return check_names(groups), True
     groups, unknown = _reconciled(stored, shards, committed, rows_per_file)
     added = new(unknown, rows_per_file)
-    return groups + added, bool(added)
+    return check_names(groups + added), bool(added)
+
+
+def check_names(groups: list[Group]) -> list[Group]:
+    """`groups`, if no two of them name their output files alike; else InputError naming both inputs.
+
+    Output names are flat (`a/b.txt` -> `a__b.txt.parquet`), so `a/b.txt` and `a__b.txt` would write
+    (and resume) the same files, and a group named `x` owns `x-00001.parquet` too."""
+    by_stem = {}
+    for group in groups:
+        other = by_stem.setdefault(group.stem, group)
+        if other is not group:
+            raise InputError(_clash_line(other, group, f"{group.stem}.parquet"))
+    for group in groups:
+        base, dash, index = group.stem.rpartition("-")
+        if dash and len(index) == 5 and index.isdigit() and base in by_stem:
+            raise InputError(_clash_line(by_stem[base], group, f"{group.stem}.parquet"))
+    return groups
+
+
+def _clash_line(a: Group, b: Group, name: str) -> str:
+    return (f"input files {a.key} and {b.key} would both write the output file {name} (an output file is "
+            f"named after its input's path, with / as __): rename one of them")
 
 
 def _alone(shards: Iterable[Shard], rows_per_file: int) -> list[Group]:

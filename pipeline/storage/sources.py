@@ -20,7 +20,7 @@ from ray.data.datasource import Datasource, ReadTask
 from pipeline.stages.columns import CHUNK_ROWS, FILE, LAST
 from pipeline.engine.watchdog import Progress
 from pipeline.errors import InputError
-from pipeline.storage.discovery import Shard, discover_shards, output_stem
+from pipeline.storage.discovery import Shard, check_fields, discover_shards, output_stem
 from pipeline.storage.filesystems import get_fs, is_local
 from pipeline.storage.formats import ReadSpec
 from pipeline.storage.packing import Group, as_group, group_done
@@ -33,6 +33,7 @@ __all__ = [  # with the names of discovery, formats and rows that other modules 
     "ReadSpec",
     "Shard",
     "ShardDatasource",
+    "check_fields",
     "discover_shards",
     "group_done",
     "output_stem",
