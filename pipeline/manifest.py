@@ -92,7 +92,8 @@ KEYS: dict[str, dict[str, str]] = {
         "shards_read": "input shards this run read; on a resume, a group whose files were all committed is not "
                        "opened",
         "resources": "the resource plan: device, tokenizer and encoder counts and reservations (encoder_gpus: "
-                     "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget)",
+                     "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget), writer (who built the files: "
+                     "the encoder, or a separate writer, --writer)",
         "replicas": "where each stage's actors ran: per stage, `actors` (node, IP, GPUs, device, dtype, backend) "
                     "and `per_node` counts",
     },

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -65,6 +66,34 @@ def test_every_format_every_row_exactly_once(ray_cluster, tmp_path, tiny_model):
     assert sorted(os.listdir(out)) == sorted([e["file"] for e in manifest["files"]] + ["_manifest.json", "_plan.json",
                                                                                       "_run.json"])
     assert_replicas_recorded(ray_cluster, manifest)
+
+
+def test_a_separate_writer_builds_the_same_files_outside_the_encoder(ray_cluster, tmp_path, tiny_model):
+    """--writer separate (the default on GPUs): every file goes out of the encoder as pieces and the
+    driver builds it; the files are those the encoder writes itself, and no piece is left."""
+    src = tmp_path / "in"
+    src.mkdir()
+    expected = []
+    for k in range(3):  # three files, each wholly inside one block
+        write_lines(src / f"s{k}.txt", [f"shard {k} line {i} " + "w " * (i % 5) for i in range(60)])
+        expected += [f"s{k}.txt:{i}" for i in range(60)]
+    tables = {}
+    for writer in ("encoder", "separate"):
+        out = tmp_path / writer
+        run_embed(EmbedConfig(input=str(src), output=str(out), model=tiny_model, quiet=True, writer=writer,
+                              pack_files=False, rows_per_file=50))
+        manifest = json.loads((out / "_manifest.json").read_text())
+        assert manifest["resources"]["writer"] == writer
+        assert sorted(os.listdir(out)) == sorted([f["file"] for f in manifest["files"]] + [
+            "_manifest.json", "_plan.json", "_run.json"])  # no _pieces left
+        tables[writer] = {f["file"]: pq.read_table(out / f["file"]) for f in manifest["files"]}
+    assert sorted(tables["encoder"]) == sorted(tables["separate"]) and len(tables["encoder"]) == 6
+    for name, table in tables["encoder"].items():
+        other = tables["separate"][name]
+        assert table["id"].equals(other["id"])
+        np.testing.assert_allclose(np.stack(table["embedding"].to_numpy(zero_copy_only=False)),
+                                   np.stack(other["embedding"].to_numpy(zero_copy_only=False)), atol=1e-6)
+    assert sorted(read_embeddings(str(tmp_path / "separate"))[0]) == sorted(expected)
 
 
 def assert_replicas_recorded(ray_cluster, manifest):

@@ -77,3 +77,16 @@ def test_blocks_grow_for_a_cheaper_model_on_cpu_only():
     assert rows(REFERENCE_WEIGHTS // 4) == 4 * CPU_BLOCK_ROWS
     assert rows(8528) == MAX_CPU_BLOCK_ROWS  # the host benchmark's near-zero-cost model
     assert rows(8528, {"CPU": 16.0, "GPU": 1.0}) == GPU_BLOCK_ROWS
+
+
+def test_the_files_are_built_apart_from_the_encoders_on_gpus_unless_asked_otherwise():
+    from pipeline.engine.plan import separate_writer
+
+    cpu = plan_resources(EmbedConfig(input="x", output="y"), {"CPU": 2.0}, nodes=1)
+    gpu = plan_resources(EmbedConfig(input="x", output="y"), {"CPU": 16.0, "GPU": 1.0}, nodes=1)
+    assert not separate_writer(EmbedConfig(input="x", output="y"), cpu)
+    assert separate_writer(EmbedConfig(input="x", output="y"), gpu)
+    assert not separate_writer(EmbedConfig(input="x", output="y", writer="encoder"), gpu)
+    assert separate_writer(EmbedConfig(input="x", output="y", writer="separate"), cpu)
+    with pytest.raises(UsageError, match="--writer"):
+        EmbedConfig(input="x", output="y", writer="driver")

@@ -117,11 +117,15 @@ def embed_in_thread(config: EmbedConfig) -> tuple[threading.Thread, dict]:
     return thread, outcome
 
 
-def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(ray_cluster, tmp_path, slow_model):
+@pytest.mark.parametrize("writer", ["encoder", pytest.param("separate", marks=pytest.mark.slow)])  # separate: test-all
+def test_encoder_actor_killed_mid_run_is_replaced_and_every_document_lands_once(ray_cluster, tmp_path, slow_model,
+                                                                                 writer):
+    """With --writer separate the encoder builds no file: every file's rows go out as pieces and the
+    driver builds it, so the kill lands while pieces of a whole file wait to be joined."""
     expected = shards_input(tmp_path / "in", 6, 1000)
     out = tmp_path / "out"
     config = EmbedConfig(input=str(tmp_path / "in"), output=str(out), model=slow_model, trust_remote_code=True,
-                         max_batch_tokens=4096, quiet=True, pack_files=False)  # six files, one after another
+                         max_batch_tokens=4096, quiet=True, pack_files=False, writer=writer)  # six files, one after another
     thread, outcome = embed_in_thread(config)
     killed = None
     deadline = time.time() + 240

@@ -126,3 +126,19 @@ def test_a_file_of_chunks_is_joined_only_once_every_chunk_of_every_document_is_t
     assert joined == []  # A#2 is missing
     piece(2, 1, 0, 0)  # A#2
     assert joined == [("f.parquet", 2)]
+
+
+def test_a_separate_writer_gets_even_a_whole_chunk_as_pieces_and_builds_the_same_file(tmp_path):
+    """--writer separate: the encoder's process builds no file; the join makes the file the encoder would have."""
+    by_encoder = SinkSpec(output=str(tmp_path / "a"), text_field="text", keep_columns=("title",))
+    separate = SinkSpec(output=str(tmp_path / "b"), text_field="text", keep_columns=("title",), separate=True)
+    assert commit_block(chunk_block([2, 0, 1], 3), by_encoder)["kind"].to_pylist() == ["file"]
+    summary = commit_block(chunk_block([2, 0, 1], 3), separate)
+    assert summary["kind"].to_pylist() == ["piece"] and summary["rows"].to_pylist() == [3]
+    assert os.listdir(separate.output) == [PIECES_DIR]  # nothing final yet
+    stats = merge_pieces(separate, NAME, 3)
+    assert sorted(os.listdir(separate.output)) == [PIECES_DIR, NAME] and not os.path.exists(pieces_dir(separate))
+    a, b = (pq.read_table(os.path.join(s.output, NAME)) for s in (by_encoder, separate))
+    assert a.equals(b) and a.schema.metadata == b.schema.metadata
+    fs, root = get_fs(separate.output)
+    assert stats == read_file_stats(fs, os.path.join(root, NAME))

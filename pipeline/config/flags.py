@@ -30,7 +30,7 @@ FIELD_GROUPS: dict[type, dict[str, tuple[str, ...]]] = {
         "output": ("output", "format", "keep_columns", "precision", "truncate_dim", "calibration_rows", "calibration",
                    "output_dtype", "sparse_top_k", "chunk_tokens", "chunk_overlap", "rows_per_file", "pack_files", "quiet"),
         "resources": ("device", "max_batch_tokens", "num_encoders", "encoders_per_gpu", "encoders_per_node", "num_tokenizers",
-                      "encoder_threads", "ray_address"),
+                      "encoder_threads", "writer", "ray_address"),
         "reliability": ("on_invalid", "stall_timeout", "overwrite"),
         "mining": ("mine", "mine_output", "mine_top_k", "mine_max_pairs", "mine_threshold"),
         "rerank": ("rerank_model", "rerank_top", "rerank_output"),

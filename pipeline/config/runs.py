@@ -26,6 +26,7 @@ BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("float32", "float16", "int8", "uint8", "binary", "ubinary")
 OUTPUT_FORMATS = ("parquet", "lance")
 ROLES = ("query", "document")
+WRITERS = ("auto", "encoder", "separate")
 DEFAULT_CALIBRATION_ROWS = 2000
 ENCODING_ERRORS = ("strict", "replace")
 
@@ -112,6 +113,10 @@ class EmbedConfig(_Recorded):
     """Tokenizer actors; default scales with the cluster's CPUs."""
     encoder_threads: int | None = None
     """Threads per CPU encoder (ONNX Runtime or torch); default the CPUs of its node."""
+    writer: str = "auto"
+    """Who builds the output files: encoder (in its own process, no copy), separate (the encoder hands each
+    file's rows over as Arrow pieces; a driver thread, or a Ray task on a multi-node cluster, builds the
+    Parquet), or auto: separate on GPUs (their encoders only encode), encoder on CPUs."""
     chunk_tokens: int | None = None
     """Cut each document into chunks of at most N tokens of the model's tokenizer (special tokens and
     the prompt not counted) and embed every chunk: one row per chunk, id '<doc id>#<chunk>'. Default:
@@ -170,14 +175,9 @@ class EmbedConfig(_Recorded):
                     f"--pooling {self.pooling!r}: expected one of {', '.join(POOLING_MODES)} "
                     "or several joined by '+'"
                 )
-        _positive("--max-seq-length", self.max_seq_length)
-        _positive("--max-batch-tokens", self.max_batch_tokens)
-        _positive("--num-encoders", self.num_encoders)
-        _positive("--encoders-per-node", self.encoders_per_node)
-        _positive("--encoders-per-gpu", self.encoders_per_gpu)
-        _positive("--num-tokenizers", self.num_tokenizers)
-        _positive("--encoder-threads", self.encoder_threads)
-        _positive("--rows-per-file", self.rows_per_file)
+        for flag in ("max_seq_length", "max_batch_tokens", "num_encoders", "encoders_per_node", "encoders_per_gpu",
+                     "num_tokenizers", "encoder_threads", "rows_per_file"):
+            _positive("--" + flag.replace("_", "-"), getattr(self, flag))
         self._check_chunking()
         _positive("--sparse-top-k", self.sparse_top_k)
         _positive("--mine-top-k", self.mine_top_k)
@@ -194,6 +194,7 @@ class EmbedConfig(_Recorded):
         self._check_format()
         _choice("--encoding-errors", self.encoding_errors, ENCODING_ERRORS)
         _choice("--on-invalid", self.on_invalid, ("skip", "error"))
+        _choice("--writer", self.writer, WRITERS)
         _seconds("--stall-timeout", self.stall_timeout)
         _dtype_on_device(self.dtype, self.device)
         if self.device == "cuda" and self.dtype == "int8":
@@ -250,7 +251,6 @@ class EmbedConfig(_Recorded):
             raise UsageError(f"{flag}: only --precision int8 or uint8 uses ranges; this run has --precision {self.precision}")
         if self.calibration and self.calibration_rows:
             raise UsageError("--calibration and --calibration-rows: give one (ranges from a file, or from sampled rows)")
-
 
     def mine_config(self) -> MineConfig:
         """What `--mine` runs after embedding: `embedpipe mine` of the new vectors."""

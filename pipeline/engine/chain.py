@@ -28,6 +28,7 @@ TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks,
 CPU_ENCODER_TASKS_IN_FLIGHT = 1
 TEXT_ROW_BYTES = 256  # a short document with its id and bookkeeping columns, for sizing blocks
 MIN_BLOCK_BYTES = 64 << 10
+JOIN_THREADS = 4  # --writer separate on one node: the driver's threads that build the files (Arrow and zstd release the GIL)
 
 
 def run_chain(
@@ -152,7 +153,8 @@ class FileTracker:
             self._join = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces).remote
             self._result = ray.get
         else:  # one node: a thread of the driver, with no worker process to start (seconds on a small machine)
-            self._threads = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="embedpipe-join")
+            threads = JOIN_THREADS if sink is not None and sink.separate else 1  # separate: every file is built here
+            self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="embedpipe-join")
             self._join = functools.partial(self._threads.submit, merge_pieces)
             self._result = concurrent.futures.Future.result
         self.written: dict[str, dict] = {}

@@ -189,3 +189,11 @@ def planned_dtype(config: EmbedConfig, plan: Plan | None) -> str | None:
     if device == "auto":
         return None if config.dtype == "auto" else config.dtype
     return compute_dtype(config.dtype, device)
+
+
+def separate_writer(config: EmbedConfig, plan: Plan | None) -> bool:
+    """Whether the encoders hand every file's rows to a separate writer (--writer): by default on GPUs,
+    where the encoder's process should only feed the device; on CPUs the encoder writes (no copy)."""
+    if config.writer != "auto":
+        return config.writer == "separate"
+    return plan is not None and plan.device == "cuda"

@@ -1,7 +1,8 @@
 """Parquet sink: one file per chunk of a group of shards (storage.packing), committed atomically.
 
 A block reaching the sink holds rows of one or more chunks. A chunk wholly
-inside the block is written straight to its final name. A chunk that Ray
+inside the block is written straight to its final name (unless the sink is
+`separate`: then every chunk goes out as pieces). A chunk that Ray
 Data split across blocks is written as *pieces* under `_pieces/`: only the
 columns the file needs, as uncompressed Arrow IPC (a copy of the block's
 buffers, no encoding, no fsync: the encoder's process does almost nothing
@@ -72,6 +73,9 @@ class SinkSpec:
     """The run's settings (pipeline.identity.file_metadata), stored in every file it commits."""
     format: str = "parquet"
     """parquet: one file per chunk; lance: one fragment of a Lance dataset per chunk (pipeline.storage.lance_sink)."""
+    separate: bool = False
+    """Every chunk goes out as pieces, even one wholly inside a block: the encoder's process builds no file
+    (--writer separate, the default on GPUs)."""
 
 
 def commit_block(batch: pa.Table, sink: SinkSpec, board=None) -> pa.Table:
@@ -88,7 +92,7 @@ def _commit_block(batch: pa.Table, sink: SinkSpec) -> pa.Table:
         rows = batch.filter(pc.equal(files, name))
         chunk_rows = int(rows[CHUNK_ROWS][0].as_py())
         docs, doc_chunks = document_counts(rows)
-        if docs == chunk_rows and rows.num_rows == doc_chunks:  # every document of the file, whole
+        if not sink.separate and docs == chunk_rows and rows.num_rows == doc_chunks:  # every document, whole
             stats = write_chunk(fs, root, name, rows, sink)
             summaries.append({**stats, "kind": "file", "chunk_rows": chunk_rows, "first_row": None,
                               "docs": docs, "doc_chunks": doc_chunks})
