@@ -6,7 +6,9 @@
 #   bash jobs/gpu_session.sh bench OUTDIR SENTENCES.txt [COPIES] [--variants ...]
 #   bash jobs/gpu_session.sh all OUTDIR                        # one device session, in the order issue 21 asks:
 #       the GPU tests; steady state on ~1.08M short sentences (WordNet x 6) with replicas per GPU 1, 2 and 4
-#       against both sentence-transformers scripts; the host benchmark's near-zero-cost model on 1M lines;
+#       and with the files built in the encoder (--writer encoder; the default on GPUs is separate)
+#       against both sentence-transformers scripts; ~68-token passages (data/passages.py x 4);
+#       the host benchmark's near-zero-cost model on 1M lines;
 #       mining 200,000 x 384 with the block products on the GPU, then on the CPUs.
 #
 # bench: `embedpipe embed --device cuda` (whole command) against jobs/st_baseline.py on the same
@@ -29,7 +31,9 @@ tests)
 all)
   bash "$0" tests "$out"
   python3 data/short_sentences.py "$out/short.txt"
-  bash "$0" bench "$out" "$out/short.txt" 6 "" "--encoders-per-gpu 2" "--encoders-per-gpu 4"
+  bash "$0" bench "$out" "$out/short.txt" 6 "" "--encoders-per-gpu 2" "--encoders-per-gpu 4" "--writer encoder"
+  python3 data/passages.py "$out/passages.txt"
+  bash "$0" bench "$out" "$out/passages.txt" 4 ""
   python3 jobs/benchmark.py --task host --lines 1000000 --device cuda 2>&1 | tee "$out/host.log"
   for d in cuda cpu; do  # mining 200,000 x 384: block products on the GPU, then on the host's CPUs
     python3 jobs/benchmark.py --task mine --vectors 200000 --dim 384 --mine-args "--device $d" 2>&1 | tee "$out/mine-$d.log"

@@ -33,6 +33,34 @@ def test_plan_gives_a_row_longer_than_the_budget_its_own_micro_batch_and_counts_
     assert plan_micro_batches(np.array([], np.int64), 10) == []
 
 
+def padded_cost(lengths: np.ndarray, spans, call: int) -> int:
+    return sum((e - s) * max(int(lengths[s]), 1) + call for s, e in spans)
+
+
+def test_least_padding_cuts_where_the_length_drops_when_a_call_costs_less_than_the_padding():
+    lengths = np.array([10, 10, 8, 5, 5, 5, 2])
+    # budget-filling: [10,10,8] pads 2, [5,5,5,2] pads 3. At 1 token a call, cutting off the 8 and the 2 pays.
+    assert plan_micro_batches(lengths, 30, call_tokens=1) == [(0, 2), (2, 3), (3, 6), (6, 7)]
+    assert plan_micro_batches(lengths, 30, call_tokens=0)[-1] == (6, 7)  # no padding at all
+    assert plan_micro_batches(lengths, 30, call_tokens=100) == plan_micro_batches(lengths, 30)  # calls dear: fill
+    assert plan_micro_batches(np.array([100, 3, 3]), 10, call_tokens=5) == [(0, 1), (1, 3)]  # too long: alone
+    assert plan_micro_batches(np.array([0, 0, 0]), 2, call_tokens=0) == [(0, 2), (2, 3)]
+    assert plan_micro_batches(np.array([], np.int64), 10, call_tokens=5) == []
+
+
+@pytest.mark.parametrize("call", [0, 3, 12, 64, 4096])
+def test_least_padding_covers_every_row_within_the_budget_and_never_costs_more_than_filling(call):
+    rng = np.random.default_rng(call)
+    for _ in range(40):
+        n, budget = int(rng.integers(1, 600)), int(rng.choice([16, 200, 2048, 16384]))
+        lengths = np.sort(np.minimum(rng.geometric(0.08, n), 300))[::-1]
+        spans = plan_micro_batches(lengths, budget, call_tokens=call)
+        assert [s for s, _ in spans] == [0] + [e for _, e in spans[:-1]] and spans[-1][1] == n
+        assert all(e > s and ((e - s) * max(int(lengths[s]), 1) <= budget or e - s == 1) for s, e in spans)
+        filled = plan_micro_batches(lengths, budget)
+        assert padded_cost(lengths, spans, call) <= padded_cost(lengths, filled, call)
+
+
 def test_micro_batches_yield_the_rows_themselves_in_their_order():
     lengths = np.array([2, 9, 5, 9])  # indexed by row
     rows = np.array([1, 3, 2, 0])  # longest first

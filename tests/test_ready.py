@@ -29,11 +29,13 @@ def model(tiny_bert_dir, tmp_path_factory):
     return make_st_dir(tiny_bert_dir, str(tmp_path_factory.mktemp("ready") / "st"), pooling="mean")
 
 
-def test_the_layout_pads_each_micro_batch_to_its_longest_row_within_the_budget(model):
+@pytest.mark.parametrize("call_tokens", [None, 2], ids=["filled", "least-padding"])
+def test_the_layout_pads_each_micro_batch_to_its_longest_row_within_the_budget(model, call_tokens):
     from pipeline.stages.tokenize import TokenizeStage
 
     texts = TEXTS + ["", "   "]
-    out = TokenizeStage(EmbedConfig(input="x", output="y", model=model), batch_tokens=120)(block(texts))
+    out = TokenizeStage(EmbedConfig(input="x", output="y", model=model), batch_tokens=120,
+                        call_tokens=call_tokens)(block(texts))
     lists = flat_columns(out, ["input_ids", "attention_mask"])
     lengths = np.asarray(out["_n_tokens"])
     mb = np.asarray(out["_mb"])
@@ -69,6 +71,12 @@ def test_vectors_are_the_same_whatever_slices_of_the_block_reach_the_encoder(mod
     stage = EncodeStage(config, "cpu", 1)
     whole = stage(tokens)
     want = dict(zip(whole["id"].to_pylist(), np.asarray(whole["embedding"].combine_chunks().flatten()).reshape(len(TEXTS), -1)))
+    # micro-batches of least padding (more of them, padded less): the same vectors
+    least = stage(TokenizeStage(config, batch_tokens=200, call_tokens=1)(block(TEXTS)))
+    assert len(micro_batches_of(TokenizeStage(config, batch_tokens=200, call_tokens=1)(block(TEXTS)))) > len(
+        micro_batches_of(tokens))
+    for i, v in zip(least["id"].to_pylist(), np.asarray(least["embedding"].combine_chunks().flatten()).reshape(len(TEXTS), -1)):
+        np.testing.assert_allclose(v, want[i], atol=1e-6)
 
     cuts = [0, 7, 40, 41, 77, len(TEXTS)]  # inside micro-batches, and between copies and their first copy
     pieces = [tokens.slice(a, b - a) for a, b in zip(cuts, cuts[1:])]

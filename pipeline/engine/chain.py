@@ -103,7 +103,7 @@ def embed_stages(ds, config: EmbedConfig, plan: Plan, board, tokenizer_spec, gra
 
     ds = ds.map_batches(
         TokenizeStage,
-        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens, plan.block_rows),
+        fn_constructor_args=(config, board, tokenizer_spec, plan.batch_tokens, plan.block_rows, plan.call_tokens),
         batch_size=plan.block_rows,
         batch_format="pyarrow",
         compute=ActorPoolStrategy(size=plan.num_tokenizers, max_tasks_in_flight_per_actor=TASKS_IN_FLIGHT_PER_ACTOR),

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import UsageError
-from pipeline.stages.batching import CPU_BATCH_TOKENS, batch_tokens
+from pipeline.stages.batching import CPU_BATCH_TOKENS, batch_tokens, call_tokens
 
 READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
 COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
@@ -50,6 +50,8 @@ class Plan:
     block_rows: int = CPU_BLOCK_ROWS
     batch_tokens: int = CPU_BATCH_TOKENS
     """Tokens per micro-batch (rows x longest row): the tokenizers cut micro-batches to it."""
+    call_tokens: int | None = None
+    """What one more micro-batch costs, in tokens: the tokenizers cut where padding plus this is least."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -93,6 +95,7 @@ def plan_resources(
     return Plan(
         device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), round(enc_gpus, 6), threads,
         block_rows_for(device, weights_per_token), batch_tokens(config.max_batch_tokens, device, vocab_size),
+        call_tokens(device, weights_per_token),
     )
 
 

@@ -2,7 +2,8 @@
 
 The tokenizer does all the host work of batching (pipeline.stages.tokenize calls `lay_out`):
 it finds repeated texts, sorts each output file's rows longest first, cuts them into
-micro-batches by the token budget (rows x longest row <= budget), and pads every row of a
+micro-batches within the token budget (rows x longest row <= budget) where padding costs least
+(pipeline.stages.batching.plan_micro_batches), and pads every row of a
 micro-batch to that micro-batch's longest row, with the tokenizer's own pad ids on its own side.
 A block then holds, row by row:
 
@@ -44,7 +45,7 @@ def segments(starts: np.ndarray, sizes: np.ndarray) -> np.ndarray:
 
 def lay_out(
     batch: pa.Table, tokens: dict[str, tuple[np.ndarray, np.ndarray]], lengths: np.ndarray, budget: int,
-    left: bool, pad_values: dict[str, int],
+    left: bool, pad_values: dict[str, int], call_tokens: int | None = None,
 ) -> tuple[np.ndarray, dict[str, pa.Array]]:
     """(the block's new row order, the columns to add in that order) for `batch` (with `_row`), whose
     rows have `tokens` ({feature: (flat values, offsets over every row)}; invalid rows have none) and `lengths`."""
@@ -66,7 +67,7 @@ def lay_out(
         cuts = np.flatnonzero(np.diff(file_o)) + 1  # a micro-batch never spans two files
         k = 0
         for part in np.split(encoded, cuts):
-            for s, e in plan_micro_batches(lengths_o[part], budget):
+            for s, e in plan_micro_batches(lengths_o[part], budget, call_tokens):
                 mb[part[s:e]] = base + k
                 width[part[s:e]] = lengths_o[part[s]]
                 k += 1

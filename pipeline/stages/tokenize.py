@@ -38,11 +38,11 @@ class TokenizeStage:
     padded, `_mb`, `_copy_of`), `_n_tokens` and `_truncated`; drops the text (columns.TOKENIZE).
 
     `batch_tokens` is the encoders' token budget per micro-batch (the plan's; by default
-    --max-batch-tokens or the CPU's): it decides the micro-batches, which the encoder runs as
-    they are. A block without `_row` (not made by the read tasks) gets one, numbering its rows."""
+    --max-batch-tokens or the CPU's) and `call_tokens` what a micro-batch costs beyond its tokens
+    (the plan's): they decide the micro-batches, which the encoder runs as they are. A block without `_row` (not made by the read tasks) gets one, numbering its rows."""
 
     def __init__(self, config: EmbedConfig, board=None, spec: TokenizerSpec | None = None,
-                 batch_tokens: int | None = None, block_rows: int | None = None):
+                 batch_tokens: int | None = None, block_rows: int | None = None, call_tokens: int | None = None):
         self.progress = Progress(board, "tokenize", time.process_time)  # the Rust tokenizer runs threads of its own
         self.progress.register_actor()
         self.plain = self.model = None
@@ -62,6 +62,7 @@ class TokenizeStage:
             self.chunker = Chunker(spec.backend, spec.split_special_tokens, config.chunk_tokens, config.chunk_overlap)
         self.keep_text = config.text_field in config.keep_columns
         self.batch_tokens = batch_tokens or config.max_batch_tokens or CPU_BATCH_TOKENS
+        self.call_tokens = call_tokens  # the plan's: micro-batches of least padding (None: filled to the budget)
         self.block_rows = block_rows or 256  # chunks per block handed on (the plan's block_rows; a block's documents give many)
 
     def __call__(self, batch: pa.Table):
@@ -112,7 +113,8 @@ class TokenizeStage:
         tokens = {key: (values, offsets) for key, (values, _) in features.items()}
         if ROW not in batch.column_names:  # a block not made by the read tasks (a test, a direct call)
             batch = batch.append_column(ROW, pa.array(np.arange(n, dtype=np.int64)))
-        order, columns = lay_out(batch, tokens, all_lengths, self.batch_tokens, self.left_pad, self.pad_values)
+        order, columns = lay_out(batch, tokens, all_lengths, self.batch_tokens, self.left_pad, self.pad_values,
+                                 self.call_tokens)
         out = batch if self.keep_text else batch.drop_columns([TEXT])
         out = out.append_column(N_TOKENS, pa.array(all_lengths)).append_column(TRUNCATED, pa.array(all_truncated))
         out = out.take(pa.array(order))
