@@ -34,6 +34,7 @@ GPU_BLOCK_ROWS = 8192
 REFERENCE_WEIGHTS = 10_795_392
 MAX_CPU_BLOCK_ROWS = 4096
 TOKENIZERS_PER_GPU = 8
+TOKENIZER_WEIGHTS = 82_000  # the weights a token whose encoding costs what tokenising it costs (tokenizers_per_node)
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,8 @@ def plan_resources(
     if device == "cuda":
         encoders, tokenizers, tok_cpus, enc_cpus, threads, enc_gpus = _gpu_pools(config, cpus, gpus, headroom)
     else:
-        encoders, tokenizers, tok_cpus, enc_cpus, threads, enc_gpus = _cpu_pools(config, cpus, nodes, headroom)
+        encoders, tokenizers, tok_cpus, enc_cpus, threads, enc_gpus = _cpu_pools(config, cpus, nodes, headroom,
+                                                                                 weights_per_token)
     needed = encoders * enc_cpus + tokenizers * tok_cpus + headroom
     if enc_cpus < 0.1 or needed > cpus + 1e-9:
         raise UsageError(
@@ -115,14 +117,15 @@ def _gpu_pools(config: EmbedConfig, cpus: float, gpus: float, headroom: float):
     return encoders, tokenizers, 1.0, 1.0, None, 1.0 / per_gpu
 
 
-def _cpu_pools(config: EmbedConfig, cpus: float, nodes: int, headroom: float):
+def _cpu_pools(config: EmbedConfig, cpus: float, nodes: int, headroom: float, weights_per_token: int | None = None):
     """(encoders, tokenizers, tokenizer CPUs, encoder CPUs, threads, encoder GPUs) on a CPU-only cluster.
 
     Single-threaded encoders, one per core, beat one encoder using every core:
     small GEMMs scale poorly over threads (BENCHMARKS.md, "layout"). On nodes of
     more than 2 cores one core is left to the tokenizer and to reading and writing.
     With --encoders-per-node, each replica takes its share of the node's cores as threads, so
-    that its CPU reservation makes Ray spread the replicas evenly over the nodes.
+    that its CPU reservation makes Ray spread the replicas evenly over the nodes. A cheap model
+    gets more tokenizers (tokenizers_per_node).
     """
     node_cpus = cpus / nodes
     usable = node_cpus - (1 if node_cpus > 2 else 0)
@@ -132,13 +135,24 @@ def _cpu_pools(config: EmbedConfig, cpus: float, nodes: int, headroom: float):
         threads = config.encoder_threads or 1
     per_node = config.encoders_per_node or max(1, int(usable // threads))
     encoders = config.num_encoders or per_node * nodes
-    tokenizers = config.num_tokenizers or nodes
+    tokenizers = config.num_tokenizers or nodes * tokenizers_per_node(per_node, weights_per_token)
     tok_cpus = 0.5
     # Ray spreads the actors evenly, so every node keeps the read/commit headroom: one pool for the whole
     # cluster would leave each node a fraction of it, too small for any read task (the chain then waits
     # for resources forever: 3 nodes of 2 CPUs kept 0.17 CPU each, measured).
     enc_cpus = min(float(threads), (cpus - tokenizers * tok_cpus - headroom * nodes) / encoders)
     return encoders, tokenizers, tok_cpus, enc_cpus, threads, 0.0
+
+
+def tokenizers_per_node(encoders: int, weights_per_token: int | None) -> int:
+    """Tokenizers for `encoders` CPU encoders on a node: as many as keep up with them, at most one per
+    encoder. A tokenizer does ~2.5 µs of CPU a token (MiniLM's Rust tokenizer), what an encoder spends on
+    TOKENIZER_WEIGHTS weights a token: one tokenizer feeds 130 encoders of MiniLM's cost, while a
+    near-zero-cost model needs one per encoder (its 1,000,000-line host benchmark: 67.4 s with one
+    tokenizer, 57.9 s with two, on 2 cores; BENCHMARKS.md)."""
+    if not weights_per_token:
+        return 1
+    return max(1, min(encoders, -(-encoders * TOKENIZER_WEIGHTS // weights_per_token)))
 
 
 def block_rows_for(device: str, weights_per_token: int | None) -> int:
