@@ -1,7 +1,7 @@
-"""Distinct English passages of about 68 MiniLM tokens: consecutive WordNet sentences
+"""Distinct English passages of about 74 MiniLM tokens: consecutive WordNet sentences
 (data/short_sentences.py) joined until a passage holds --words words (default 50).
 
-The "passages" of the GPU benchmark (issue 21: ~68-token passages, as the field's published
+The "passages" of the GPU benchmark (issue 21 asks for ~68-token passages, as the field's published
 figures for e5-small use). Run as a script to write them one per line:
 
     python data/passages.py OUT.txt [--words 50] [--limit N]

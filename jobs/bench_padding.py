@@ -4,7 +4,8 @@ Packing / variable-length attention removes the pad tokens from a forward pass, 
 so the share of pad tokens in the micro-batches the encoder runs bounds what it can gain (the linear
 layers' work is proportional to the tokens run; attention's to rows x width^2, reported as well).
 This replays the tokenizers' layout (pipeline.stages.batching.plan_micro_batches) on real text,
-without Ray: rows in blocks of the plan's size in input order, each block sorted longest first and cut
+without Ray: each output file's rows (--rows-per-file, 50,000) sorted by characters as the read tasks
+sort them, in blocks of the plan's size, each block sorted by tokens longest first and cut
 within the token budget (filled to it, as before, or where padding plus the cost of a call is least,
 as now), each micro-batch padded to its longest row. For comparison, sentence-transformers'
 `encode` sorts the whole input by length and pads batches of --st-batch-size rows.
@@ -31,6 +32,7 @@ from pipeline.stages.batching import (  # noqa: E402
 )
 
 # (block rows, token budget, what a call costs in tokens: None fills each micro-batch to the budget)
+ROWS_PER_FILE = 50_000  # the default --rows-per-file: the rows sorted together before blocks are cut
 LAYOUTS = {
     "gpu_filled": (GPU_BLOCK_ROWS, GPU_BATCH_TOKENS, None),
     "gpu": (GPU_BLOCK_ROWS, GPU_BATCH_TOKENS, call_tokens("cuda", None)),
@@ -64,8 +66,16 @@ def lengths_of(texts: list[str], max_len: int = 256) -> np.ndarray:
     return np.array([len(e.ids) for e in tok.encode_batch(texts)], np.int64)
 
 
+def pipeline_order(chars: np.ndarray, rows_per_file: int = ROWS_PER_FILE) -> np.ndarray:
+    """The rows in the order the tokenizers get them: each output file's rows sorted by characters, longest
+    first (pipeline.storage.sources._longest_first), then cut into blocks."""
+    return np.concatenate([start + np.argsort(-chars[start:start + rows_per_file], kind="stable")
+                           for start in range(0, len(chars), rows_per_file)])
+
+
 def layout_cost(lengths: np.ndarray, block_rows: int, budget: int, call: int | None) -> dict:
-    """Tokens run (real and padded) and attention's rows x width^2, as embedpipe's tokenizers lay blocks out."""
+    """Tokens run (real and padded) and attention's rows x width^2, as embedpipe's tokenizers lay blocks out
+    (`lengths` in the order the tokenizers get the rows)."""
     padded = attention = attention_real = 0
     micro = 0
     for start in range(0, len(lengths), block_rows):
@@ -101,9 +111,12 @@ def main() -> None:
     for name in args.corpus:
         texts = corpus(name)[: args.limit]
         lengths = lengths_of(texts)
+        chars = np.array([len(t) for t in texts])
+        ordered = lengths[pipeline_order(chars)]
         row = {"corpus": name, "texts": len(texts), "mean_tokens": round(float(lengths.mean()), 1),
                "machine": machine()}
-        row.update({layout: layout_cost(lengths, *LAYOUTS[layout]) for layout in LAYOUTS})
+        row.update({layout: layout_cost(ordered, *LAYOUTS[layout]) for layout in LAYOUTS})
+        row["unsorted_input"] = {layout: layout_cost(lengths, *LAYOUTS[layout]) for layout in LAYOUTS}
         row["sentence_transformers"] = st_cost(lengths, args.st_batch_size)
         results.append(row)
         shares = ", ".join(f"{k} {v['pad_share']:.2%} ({v['micro_batches']:,} calls; attention "

@@ -7,7 +7,7 @@
 #   bash jobs/gpu_session.sh all OUTDIR                        # one device session, in the order issue 21 asks:
 #       the GPU tests; steady state on ~1.08M short sentences (WordNet x 6) with replicas per GPU 1, 2 and 4
 #       and with the files built in the encoder (--writer encoder; the default on GPUs is separate)
-#       against both sentence-transformers scripts; ~68-token passages (data/passages.py x 4);
+#       against both sentence-transformers scripts; ~74-token passages (data/passages.py x 4);
 #       the host benchmark's near-zero-cost model on 1M lines;
 #       mining 200,000 x 384 with the block products on the GPU, then on the CPUs.
 #

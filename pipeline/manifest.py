@@ -92,8 +92,9 @@ KEYS: dict[str, dict[str, str]] = {
         "shards_read": "input shards this run read; on a resume, a group whose files were all committed is not "
                        "opened",
         "resources": "the resource plan: device, tokenizer and encoder counts and reservations (encoder_gpus: "
-                     "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget), writer (who built the files: "
-                     "the encoder, or a separate writer, --writer)",
+                     "1/N with --encoders-per-gpu N), threads, block rows, batch_tokens (the micro-batches' token budget), "
+                     "call_tokens (what a micro-batch costs beyond its tokens: the cut weighs it against padding), "
+                     "writer (who built the files: the encoder, or a separate writer, --writer)",
         "replicas": "where each stage's actors ran: per stage, `actors` (node, IP, GPUs, device, dtype, backend) "
                     "and `per_node` counts",
     },

@@ -371,4 +371,4 @@ def test_two_inputs_that_would_write_the_same_output_file(embed_into, out, tmp_p
     (tmp_path / "in" / "a__b.txt").write_text("two\n")
     before = snapshot(out)
     assert_refused(embed_into("--input", str(tmp_path / "in"), "--no-pack-files"),
-                   "input files a/b.txt and a__b.txt would both write the output file a__b.txt.parquet", out, before)
+                   "inputs a/b.txt and a__b.txt would both write the output file a__b.txt.parquet", out, before)

@@ -74,7 +74,7 @@ def test_a_separate_writer_builds_the_same_files_outside_the_encoder(ray_cluster
     src = tmp_path / "in"
     src.mkdir()
     expected = []
-    for k in range(3):  # three files, each wholly inside one block
+    for k in range(3):  # three shards of two files each, each file wholly inside one block
         write_lines(src / f"s{k}.txt", [f"shard {k} line {i} " + "w " * (i % 5) for i in range(60)])
         expected += [f"s{k}.txt:{i}" for i in range(60)]
     tables = {}

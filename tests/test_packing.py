@@ -253,10 +253,14 @@ def test_output_names_never_clash_nor_hide():
     assert output_stem("d/_a.txt") == "d___a.txt"
     ok = [Group((shard("a/b.txt", 1),)), Group((shard("a_b.txt", 1),))]
     assert check_names(ok) == ok
-    with pytest.raises(InputError, match=r"input files a/b.txt and a__b.txt would both write the output file a__b.txt"):
+    with pytest.raises(InputError, match=r"inputs a/b.txt and a__b.txt would both write the output file a__b.txt"):
         check_names([Group((shard("a/b.txt", 1),)), Group((shard("a__b.txt", 1),))])
-    with pytest.raises(InputError, match=r"input files notes and notes-00001 would both write .*notes-00001.parquet"):
+    with pytest.raises(InputError, match=r"inputs notes and notes-00001 would both write .*notes-00001.parquet"):
         check_names([Group((shard("notes", 1),)), Group((shard("notes-00001", 1),))])
+    # `notes` wrote its one file `notes.parquet`: it owns no `notes-00001.parquet`
+    assert check_names([Group((shard("notes", 1),)), Group((shard("notes-00001", 1),))], {"notes.parquet"})
+    with pytest.raises(InputError, match=r"already holds files of one of them: use --overwrite"):
+        check_names([Group((shard("a/b.txt", 1),)), Group((shard("a__b.txt", 1),))], {"a__b.txt.parquet"})
     packed = [Group((shard("k", 1), shard("l", 1))), Group((shard("k+1", 1),))]  # a file named like a packed group
     with pytest.raises(InputError, match=r"k and k\+1 would both write the output file k\+1.parquet"):
         check_names(packed)

@@ -90,3 +90,18 @@ def test_the_files_are_built_apart_from_the_encoders_on_gpus_unless_asked_otherw
     assert separate_writer(EmbedConfig(input="x", output="y", writer="separate"), cpu)
     with pytest.raises(UsageError, match="--writer"):
         EmbedConfig(input="x", output="y", writer="driver")
+
+
+def test_a_cheap_model_gets_a_tokenizer_per_encoder_and_minilm_one_per_node():
+    from pipeline.engine.plan import REFERENCE_WEIGHTS
+
+    config = EmbedConfig(input="x", output="y")
+    minilm = plan_resources(config, {"CPU": 2.0}, nodes=1, weights_per_token=REFERENCE_WEIGHTS)
+    cheap = plan_resources(config, {"CPU": 2.0}, nodes=1, weights_per_token=8528)  # the host benchmark's model
+    assert (minilm.num_tokenizers, minilm.num_encoders) == (1, 2)
+    assert (cheap.num_tokenizers, cheap.num_encoders) == (2, 2)
+    assert cheap.num_encoders * cheap.encoder_cpus + 2 * cheap.tokenizer_cpus <= 1.5  # read + commit keep 0.5 CPU
+    cluster = plan_resources(config, {"CPU": 32.0}, nodes=2, weights_per_token=REFERENCE_WEIGHTS)
+    assert cluster.num_tokenizers == 2  # one a node
+    assert plan_resources(EmbedConfig(input="x", output="y", num_tokenizers=1), {"CPU": 2.0}, nodes=1,
+                          weights_per_token=8528).num_tokenizers == 1  # --num-tokenizers wins

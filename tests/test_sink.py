@@ -111,9 +111,18 @@ def test_a_file_of_chunks_is_joined_only_once_every_chunk_of_every_document_is_t
     chunks, whatever the order the pieces come in, a piece that comes twice counted once."""
     from pipeline.engine.chain import FileTracker
 
+    import concurrent.futures
+
     tracker = FileTracker(None, spread=False)
     joined = []
-    tracker._join = lambda sink, name, rows, board: joined.append((name, rows))
+
+    def join(sink, name, rows, board):  # a join that has ended at once
+        joined.append((name, rows))
+        done = concurrent.futures.Future()
+        done.set_result({"file": name, "rows": rows})
+        return done
+
+    tracker._join = join
     tracker._threads.shutdown()
 
     def piece(first_row, rows, docs, doc_chunks):  # a file of 2 documents: A has 3 chunks, B 1
@@ -126,6 +135,8 @@ def test_a_file_of_chunks_is_joined_only_once_every_chunk_of_every_document_is_t
     assert joined == []  # A#2 is missing
     piece(2, 1, 0, 0)  # A#2
     assert joined == [("f.parquet", 2)]
+    assert tracker.written == {"f.parquet": {"file": "f.parquet", "rows": 2}}  # counted once ended, not at the end
+    assert tracker.finish() == {"f.parquet": {"file": "f.parquet", "rows": 2}} and joined == [("f.parquet", 2)]
 
 
 def test_a_separate_writer_gets_even_a_whole_chunk_as_pieces_and_builds_the_same_file(tmp_path):

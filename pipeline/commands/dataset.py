@@ -30,7 +30,8 @@ from pipeline.stages.columns import EMBEDDING, ID, N_CHUNKS, N_TOKENS, ROW, TEXT
 # EmbedConfig fields that concern files, runs or other commands: refused here
 NOT_FOR_DATASETS = ("input", "output", "rows_per_file", "overwrite", "keep_columns", "on_invalid", "calibration_rows",
                     "mine", "mine_output", "mine_top_k", "mine_max_pairs", "mine_threshold", "rerank_model",
-                    "rerank_top", "rerank_output", "stall_timeout", "storage_options", "encoding_errors", "output_dtype")
+                    "rerank_top", "rerank_output", "stall_timeout", "storage_options", "encoding_errors", "output_dtype",
+                    "writer", "pack_files", "document_per_file", "format")
 SOURCE_SINK_CPUS = 1.0  # per node, left to the caller's read and write operators
 ADDED_ID = "_embedpipe_added_id"  # marks rows whose `id` column embed_dataset added (and removes)
 

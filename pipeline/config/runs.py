@@ -110,7 +110,7 @@ class EmbedConfig(_Recorded):
     """CPU-only clusters: encoder replicas on each node, sharing its CPUs; default the resource plan's
     (one per node). Ignored on GPUs (see encoders_per_gpu)."""
     num_tokenizers: int | None = None
-    """Tokenizer actors; default scales with the cluster's CPUs."""
+    """Tokenizer actors; default one a node on CPU (one an encoder for a model as cheap as tokenising), up to 8 a GPU."""
     encoder_threads: int | None = None
     """Threads per CPU encoder (ONNX Runtime or torch); default the CPUs of its node."""
     writer: str = "auto"

@@ -1,6 +1,7 @@
 """The embed chain on Ray Data, run and consumed by the driver:
 
-    read groups of shards (tasks) -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors, which also commit Parquet)
+    read groups of shards (tasks) -> TokenizeStage (CPU actors) -> EncodeStage (GPU/CPU actors, which also write pieces,
+    or on CPU whole Parquet files) -> joins of pieces (driver threads, or tasks on a cluster)
 
 The driver only sees one small summary row per file written (FileTracker); it joins the pieces of
 files that Ray split across blocks. Resources come from the plan (pipeline.engine.plan).
@@ -21,7 +22,7 @@ from pipeline.storage.sink import SinkSpec, merge_pieces
 from pipeline.storage.sources import Group, ReadSpec, ShardDatasource
 
 OBJECT_STORE_BUDGET = 256 << 20  # bytes of blocks Ray Data may hold in the object store at once
-ENCODER_CALLS_ON_GPU = 2  # one block encoding, one writing (see _encoder_pool)
+ENCODER_CALLS_ON_GPU = 2  # one block encoding, one writing its pieces (see _encoder_pool)
 TASKS_IN_FLIGHT_PER_ACTOR = 2  # one running, one queued: no gap between blocks, little imbalance at the end
 # A CPU encoder takes its next block only when it is free: a block queued behind a long one would
 # wait there while the other encoders run dry (the gap between two calls is about 0.1 s).
@@ -122,7 +123,7 @@ def embed_stages(ds, config: EmbedConfig, plan: Plan, board, tokenizer_spec, gra
 
 def _encoder_pool(plan: Plan):
     """A fixed pool of encoders. On GPUs each takes two calls at once, so that writing one
-    block's Parquet overlaps encoding the next (EncodeStage holds a lock around encoding);
+    block's pieces overlaps encoding the next (EncodeStage holds a lock around encoding);
     on CPUs the cores are already busy encoding."""
     from ray.data import ActorPoolStrategy
 
@@ -141,6 +142,8 @@ class FileTracker:
     after a worker died) is counted once. A chunk is joined as soon as all
     its rows have arrived, and any chunk still in pieces when the stream
     ends is joined then (the join itself checks that no row is missing).
+    A join's result is collected as soon as it has ended (a Lance unit is
+    committed then), always from the driver's own thread.
     """
 
     def __init__(self, sink: SinkSpec, spread: bool, board=None):
@@ -152,15 +155,18 @@ class FileTracker:
 
             self._join = ray.remote(num_cpus=COMMIT_CPUS)(merge_pieces).remote
             self._result = ray.get
+            self._done = lambda ref: bool(ray.wait([ref], timeout=0, fetch_local=False)[0])
         else:  # one node: a thread of the driver, with no worker process to start (seconds on a small machine)
             threads = JOIN_THREADS if sink is not None and sink.separate else 1  # separate: every file is built here
             self._threads = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="embedpipe-join")
             self._join = functools.partial(self._threads.submit, merge_pieces)
             self._result = concurrent.futures.Future.result
+            self._done = concurrent.futures.Future.done
         self.written: dict[str, dict] = {}
         self.pieces: dict[str, dict[int, int]] = {}
         self.chunk_rows: dict[str, int] = {}
         self.merges: dict[str, Any] = {}
+        self._open: set[str] = set()  # joins started whose result is not collected yet
         self._commit = committer_for(sink)  # --format lance: the driver commits each unit written (else None)
 
     def add(self, row: dict) -> None:
@@ -174,14 +180,23 @@ class FileTracker:
         rows, docs, doc_chunks = (sum(counts) for counts in zip(*self.pieces[name].values()))
         if name not in self.merges and docs == row["chunk_rows"] and rows == doc_chunks:  # every document, whole
             self.merges[name] = self._join(self.sink, name, row["chunk_rows"], self.board)
+            self._open.add(name)
+        self._collect()
+
+    def _collect(self, wait: bool = False) -> None:
+        """Joins that have ended: their files count as written (a Lance unit is committed now, not at
+        the end of the run) and a join that failed ends the run at once. `wait`: every join."""
+        for name in [n for n in self._open if wait or self._done(self.merges[n])]:
+            self._open.discard(name)
+            self.written[name] = self._result(self.merges[name])
+            self._committed(name)
 
     def finish(self) -> dict[str, dict]:
         for name in self.pieces:
             if name not in self.merges and name not in self.written:
                 self.merges[name] = self._join(self.sink, name, self.chunk_rows[name], self.board)
-        for name, pending in self.merges.items():
-            self.written[name] = self._result(pending)
-            self._committed(name)
+                self._open.add(name)
+        self._collect(wait=True)
         return self.written
 
     def _committed(self, name: str) -> None:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pipeline.config import EmbedConfig
 from pipeline.errors import UsageError
-from pipeline.stages.batching import CPU_BATCH_TOKENS, batch_tokens, call_tokens
+from pipeline.stages.batching import CPU_BATCH_TOKENS, REFERENCE_WEIGHTS_PER_TOKEN, batch_tokens, call_tokens
 
 READ_CPUS = 0.25  # read and commit tasks are I/O bound; small reservations keep them schedulable
 COMMIT_CPUS = 0.25  # the tasks that join a file's pieces
@@ -31,7 +31,7 @@ GPU_BLOCK_ROWS = 8192
 # tasks, Arrow tables, the progress board): on CPU its blocks grow in proportion, up to
 # MAX_CPU_BLOCK_ROWS. A near-zero-cost model's host work per row fell by a third from 256-row
 # to 4,096-row blocks (BENCHMARKS.md, host benchmark).
-REFERENCE_WEIGHTS = 10_795_392
+REFERENCE_WEIGHTS = REFERENCE_WEIGHTS_PER_TOKEN  # all-MiniLM-L6-v2
 MAX_CPU_BLOCK_ROWS = 4096
 TOKENIZERS_PER_GPU = 8
 TOKENIZER_WEIGHTS = 82_000  # the weights a token whose encoding costs what tokenising it costs (tokenizers_per_node)

@@ -122,7 +122,7 @@ def _first_line(exc: BaseException) -> str:
 class LanceCommitter:
     """The driver's committer: appends each unit's fragments in one Lance commit, then marks it committed.
 
-    One per run, called from the driver's consumer loop and its join thread (hence the lock).
+    One per run, called from the driver's consumer loop only (the lock guards it all the same).
     """
 
     def __init__(self, output: str, storage_options: Mapping[str, Any] | None = None):

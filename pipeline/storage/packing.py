@@ -137,32 +137,38 @@ def planned_groups(fs, root: str | None, shards: list[Shard], rows_per_file: int
     if stored is None:
         # committed by a version without plans: every shard was its own group
         groups = _alone(shards, rows_per_file) if committed else new(shards, rows_per_file)
-        return check_names(groups), True
+        return check_names(groups, set(committed) if committed else frozenset()), True
     groups, unknown = _reconciled(stored, shards, committed, rows_per_file)
     added = new(unknown, rows_per_file)
-    return check_names(groups + added), bool(added)
+    return check_names(groups + added, set(committed)), bool(added)
 
 
-def check_names(groups: list[Group]) -> list[Group]:
+def check_names(groups: list[Group], committed: frozenset[str] | set[str] = frozenset()) -> list[Group]:
     """`groups`, if no two of them name their output files alike; else InputError naming both inputs.
 
     Output names are flat (`a/b.txt` -> `a__b.txt.parquet`), so `a/b.txt` and `a__b.txt` would write
-    (and resume) the same files, and a group named `x` owns `x-00001.parquet` too."""
-    by_stem = {}
+    (and resume) the same files, and a group named `x` owns `x-00001.parquet` too, unless the output
+    already holds its only file `x.parquet`. `committed`: the output's files, which a rename of the
+    input cannot change (then only --overwrite helps)."""
+    by_stem: dict[str, Group] = {}
     for group in groups:
         other = by_stem.setdefault(group.stem, group)
         if other is not group:
-            raise InputError(_clash_line(other, group, f"{group.stem}.parquet"))
+            raise InputError(_clash_line(other, group, f"{group.stem}.parquet", committed))
     for group in groups:
         base, dash, index = group.stem.rpartition("-")
-        if dash and len(index) == 5 and index.isdigit() and base in by_stem:
-            raise InputError(_clash_line(by_stem[base], group, f"{group.stem}.parquet"))
+        if (dash and len(index) >= 5 and index.isdigit() and base in by_stem
+                and f"{base}.parquet" not in committed):  # `base` wrote one file: it owns no -NNNNN name
+            raise InputError(_clash_line(by_stem[base], group, f"{group.stem}.parquet", committed))
     return groups
 
 
-def _clash_line(a: Group, b: Group, name: str) -> str:
-    return (f"input files {a.key} and {b.key} would both write the output file {name} (an output file is "
-            f"named after its input's path, with / as __): rename one of them")
+def _clash_line(a: Group, b: Group, name: str, committed) -> str:
+    written = any(_of_group(g, n) for g in (a, b) for n in committed)
+    fix = ("this output already holds files of one of them: use --overwrite to embed everything again"
+           if written else "rename one of them")
+    return (f"inputs {a.key} and {b.key} would both write the output file {name} (an output file is "
+            f"named after its input's path, with / as __): {fix}")
 
 
 def _alone(shards: Iterable[Shard], rows_per_file: int) -> list[Group]:
