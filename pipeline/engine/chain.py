@@ -75,7 +75,7 @@ def _stream(config, plan, groups, committed, sink, graph, tokenizer_spec, multi_
         override_num_blocks=len(groups),  # one read task per group of shards; no splitting of its chunks
         # One shard read in flight per tokenizer keeps each fed; more only adds worker processes
         # (~95 MiB each) that outlive their reads: the peak memory of a long run (BENCHMARKS.md).
-        compute=TaskPoolStrategy(size=plan.num_tokenizers),
+        compute=TaskPoolStrategy(size=max(1, min(plan.num_tokenizers, len(groups)))),
     )
     ds = embed_stages(ds, config, plan, board, tokenizer_spec, graph, sink)
 

@@ -42,6 +42,7 @@ def ray_data_settings(quiet: bool, object_store_memory: int | None = None, **set
             data_logger.setLevel(logging.ERROR)
         # advice to whoever wrote the chain (override_num_blocks): a small input read by one task
         warnings.filterwarnings("ignore", message="The minimum number of concurrent actors", category=UserWarning)
+        warnings.filterwarnings("ignore", message="The maximum number of concurrent tasks", category=UserWarning)
         if os.environ.get("EMBEDPIPE_DEBUG") != "1":
             _keep_tracebacks_off_the_console()
         yield
