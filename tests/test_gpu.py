@@ -80,19 +80,22 @@ def test_cuda_float32_reproduces_sentence_transformers(tmp_path, gpu_texts, st_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     vectors, manifest = _read(out)
     assert manifest["dtype"] == "float32"
+    # the GPU defaults: files built apart from the encoders, micro-batches cut at 4,096 tokens a call
+    assert manifest["resources"]["writer"] == "separate" and manifest["resources"]["call_tokens"] == 4096
     assert np.abs(vectors - st_reference).max() <= 1e-4
     assert _cosine(vectors, st_reference).min() >= 0.99999
 
 
 def test_two_replicas_share_each_gpu_and_give_the_same_vectors(tmp_path, gpu_texts, st_reference):
     """--encoders-per-gpu 2: two float32 replicas on every GPU, each fed ready micro-batches; every
-    vector still equals sentence-transformers'."""
+    vector still equals sentence-transformers'. With --writer encoder the encoders build the files."""
     path, texts = gpu_texts
     out = tmp_path / "out"
     proc = cli("embed", "--input", path, "--output", str(out), "--device", "cuda", "--dtype", "float32",
-               "--encoders-per-gpu", "2", "--quiet", timeout=600)
+               "--encoders-per-gpu", "2", "--writer", "encoder", "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     vectors, manifest = _read(out)
+    assert manifest["resources"]["writer"] == "encoder"
     encoders = manifest["replicas"]["encode"]["actors"]
     assert len(encoders) == 2 * torch.cuda.device_count() and manifest["resources"]["encoder_gpus"] == 0.5
     assert all(a["device"] == "cuda" for a in encoders)
