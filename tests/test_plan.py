@@ -80,14 +80,14 @@ def test_blocks_grow_for_a_cheaper_model_on_cpu_only():
 
 
 def test_the_files_are_built_apart_from_the_encoders_on_gpus_unless_asked_otherwise():
-    from pipeline.engine.plan import separate_writer
+    def writer(resources, **options) -> str:
+        return plan_resources(EmbedConfig(input="x", output="y", **options), resources, nodes=1).writer
 
-    cpu = plan_resources(EmbedConfig(input="x", output="y"), {"CPU": 2.0}, nodes=1)
-    gpu = plan_resources(EmbedConfig(input="x", output="y"), {"CPU": 16.0, "GPU": 1.0}, nodes=1)
-    assert not separate_writer(EmbedConfig(input="x", output="y"), cpu)
-    assert separate_writer(EmbedConfig(input="x", output="y"), gpu)
-    assert not separate_writer(EmbedConfig(input="x", output="y", writer="encoder"), gpu)
-    assert separate_writer(EmbedConfig(input="x", output="y", writer="separate"), cpu)
+    cpu, gpu = {"CPU": 2.0}, {"CPU": 16.0, "GPU": 1.0}
+    assert writer(cpu) == "encoder"
+    assert writer(gpu) == "separate"
+    assert writer(gpu, writer="encoder") == "encoder"
+    assert writer(cpu, writer="separate") == "separate"
     with pytest.raises(UsageError, match="--writer"):
         EmbedConfig(input="x", output="y", writer="driver")
 

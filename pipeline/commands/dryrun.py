@@ -198,8 +198,8 @@ def dry_run(config: EmbedConfig) -> str:
 
     shards = discover_shards(config.input, config.storage_options, config.document_per_file)
     check_fields(shards, config.id_field, config.keep_columns, config.text_field)
+    groups, todo_groups = _groups(config, shards)  # names that clash are refused before any shard is counted
     counts = count_all(shards, config.storage_options)
-    groups, todo_groups = _groups(config, shards)
     todo_keys = {s.key for g in todo_groups for s in g.shards}
     todo = [c for c in counts if c.shard.key in todo_keys]
     if config.ray_address:

@@ -19,7 +19,7 @@ from pipeline.config import EmbedConfig
 from pipeline.engine.calibration import calibrate, quantization_source, vector_format
 from pipeline.engine.chain import run_chain
 from pipeline.engine.cluster import prepare_output, ray_session_for
-from pipeline.engine.plan import Plan, cpu_encoder_path, plan_from_cluster, planned_dtype, separate_writer
+from pipeline.engine.plan import Plan, cpu_encoder_path, plan_from_cluster, planned_dtype
 from pipeline.errors import UsageError
 from pipeline.identity import (
     RUN_FILE, FileFacts, check_resume, file_metadata, read_all_facts, read_manifest, read_run, run_document,
@@ -113,7 +113,8 @@ def _run_locked(config: EmbedConfig, started: float, shards, describing: ModelFa
         if todo and new_plan:  # before the first commit
             write_plan(fs, target, groups, config.rows_per_file)
         sink = SinkSpec(target_uri, config.text_field, config.keep_columns, fmt,
-                        config.storage_options, file_metadata(identity), config.format, separate_writer(config, plan))
+                        config.storage_options, file_metadata(identity), config.format,
+                        plan is not None and plan.writer == "separate")
         written, stage_times, replicas = {}, {}, []
         if todo:
             graph = _onnx_graph(config, plan, info)
@@ -292,7 +293,7 @@ def _manifest(
         input=describe_groups(groups),
         shards=per_group,
         shards_read=shards_read,
-        resources={**plan.as_dict(), "writer": "separate" if separate_writer(config, plan) else "encoder"} if plan else None,
+        resources=plan.as_dict() if plan else None,
         replicas=_replicas(replicas),
     )
 

@@ -53,6 +53,8 @@ class Plan:
     """Tokens per micro-batch (rows x longest row): the tokenizers cut micro-batches to it."""
     call_tokens: int | None = None
     """What one more micro-batch costs, in tokens: the tokenizers cut where padding plus this is least."""
+    writer: str = "encoder"
+    """Who builds the output files (--writer): the encoders, or a separate writer (joins of pieces)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -97,7 +99,7 @@ def plan_resources(
     return Plan(
         device, tokenizers, tok_cpus, encoders, round(enc_cpus, 3), round(enc_gpus, 6), threads,
         block_rows_for(device, weights_per_token), batch_tokens(config.max_batch_tokens, device, vocab_size),
-        call_tokens(device, weights_per_token),
+        call_tokens(device, weights_per_token), _writer(config, device),
     )
 
 
@@ -208,9 +210,9 @@ def planned_dtype(config: EmbedConfig, plan: Plan | None) -> str | None:
     return compute_dtype(config.dtype, device)
 
 
-def separate_writer(config: EmbedConfig, plan: Plan | None) -> bool:
-    """Whether the encoders hand every file's rows to a separate writer (--writer): by default on GPUs,
-    where the encoder's process should only feed the device; on CPUs the encoder writes (no copy)."""
+def _writer(config: EmbedConfig, device: str) -> str:
+    """Who builds the output files (--writer): by default a separate writer on GPUs, where the encoder's
+    process should only feed the device; on CPUs the encoder (no copy)."""
     if config.writer != "auto":
-        return config.writer == "separate"
-    return plan is not None and plan.device == "cuda"
+        return config.writer
+    return "separate" if device == "cuda" else "encoder"

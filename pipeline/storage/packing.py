@@ -137,7 +137,7 @@ def planned_groups(fs, root: str | None, shards: list[Shard], rows_per_file: int
     if stored is None:
         # committed by a version without plans: every shard was its own group
         groups = _alone(shards, rows_per_file) if committed else new(shards, rows_per_file)
-        return check_names(groups, set(committed) if committed else frozenset()), True
+        return check_names(groups, set(committed)), True
     groups, unknown = _reconciled(stored, shards, committed, rows_per_file)
     added = new(unknown, rows_per_file)
     return check_names(groups + added, set(committed)), bool(added)
